@@ -1,0 +1,18 @@
+# Two jobs on a fresh machine: `make demo` (install + main job) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+
+demo: install
+	$(BIN)/stepsal analyze --model random:qwen2 --trace examples/trace.json --out stepsal-out
+
+test: install
+	$(BIN)/python -m pytest
+
+.PHONY: install demo test

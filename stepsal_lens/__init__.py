@@ -1,0 +1,37 @@
+"""stepsal_lens: Step-Saliency, failure-mode diagnostics and StepFlow for reasoning models.
+
+The public API is re-exported here; everything else lives in its module.
+"""
+
+from stepsal_lens.errors import StepSalError
+from stepsal_lens.formats import ReasoningFormat, get_format, list_formats, register_format
+from stepsal_lens.models import (
+    default_layer_split,
+    detect_format,
+    format_of,
+    list_models,
+    load_lrm,
+    register_model,
+)
+from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ReasoningFormat",
+    "Step",
+    "StepSalError",
+    "Trace",
+    "default_layer_split",
+    "detect_format",
+    "format_of",
+    "get_format",
+    "list_formats",
+    "list_models",
+    "list_splitters",
+    "load_lrm",
+    "regex_splitter",
+    "register_format",
+    "register_model",
+    "register_splitter",
+]

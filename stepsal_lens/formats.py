@@ -1,0 +1,272 @@
+"""Reasoning formats: how a model's prompt, thinking and summary are written down.
+
+A :class:`ReasoningFormat` builds the generation prompt for a question, renders a full
+trace from (question, thinking, summary), and parses a decoded text back into the three
+segments with their character spans. Formats are looked up by name with
+:func:`get_format`; :func:`register_format` adds your own.
+
+Examples
+--------
+>>> from stepsal_lens.formats import get_format
+>>> fmt = get_format("deepseek-r1")
+>>> text = fmt.render("What is 2+2?", "Two plus two is four.", "The answer is 4.")
+>>> parsed = fmt.parse(text)
+>>> parsed.thinking, parsed.summary, parsed.truncated
+('Two plus two is four.', 'The answer is 4.', False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stepsal_lens.errors import StepSalError
+
+__all__ = [
+    "ReasoningFormat",
+    "ParsedText",
+    "get_format",
+    "list_formats",
+    "register_format",
+]
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ParsedText:
+    """A decoded text cut into question / thinking / summary.
+
+    Spans are ``(start, end)`` character offsets into ``text`` (end exclusive) and cover
+    the segment's content with surrounding whitespace stripped.
+    ``truncated`` is True when the thinking segment never closed (the summary is then
+    empty and its span is ``(len(text), len(text))``).
+    """
+
+    text: str
+    question_span: Span
+    thinking_span: Span
+    summary_span: Span
+    truncated: bool = False
+
+    @property
+    def question(self) -> str:
+        return self.text[slice(*self.question_span)]
+
+    @property
+    def thinking(self) -> str:
+        return self.text[slice(*self.thinking_span)]
+
+    @property
+    def summary(self) -> str:
+        return self.text[slice(*self.summary_span)]
+
+
+def _strip_span(text: str, start: int, end: int) -> Span:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """Markers of one reasoning format.
+
+    The rendered text is
+    ``prefix + user_open + question + user_close + assistant_open + think_open + thinking
+    + think_close + summary + eos`` (with the fixed separators below). Each marker is a
+    plain string; the tokenizer of a real model has them as special tokens.
+
+    Parameters
+    ----------
+    name
+        Registry name.
+    user_open, user_close
+        Text around the question.
+    assistant_open
+        Text that opens the assistant turn (ends the generation prompt unless
+        ``prompt_opens_thinking``).
+    think_open, think_close
+        Markers around the thinking segment.
+    summary_open
+        Text between ``think_close`` and the summary (e.g. harmony's final channel).
+    eos
+        Markers that end the summary (the first is written by :meth:`render`).
+    prefix
+        Text before the user turn (BOS string, system message).
+    prompt_opens_thinking
+        Whether the generation prompt already contains ``think_open`` (DeepSeek-R1 and
+        QwQ templates do; Qwen3 lets the model write it).
+    description
+        One line for :func:`list_formats`.
+    """
+
+    name: str
+    user_open: str
+    user_close: str
+    assistant_open: str
+    think_open: str
+    think_close: str
+    summary_open: str = "\n\n"
+    eos: tuple[str, ...] = ()
+    prefix: str = ""
+    prompt_opens_thinking: bool = True
+    description: str = ""
+
+    # ---- building text -------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        """The generation prompt for ``question`` (what the model continues)."""
+        text = self.prefix + self.user_open + question + self.user_close + self.assistant_open
+        if self.prompt_opens_thinking:
+            text += self.think_open
+        return text
+
+    def render(self, question: str, thinking: str, summary: str, *, eos: bool = True) -> str:
+        """A full trace as the model would see it, from its three segments."""
+        for label, value in (("question", question), ("thinking", thinking)):
+            if not value or not value.strip():
+                raise StepSalError(
+                    f"the {label} segment is empty ({value!r}); a trace needs a non-empty "
+                    f"question and thinking segment"
+                )
+        text = self.prefix + self.user_open + question + self.user_close + self.assistant_open
+        text += self.think_open + thinking + self.think_close + self.summary_open + summary
+        if eos and self.eos:
+            text += self.eos[0]
+        return text
+
+    # ---- parsing -------------------------------------------------------------------
+    def parse(self, text: str) -> ParsedText:
+        """Cut a full decoded text (prompt + completion) into its three segments.
+
+        A text whose thinking never closes is all thinking: ``truncated`` is True and the
+        summary is empty. Raises :class:`StepSalError` when a marker the format needs is
+        missing or the thinking is empty.
+        """
+        # The prefix (BOS, system message) is optional: decoders and templates vary.
+        q_start = self._find(text, self.user_open, 0, "user turn") + len(self.user_open)
+        # Think markers are matched without their whitespace: models vary there.
+        think_open, think_close = self.think_open.strip(), self.think_close.strip()
+        t_open = self._find(text, think_open, q_start, "thinking")
+        # The last user_close before the thinking ends the question, so questions may
+        # contain newlines (think-tags closes the question with one).
+        q_end = text.rfind(self.user_close, q_start, t_open)
+        if q_end < 0:
+            self._find(text[q_start:t_open], self.user_close, 0, "end of the user turn")
+        t_start = t_open + len(think_open)
+        t_close = text.find(think_close, t_start)
+        truncated = t_close < 0
+        if truncated:
+            t_end = self._eos_position(text, t_start)
+            s_span = (len(text), len(text))
+        else:
+            t_end = t_close
+            s_start = t_close + len(think_close)
+            if self.summary_open.strip():
+                opened = text.find(self.summary_open, s_start)
+                if opened >= 0:
+                    s_start = opened + len(self.summary_open)
+            s_span = _strip_span(text, s_start, self._eos_position(text, s_start))
+        t_span = _strip_span(text, t_start, t_end)
+        if t_span[0] == t_span[1]:
+            raise StepSalError(
+                f"the thinking segment is empty in a {self.name!r} text; a trace needs at "
+                f"least one thinking step (text starts {text[:80]!r})"
+            )
+        q_span = _strip_span(text, q_start, q_end)
+        if q_span[0] == q_span[1]:
+            raise StepSalError(f"the question is empty in a {self.name!r} text (text starts {text[:80]!r})")
+        return ParsedText(text, q_span, t_span, s_span, truncated)
+
+    def _find(self, text: str, marker: str, start: int, what: str) -> int:
+        pos = text.find(marker, start)
+        if pos < 0:
+            raise StepSalError(
+                f"marker {marker!r} ({what}) not found in the text for format {self.name!r} "
+                f"(text starts {text[:80]!r}); pass the full decoded text including the "
+                f"prompt, or choose the right format (one of {list_formats()})"
+            )
+        return pos
+
+    def _eos_position(self, text: str, start: int) -> int:
+        hits = [p for p in (text.find(m, start) for m in self.eos if m) if p >= 0]
+        return min(hits) if hits else len(text)
+
+
+_REGISTRY: dict[str, ReasoningFormat] = {}
+
+
+def register_format(fmt: ReasoningFormat, *, overwrite: bool = False) -> ReasoningFormat:
+    """Add a format to the registry (``overwrite=True`` to replace one)."""
+    if fmt.name in _REGISTRY and not overwrite:
+        raise StepSalError(f"format {fmt.name!r} is already registered; pass overwrite=True")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str | ReasoningFormat) -> ReasoningFormat:
+    """Look a format up by name (a :class:`ReasoningFormat` passes through)."""
+    if isinstance(name, ReasoningFormat):
+        return name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise StepSalError(
+            f"unknown reasoning format {name!r}; choose one of {list_formats()} or "
+            f"register your own with stepsal_lens.register_format"
+        ) from None
+
+
+def list_formats() -> list[str]:
+    """Names of the registered formats."""
+    return sorted(_REGISTRY)
+
+
+_CHATML = dict(
+    user_open="<|im_start|>user\n",
+    user_close="<|im_end|>\n",
+    assistant_open="<|im_start|>assistant\n",
+    think_open="<think>\n",
+    think_close="\n</think>",
+    eos=("<|im_end|>", "<|endoftext|>"),
+)
+
+register_format(ReasoningFormat(
+    name="deepseek-r1",
+    prefix="<｜begin▁of▁sentence｜>",
+    user_open="<｜User｜>",
+    user_close="<｜Assistant｜>",
+    assistant_open="",
+    think_open="<think>\n",
+    think_close="\n</think>",
+    eos=("<｜end▁of▁sentence｜>",),
+    description="DeepSeek-R1 and its distills (Qwen, Llama)",
+))
+register_format(ReasoningFormat(name="qwq", description="QwQ-32B (chatml, prompt opens <think>)",
+                                **_CHATML))
+register_format(ReasoningFormat(name="qwen3", prompt_opens_thinking=False,
+                                description="Qwen3 in thinking mode (chatml; the model writes <think>)",
+                                **_CHATML))
+register_format(ReasoningFormat(
+    name="gpt-oss",
+    prefix="<|start|>system<|message|>Reasoning: medium<|end|>",
+    user_open="<|start|>user<|message|>",
+    user_close="<|end|>",
+    assistant_open="<|start|>assistant",
+    think_open="<|channel|>analysis<|message|>",
+    think_close="<|end|>",
+    summary_open="<|start|>assistant<|channel|>final<|message|>",
+    eos=("<|return|>", "<|end|>"),
+    description="gpt-oss harmony (analysis channel = thinking, final channel = summary)",
+))
+register_format(ReasoningFormat(
+    name="think-tags",
+    user_open="",
+    user_close="\n",
+    assistant_open="",
+    think_open="<think>\n",
+    think_close="\n</think>",
+    eos=("<|endoftext|>",),
+    description="any model that writes <think>...</think> after a plain question line",
+))

@@ -1,0 +1,456 @@
+"""Trace: a reasoning text cut into question / thinking steps / summary steps, per token.
+
+Step boundaries are character offsets; they are mapped onto the exact token ids the
+model sees through the fast tokenizer's offset mapping (never by re-tokenising step
+texts, which misaligns at boundaries).
+
+Examples
+--------
+>>> import tempfile
+>>> from stepsal_lens import Trace, load_lrm
+>>> from stepsal_lens.zoo.tiny_random import make_random_checkpoint
+>>> model = load_lrm(make_random_checkpoint("qwen2", tempfile.mkdtemp()), format="think-tags")
+>>> trace = Trace.from_segments(
+...     "Start with 7. Add 5. What is the result?",
+...     "We start with the number 7. Adding 5 to 7 gives 12.",
+...     "The result is 12.",
+...     model,
+... )
+>>> [(s.segment, s.text) for s in trace.steps]  # doctest: +NORMALIZE_WHITESPACE
+[('question', 'Start with 7. Add 5. What is the result?'),
+ ('thinking', 'We start with the number 7.'), ('thinking', 'Adding 5 to 7 gives 12.'),
+ ('summary', 'The result is 12.')]
+>>> trace.decode_step(2)
+'Adding 5 to 7 gives 12.'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stepsal_lens.errors import StepSalError
+from stepsal_lens.formats import ParsedText, ReasoningFormat, get_format, list_formats
+
+__all__ = [
+    "SEGMENTS",
+    "Step",
+    "Trace",
+    "Splitter",
+    "get_splitter",
+    "list_splitters",
+    "register_splitter",
+    "regex_splitter",
+]
+
+SEGMENTS = ("question", "thinking", "summary")
+Span = tuple[int, int]
+#: A splitter takes a segment's text and its name and returns step spans (char offsets
+#: relative to that text, sorted, disjoint).
+Splitter = Callable[[str, str], list[Span]]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a trace.
+
+    ``char_span`` indexes :attr:`Trace.text`; ``token_span`` indexes
+    :attr:`Trace.token_ids` (end exclusive, BOS included in the numbering).
+    """
+
+    index: int
+    segment: str
+    text: str
+    char_span: Span
+    token_span: Span
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_span[1] - self.token_span[0]
+
+
+# ---- splitters --------------------------------------------------------------------------
+
+_DIGITS_ONLY = re.compile(r"[\d\s.,:;+\-*/=()%$]*")
+# A GFM table delimiter row: cells of hyphens with optional colons ("| --- | :-: |").
+_TABLE_RULE = re.compile(r"\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?")
+
+
+def _strip_all(text: str, spans: list[Span]) -> list[Span]:
+    """Spans with surrounding whitespace removed; empty ones dropped."""
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _pieces(text: str, separator: re.Pattern, keep_chars: int) -> list[Span]:
+    """Cut at each separator match, keeping its first ``keep_chars`` characters in the
+    piece before it; spans are stripped of whitespace and empty pieces dropped."""
+    spans, start = [], 0
+    for m in separator.finditer(text):
+        spans.append((start, m.start() + keep_chars))
+        start = m.end()
+    spans.append((start, len(text)))
+    return _strip_all(text, spans)
+
+
+def _join_small(text: str, spans: list[Span], is_small: Callable[[str], bool]) -> list[Span]:
+    """Merge pieces that are not steps of their own into the previous step (or the next
+    one at the start), so no character is lost."""
+    out: list[Span] = []
+    pending: int | None = None  # start of small pieces seen before any real step
+    for a, b in spans:
+        if is_small(text[a:b]):
+            if out:
+                out[-1] = (out[-1][0], b)
+            elif pending is None:
+                pending = a
+            continue
+        out.append((pending if pending is not None else a, b))
+        pending = None
+    if pending is not None:  # only small pieces
+        out.append((pending, spans[-1][1]))
+    return out
+
+
+def _not_a_thinking_step(piece: str) -> bool:
+    body = piece[:-1] if piece.endswith(".") else piece
+    return len(piece) < 15 or bool(_DIGITS_ONLY.fullmatch(body) or _TABLE_RULE.fullmatch(body))
+
+
+def paper_splitter(text: str, segment: str) -> list[Span]:
+    """The reference paper's rule: thinking on ``\\.\\s+``, summary on blank lines.
+
+    Thinking pieces shorter than 15 characters, digit-and-separator pieces and markdown
+    table rules join a neighbour; summary pieces shorter than 10 characters join a
+    neighbour. The question is one step.
+    """
+    if segment == "thinking":
+        spans = _pieces(text, re.compile(r"\.\s+"), keep_chars=1)
+        return _join_small(text, spans, _not_a_thinking_step)
+    if segment == "summary":
+        spans = _pieces(text, re.compile(r"\n[ \t]*\n\s*"), keep_chars=0)
+        return _join_small(text, spans, lambda s: len(s) < 10)
+    return _strip_all(text, [(0, len(text))])
+
+
+def newline_splitter(text: str, segment: str) -> list[Span]:
+    """One step per non-empty line (the question stays one step)."""
+    if segment == "question":
+        return paper_splitter(text, segment)
+    return _pieces(text, re.compile(r"\n+"), keep_chars=0)
+
+
+def regex_splitter(pattern: str, *, keep_separator: bool = False,
+                   segments: Sequence[str] = ("thinking", "summary")) -> Splitter:
+    """A splitter that cuts the given segments wherever ``pattern`` matches.
+
+    ``keep_separator=True`` keeps the matched text at the end of the piece before it.
+    """
+    sep = re.compile(pattern)
+
+    def split(text: str, segment: str) -> list[Span]:
+        if segment not in segments:
+            return _strip_all(text, [(0, len(text))])
+        out, start = [], 0
+        for m in sep.finditer(text):
+            if m.end() == m.start():
+                continue
+            out.append((start, m.end() if keep_separator else m.start()))
+            start = m.end()
+        out.append((start, len(text)))
+        return _strip_all(text, out)
+
+    return split
+
+
+_SPLITTERS: dict[str, Splitter] = {"paper": paper_splitter, "newline": newline_splitter}
+
+
+def register_splitter(name: str, splitter: Splitter, *, overwrite: bool = False) -> None:
+    """Make ``splitter`` available by name to :class:`Trace`."""
+    if name in _SPLITTERS and not overwrite:
+        raise StepSalError(f"splitter {name!r} is already registered; pass overwrite=True")
+    _SPLITTERS[name] = splitter
+
+
+def list_splitters() -> list[str]:
+    """Names of the registered step splitters."""
+    return sorted(_SPLITTERS)
+
+
+def get_splitter(splitter: str | Splitter) -> Splitter:
+    """A splitter by name (a callable passes through)."""
+    if callable(splitter):
+        return splitter
+    try:
+        return _SPLITTERS[splitter]
+    except KeyError:
+        raise StepSalError(
+            f"unknown step splitter {splitter!r}; choose one of {list_splitters()}, "
+            f"pass regex_splitter(pattern), a callable (text, segment) -> spans, or "
+            f"step_spans=[...]"
+        ) from None
+
+
+# ---- the trace ---------------------------------------------------------------------------
+
+def _tokenizer_of(model_or_tokenizer: Any):
+    tok = getattr(model_or_tokenizer, "tokenizer", None)
+    return tok if tok is not None else model_or_tokenizer
+
+
+class Trace:
+    """A reasoning trace aligned to tokens.
+
+    Build one with :meth:`from_text` (a full decoded text, parsed with the format) or
+    :meth:`from_segments` (question, thinking and summary strings, rendered with the
+    format).
+
+    Attributes
+    ----------
+    text : str
+        The full text (prompt template included).
+    token_ids : torch.LongTensor
+        ``[n_tokens]``, exactly what the model sees (BOS included where the model
+        prepends one).
+    offsets : list[tuple[int, int]]
+        Character span of each token in ``text`` (``(0, 0)`` for a prepended BOS).
+    steps : list[Step]
+        In order: the question (step 0), thinking steps, summary steps.
+    truncated : bool
+        The thinking never closed, so there is no summary.
+    """
+
+    def __init__(self, parsed: ParsedText, tokenizer: Any, *, format: ReasoningFormat,
+                 splitter: str | Splitter = "paper", prepend_bos: bool = False,
+                 n_ctx: int | None = None, step_spans: Sequence[Span] | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise StepSalError(
+                f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer, so it has no "
+                f"offset mapping to align steps to tokens; load it with "
+                f"AutoTokenizer.from_pretrained(path, use_fast=True)"
+            )
+        self.parsed = parsed
+        self.text = parsed.text
+        self.format = format
+        self.tokenizer = tokenizer
+        self.truncated = parsed.truncated
+
+        enc = tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        bos = tokenizer.bos_token_id
+        self.has_bos = bool(prepend_bos and bos is not None and (not ids or ids[0] != bos))
+        if self.has_bos:
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        if n_ctx is not None and len(ids) > n_ctx:
+            raise StepSalError(
+                f"the trace has {len(ids)} tokens but the model's context is {n_ctx}; "
+                f"shorten the trace (or cut the thinking) - the model would silently "
+                f"truncate it"
+            )
+        self.token_ids = torch.tensor(ids, dtype=torch.long)
+        self.offsets: list[Span] = offsets
+
+        char_spans = (self._spans_from_splitter(get_splitter(splitter)) if step_spans is None
+                      else self._check_spans(step_spans))
+        self.steps = self._align(char_spans)
+
+    # ---- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_text(cls, text: str, model_or_tokenizer: Any, *, format: str | ReasoningFormat | None = None,
+                  splitter: str | Splitter = "paper", prepend_bos: bool | None = None,
+                  n_ctx: int | None = None, step_spans: Sequence[Span] | None = None) -> Trace:
+        """Parse a full decoded text (prompt included) with the model's format.
+
+        Parameters
+        ----------
+        text
+            The whole text: prompt template, thinking and summary.
+        model_or_tokenizer
+            A model from :func:`stepsal_lens.load_lrm` (gives tokenizer, format, BOS rule
+            and context length) or a fast tokenizer (then pass ``format``).
+        format
+            Reasoning format name; defaults to the model's.
+        splitter
+            Step splitter name (:func:`list_splitters`) or callable.
+        prepend_bos, n_ctx
+            Override what the model says.
+        step_spans
+            Caller-given step character spans into ``text`` instead of a splitter.
+        """
+        fmt, tok, bos, ctx = _resolve(model_or_tokenizer, format, prepend_bos, n_ctx)
+        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter, prepend_bos=bos,
+                   n_ctx=ctx, step_spans=step_spans)
+
+    @classmethod
+    def from_segments(cls, question: str, thinking: str, summary: str, model_or_tokenizer: Any,
+                      *, format: str | ReasoningFormat | None = None,
+                      splitter: str | Splitter = "paper", prepend_bos: bool | None = None,
+                      n_ctx: int | None = None) -> Trace:
+        """Render (question, thinking, summary) with the format, then align."""
+        fmt, tok, bos, ctx = _resolve(model_or_tokenizer, format, prepend_bos, n_ctx)
+        text = fmt.render(question, thinking, summary)
+        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter, prepend_bos=bos, n_ctx=ctx)
+
+    # ---- alignment ------------------------------------------------------------------------
+    def _spans_from_splitter(self, split: Splitter) -> list[tuple[str, Span]]:
+        out = []
+        for seg in SEGMENTS:
+            a, b = self.segment_char_span(seg)
+            if a == b:
+                continue
+            for s, e in split(self.text[a:b], seg):
+                if not 0 <= s < e <= b - a:
+                    raise StepSalError(f"splitter returned span {(s, e)} outside the {seg} "
+                                       f"segment of length {b - a}")
+                out.append((seg, (a + s, a + e)))
+        return out
+
+    def _check_spans(self, spans: Sequence[Span]) -> list[tuple[str, Span]]:
+        out, last = [], 0
+        for s, e in spans:
+            if not (last <= s < e <= len(self.text)):
+                raise StepSalError(
+                    f"step_spans must be sorted, disjoint, non-empty and inside the text "
+                    f"(length {len(self.text)}); got {(s, e)} after a span ending at {last}"
+                )
+            seg = next((n for n in SEGMENTS if self._in_segment(n, s, e)), None)
+            if seg is None:
+                raise StepSalError(f"step span {(s, e)} ({self.text[s:e]!r}) is not inside one "
+                                   f"segment; segments are {self.segment_char_spans()}")
+            out.append((seg, (s, e)))
+            last = e
+        return out
+
+    def _in_segment(self, seg: str, s: int, e: int) -> bool:
+        a, b = self.segment_char_span(seg)
+        return a <= s and e <= b
+
+    def _align(self, char_spans: list[tuple[str, Span]]) -> list[Step]:
+        # A token belongs to the step holding its first non-space character, so leading
+        # spaces merged into a word follow the word; pure-space tokens between steps and
+        # template markers belong to no step.
+        starts = [s for _, (s, _e) in char_spans]
+        ends = [e for _, (_s, e) in char_spans]
+        owner = torch.full((len(self.offsets),), -1, dtype=torch.long)
+        j = 0
+        for t, (s, e) in enumerate(self.offsets):
+            if t == 0 and self.has_bos:
+                continue
+            p = s
+            while p < e and self.text[p].isspace():
+                p += 1
+            if p == e and e > s:  # all whitespace: place by its first character
+                p = s
+            while j < len(starts) and ends[j] <= p:
+                j += 1
+            if j < len(starts) and starts[j] <= p < ends[j]:
+                owner[t] = j
+        steps = []
+        for i, (seg, (s, e)) in enumerate(char_spans):
+            idx = (owner == i).nonzero().flatten()
+            if len(idx) == 0:
+                raise StepSalError(f"step {i} ({self.text[s:e]!r}) has no tokens")
+            t0, t1 = int(idx[0]), int(idx[-1]) + 1
+            steps.append(Step(i, seg, self.text[s:e], (s, e), (t0, t1)))
+        self.step_of_token = owner
+        return steps
+
+    # ---- views ----------------------------------------------------------------------------
+    def segment_char_span(self, segment: str) -> Span:
+        """Character span of a segment (``question``, ``thinking``, ``summary``)."""
+        spans = self.segment_char_spans()
+        if segment not in spans:
+            raise StepSalError(f"unknown segment {segment!r}; choose one of {SEGMENTS}")
+        return spans[segment]
+
+    def segment_char_spans(self) -> dict[str, Span]:
+        p = self.parsed
+        return {"question": p.question_span, "thinking": p.thinking_span, "summary": p.summary_span}
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def question(self) -> str:
+        return self.parsed.question
+
+    @property
+    def thinking(self) -> str:
+        return self.parsed.thinking
+
+    @property
+    def summary(self) -> str:
+        return self.parsed.summary
+
+    def steps_in(self, segment: str) -> list[int]:
+        """Indices of the steps of one segment."""
+        return [s.index for s in self.steps if s.segment == segment]
+
+    def segment_token_span(self, segment: str) -> Span:
+        """Token span from the first to the last token of a segment's steps ((0, 0) if
+        the segment has none)."""
+        idx = self.steps_in(segment)
+        if not idx:
+            return (0, 0)
+        return self.steps[idx[0]].token_span[0], self.steps[idx[-1]].token_span[1]
+
+    def decode_step(self, index: int) -> str:
+        """Decode a step's tokens (stripped): equals the step's text."""
+        a, b = self.steps[index].token_span
+        return self.tokenizer.decode(self.token_ids[a:b].tolist()).strip()
+
+    def str_tokens(self) -> list[str]:
+        """Each token's text (the BOS token as its special string)."""
+        return [self.tokenizer.decode([i]) for i in self.token_ids.tolist()]
+
+    def to_dataframe(self):
+        """One row per step: index, segment, text, char and token spans, token count."""
+        import pandas as pd
+
+        return pd.DataFrame([
+            {"index": s.index, "segment": s.segment, "text": s.text,
+             "char_start": s.char_span[0], "char_end": s.char_span[1],
+             "token_start": s.token_span[0], "token_end": s.token_span[1],
+             "n_tokens": s.n_tokens}
+            for s in self.steps
+        ])
+
+    def __repr__(self) -> str:
+        counts = {seg: len(self.steps_in(seg)) for seg in SEGMENTS}
+        flag = ", truncated" if self.truncated else ""
+        return (f"Trace({self.format.name}, {self.n_tokens} tokens, steps: "
+                f"{counts['question']} question + {counts['thinking']} thinking + "
+                f"{counts['summary']} summary{flag})")
+
+
+def _resolve(model_or_tokenizer: Any, format, prepend_bos, n_ctx):
+    from stepsal_lens.models import format_of
+
+    model_fmt = format_of(model_or_tokenizer)
+    if format is None and model_fmt is None:
+        raise StepSalError(f"no reasoning format: pass format=... (one of {list_formats()}) "
+                           "or a model loaded with load_lrm")
+    fmt = get_format(format if format is not None else model_fmt)
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(cfg, "default_prepend_bos", False))
+    if n_ctx is None:
+        n_ctx = getattr(cfg, "n_ctx", None)
+    return fmt, _tokenizer_of(model_or_tokenizer), prepend_bos, n_ctx
