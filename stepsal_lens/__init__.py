@@ -13,6 +13,8 @@ from stepsal_lens.models import (
     load_lrm,
     register_model,
 )
+from stepsal_lens.metrics import compare, layer_metrics, trace_metrics
+from stepsal_lens.saliency import StepSaliency, list_targets, register_target, step_saliency
 from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
 
 __version__ = "0.1.0"
@@ -21,17 +23,24 @@ __all__ = [
     "ReasoningFormat",
     "Step",
     "StepSalError",
+    "StepSaliency",
     "Trace",
+    "compare",
     "default_layer_split",
     "detect_format",
     "format_of",
     "get_format",
+    "layer_metrics",
     "list_formats",
     "list_models",
     "list_splitters",
+    "list_targets",
     "load_lrm",
     "regex_splitter",
     "register_format",
     "register_model",
     "register_splitter",
+    "register_target",
+    "step_saliency",
+    "trace_metrics",
 ]

@@ -150,6 +150,8 @@ def _config(arch: str, *, vocab_size: int, n_layers: int, d_model: int, n_heads:
             num_local_experts=4,
             num_experts_per_tok=2,
             sliding_window=8,
+            # YaRN defaults assume a 4096-token original context; keep RoPE plain.
+            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
             layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                          for i in range(n_layers)],
             **common,

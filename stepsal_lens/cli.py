@@ -1,0 +1,109 @@
+"""The ``stepsal`` command line.
+
+``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
+``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
+``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
+gpt-oss) on the fly, for trying the tool without any weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from stepsal_lens.errors import StepSalError
+
+__all__ = ["main"]
+
+
+def _load_model(spec: str, *, device: str | None, dtype: str | None, format: str | None):
+    from stepsal_lens.models import load_lrm
+
+    if spec.startswith("random:"):
+        from stepsal_lens.zoo.tiny_random import make_random_checkpoint
+
+        arch = spec.split(":", 1)[1]
+        folder = Path(tempfile.mkdtemp(prefix="stepsal-random-"))
+        make_random_checkpoint(arch, folder, n_layers=4)
+        return load_lrm(folder, device=device, dtype=dtype, format=format or "think-tags")
+    return load_lrm(spec, device=device, dtype=dtype, format=format)
+
+
+def _read_trace(path: Path, model, format: str | None):
+    from stepsal_lens.trace import Trace
+
+    if not path.exists():
+        raise StepSalError(f"trace file {str(path)!r} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise StepSalError(f"trace file {str(path)!r} must hold a JSON object")
+    if "text" in doc:
+        return Trace.from_text(doc["text"], model, format=format)
+    missing = [k for k in ("question", "thinking", "summary") if k not in doc]
+    if missing:
+        raise StepSalError(f"trace file {str(path)!r} needs {{'question', 'thinking', "
+                           f"'summary'}} or {{'text'}}; missing {missing}")
+    return Trace.from_segments(doc["question"], doc["thinking"], doc["summary"], model,
+                               format=format)
+
+
+def analyze(args: argparse.Namespace) -> int:
+    from stepsal_lens.metrics import trace_metrics
+    from stepsal_lens.plots import plot_step_maps
+    from stepsal_lens.saliency import step_saliency
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = _load_model(args.model, device=args.device, dtype=args.dtype, format=args.format)
+    trace = _read_trace(Path(args.trace), model, args.format)
+    if trace.truncated:
+        print("warning: the thinking never closes (truncated trace); there is no summary",
+              file=sys.stderr)
+    result = step_saliency(model, trace, target=args.target, low_memory=args.low_memory,
+                           progress=True)
+    result.meta["model"] = args.model
+    out = result.save(args.out)
+    (out / "metrics.json").write_text(json.dumps(trace_metrics(result), indent=1))
+    fig = plot_step_maps(result.head_mean(), result.segments, layers=result.layers,
+                         title=f"{args.model}: step saliency (target {args.target})")
+    fig.savefig(out / "maps.png", dpi=110)
+    print(f"{trace!r}\nwrote {out}/step_saliency.safetensors, steps.json, metrics.json, "
+          f"maps.png", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepsal", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="Step-Saliency maps and metrics of one trace")
+    p.add_argument("--model", required=True,
+                   help="local checkpoint folder, hub name, or random:ARCH")
+    p.add_argument("--trace", required=True,
+                   help='JSON with {"question","thinking","summary"} or {"text"}')
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
+    p.add_argument("--target", default="lm", choices=["lm", "summary", "answer"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--low-memory", action="store_true",
+                   help="recompute layer by layer: peak memory of one layer's attention")
+    p.set_defaults(func=analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StepSalError as err:
+        print(f"stepsal: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,456 @@
+"""Step-Saliency: attention x gradient on ``hook_pattern``, pooled into step-to-step maps.
+
+For layer ``l``, head ``h``, query ``q`` and key ``k``::
+
+    I[l,h,q,k] = | A[l,h,q,k] * dL/dA[l,h,q,k] |
+    M[l,h,i,j] = mean_{q in step i, k in step j} I[l,h,q,k]
+
+A forward hook keeps each layer's pattern (a view autograd saves anyway) and the
+backward hook multiplies it by the incoming gradient and pools it at once, so no
+layer's token-level saliency outlives its hook. ``low_memory=True`` recomputes one block
+at a time from stored residuals, so only one layer's attention graph is alive.
+
+Examples
+--------
+>>> import tempfile
+>>> from stepsal_lens import Trace, load_lrm, step_saliency
+>>> from stepsal_lens.zoo.tiny_random import make_random_checkpoint
+>>> model = load_lrm(make_random_checkpoint("qwen2", tempfile.mkdtemp()), format="think-tags")
+>>> trace = Trace.from_segments("Start with 7. Add 5. What is the result?",
+...     "We start with the number 7. Adding 5 to 7 gives 12.", "The result is 12.", model)
+>>> sal = step_saliency(model, trace)
+>>> tuple(sal.maps.shape)  # [n_layers, n_heads, n_steps, n_steps]
+(2, 4, 4, 4)
+>>> bool((sal.maps[:, :, 0, 1:] == 0).all())  # the question cannot attend to later steps
+True
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from stepsal_lens.errors import StepSalError
+from stepsal_lens.trace import Step, Trace
+from stepsal_lens.typing import Pattern, PatternGrad, StepMap
+
+__all__ = [
+    "StepSaliency",
+    "get_target",
+    "list_targets",
+    "pool_matrix",
+    "pool_saliency",
+    "register_target",
+    "step_saliency",
+]
+
+
+# ---- pure core ----------------------------------------------------------------------------
+
+def pool_matrix(steps: Sequence[Step], n_tokens: int) -> Float[Tensor, "step token"]:
+    """``P[i, t] = 1 / |step i|`` for tokens of step ``i``, else 0.
+
+    ``P @ I @ P.T`` is then the mean of ``I`` over all (query, key) pairs of two steps.
+    """
+    pool = torch.zeros(len(steps), n_tokens)
+    for i, step in enumerate(steps):
+        a, b = step.token_span
+        pool[i, a:b] = 1.0 / (b - a)
+    return pool
+
+
+def pool_saliency(pattern: Pattern, grad: PatternGrad,
+                  pool: Float[Tensor, "step token"]) -> Float[Tensor, "head step step"]:
+    """Pool ``|A * dL/dA|`` of one layer into a step-to-step map, in float32.
+
+    Parameters
+    ----------
+    pattern, grad
+        ``[1, head, query, key]`` post-softmax pattern and its gradient (any dtype).
+    pool
+        ``[step, token]`` pooling matrix from :func:`pool_matrix`.
+
+    Returns
+    -------
+    Tensor
+        ``[head, step, step]``, the mean saliency of each step pair.
+    """
+    if pattern.shape[0] != 1:
+        raise StepSalError(f"pool_saliency takes one sequence; got batch {pattern.shape[0]}")
+    sal = (pattern[0].float() * grad[0].float()).abs_()
+    pool = pool.to(sal.device)
+    return pool @ sal @ pool.T
+
+
+# ---- targets ------------------------------------------------------------------------------
+
+#: A target maps float32 logits ``[1, token, vocab]`` and the trace to a scalar.
+Target = Callable[..., Tensor]
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(name: str, fn: Target, *, overwrite: bool = False) -> None:
+    """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``."""
+    if name in _TARGETS and not overwrite:
+        raise StepSalError(f"target {name!r} is already registered; pass overwrite=True")
+    _TARGETS[name] = fn
+
+
+def list_targets() -> list[str]:
+    """Names of the registered saliency targets."""
+    return sorted(_TARGETS)
+
+
+def get_target(name: str | Target) -> Target:
+    """A target by name (a callable passes through)."""
+    if callable(name):
+        return name
+    try:
+        return _TARGETS[name]
+    except KeyError:
+        raise StepSalError(f"unknown saliency target {name!r}; choose one of {list_targets()} "
+                           f"or register_target(name, fn)") from None
+
+
+def _lm_target(logits: Tensor, trace: Trace) -> Tensor:
+    ids = trace.token_ids.to(logits.device)
+    return F.cross_entropy(logits[0, :-1], ids[1:])
+
+
+def _summary_positions(trace: Trace) -> Tensor:
+    idx = trace.steps_in("summary")
+    if not idx:
+        raise StepSalError("target 'summary' needs a summary, but the trace has none "
+                           f"({'truncated' if trace.truncated else 'empty summary'}); use target='lm'")
+    pos = torch.cat([torch.arange(*trace.steps[i].token_span) for i in idx])
+    return pos[pos > 0]
+
+
+def _summary_target(logits: Tensor, trace: Trace) -> Tensor:
+    pos = _summary_positions(trace).to(logits.device)
+    ids = trace.token_ids.to(logits.device)
+    return F.cross_entropy(logits[0, pos - 1], ids[pos])
+
+
+def answer_token_positions(trace: Trace, answer: str | None = None) -> Tensor:
+    """Positions of the answer's tokens in the summary (last occurrence).
+
+    ``answer=None`` takes the content of the last ``\\boxed{...}`` of the summary.
+    """
+    a, b = trace.segment_char_span("summary")
+    summary = trace.text[a:b]
+    if answer is None:
+        start = summary.rfind("\\boxed{")
+        if start < 0:
+            raise StepSalError("target 'answer' needs answer=... (no \\boxed{} in the summary "
+                               f"{summary[:80]!r})")
+        answer = summary[start + 7:].split("}")[0]
+    at = summary.rfind(answer) if answer else -1
+    if at < 0:
+        raise StepSalError(f"answer {answer!r} not found in the summary {summary[:80]!r}")
+    lo, hi = a + at, a + at + len(answer)
+    pos = [t for t, (s, e) in enumerate(trace.offsets) if s < hi and e > lo and t > 0]
+    return torch.tensor(pos, dtype=torch.long)
+
+
+def _answer_target(logits: Tensor, trace: Trace, answer: str | None = None) -> Tensor:
+    pos = answer_token_positions(trace, answer).to(logits.device)
+    ids = trace.token_ids.to(logits.device)
+    return logits[0, pos - 1].log_softmax(-1).gather(-1, ids[pos, None]).sum()
+
+
+def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
+                  token: int | str | None = None) -> Tensor:
+    n = logits.shape[1]
+    if not -n <= position < n:
+        raise StepSalError(f"position {position} is outside the trace of {n} tokens")
+    pos = position % n
+    if token is None:
+        if pos + 1 >= n:
+            raise StepSalError("target 'logit' at the last position needs token=...")
+        token = int(trace.token_ids[pos + 1])
+    if isinstance(token, str):
+        token = trace.tokenizer.convert_tokens_to_ids(token)
+    return logits[0, pos, token]
+
+
+register_target("lm", _lm_target)
+register_target("summary", _summary_target)
+register_target("answer", _answer_target)
+register_target("logit", _logit_target)
+
+
+# ---- result -------------------------------------------------------------------------------
+
+@dataclass
+class StepSaliency:
+    """Step-to-step saliency maps of one trace.
+
+    Attributes
+    ----------
+    maps : Tensor
+        ``[n_layers, n_heads, n_steps, n_steps]`` float32; ``maps[l, h, i, j]`` is the
+        mean saliency from query step ``i`` to key step ``j``.
+    layers : list[int]
+        Model layer of each row of ``maps``.
+    steps : list[Step]
+        The trace's steps.
+    token_ids : Tensor
+        ``[n_tokens]`` int64, exactly the ids the model saw.
+    meta : dict
+        ``model``, ``format``, ``target``, ``n_layers``, ``n_heads``, ``text``, ...
+    """
+
+    maps: StepMap
+    layers: list[int]
+    steps: list[Step]
+    token_ids: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def segments(self) -> list[str]:
+        """Segment of each step (``question``, ``thinking``, ``summary``)."""
+        return [s.segment for s in self.steps]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    def head_mean(self) -> Float[Tensor, "layer step step"]:
+        """The paper's per-layer map: mean over heads."""
+        return self.maps.mean(1)
+
+    def row_normalized(self, head: int | None = None) -> Float[Tensor, "layer step step"]:
+        """``Mn[i, j] = M[i, j] / sum_j M[i, j]`` (head-mean unless ``head`` is given):
+        where each step draws its information from. All-zero rows stay zero."""
+        from stepsal_lens.metrics import normalize_rows
+
+        return normalize_rows(self.head_mean() if head is None else self.maps[:, head])
+
+    def metrics(self, k: int = 3):
+        """Per-layer failure-mode metrics (:func:`stepsal_lens.metrics.layer_metrics`)."""
+        from stepsal_lens.metrics import layer_metrics
+
+        return layer_metrics(self, k=k)
+
+    def to_dataframe(self):
+        """Tidy long form: layer, head, query_step, key_step, query_segment, key_segment,
+        value."""
+        import numpy as np
+        import pandas as pd
+
+        n_l, n_h, n_s, _ = self.maps.shape
+        layer, head, q, k = np.meshgrid(self.layers, np.arange(n_h), np.arange(n_s),
+                                        np.arange(n_s), indexing="ij")
+        seg = np.array(self.segments, dtype=object)
+        return pd.DataFrame({
+            "layer": layer.ravel(), "head": head.ravel(), "query_step": q.ravel(),
+            "key_step": k.ravel(), "query_segment": seg[q.ravel()],
+            "key_segment": seg[k.ravel()], "value": self.maps.numpy().ravel(),
+        })
+
+    def steps_json(self) -> dict[str, Any]:
+        """The ``steps.json`` document (model, format, target, sizes, steps)."""
+        keep = ("model", "format", "target", "n_layers", "n_heads")
+        doc = {key: self.meta.get(key) for key in keep}
+        doc["layers"] = self.layers
+        doc["steps"] = [{"index": s.index, "segment": s.segment, "text": s.text,
+                         "token_start": s.token_span[0], "token_end": s.token_span[1],
+                         "char_start": s.char_span[0], "char_end": s.char_span[1]}
+                        for s in self.steps]
+        doc["meta"] = {k: v for k, v in self.meta.items() if k not in keep}
+        return doc
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``step_saliency.safetensors`` (maps, token_ids) and ``steps.json``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"maps": self.maps.float().contiguous(),
+                   "token_ids": self.token_ids.long().contiguous()},
+                  directory / "step_saliency.safetensors")
+        (directory / "steps.json").write_text(json.dumps(self.steps_json(), indent=1,
+                                                         ensure_ascii=False))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> StepSaliency:
+        """Read what :meth:`save` wrote."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        files = [directory / "step_saliency.safetensors", directory / "steps.json"]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written "
+                               f"by StepSaliency.save or `stepsal analyze`")
+        tensors = load_file(files[0])
+        doc = json.loads(files[1].read_text())
+        steps = [Step(s["index"], s["segment"], s["text"],
+                      (s.get("char_start", -1), s.get("char_end", -1)),
+                      (s["token_start"], s["token_end"])) for s in doc["steps"]]
+        meta = {k: doc.get(k) for k in ("model", "format", "target", "n_layers", "n_heads")}
+        meta.update(doc.get("meta", {}))
+        layers = doc.get("layers") or list(range(tensors["maps"].shape[0]))
+        return cls(tensors["maps"], layers, steps, tensors["token_ids"], meta)
+
+    def __repr__(self) -> str:
+        n_l, n_h, n_s, _ = self.maps.shape
+        return (f"StepSaliency({n_l} layers x {n_h} heads x {n_s}x{n_s} steps, "
+                f"target={self.meta.get('target')!r}, model={self.meta.get('model')!r})")
+
+
+# ---- hooks --------------------------------------------------------------------------------
+
+@contextmanager
+def _activation_grads_only(model):
+    """Turn off weight gradients (saliency needs only activation gradients) and restore
+    the caller's flags afterwards, also on error."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _saliency_hooks(layers: Sequence[int], pool: Tensor, out: dict[int, Tensor], bar):
+    """Forward hooks keep each pattern; backward hooks pool ``|A * dA|`` and drop it."""
+    patterns: dict[int, Tensor] = {}
+    fwd, bwd = [], []
+    for layer in layers:
+        name = f"blocks.{layer}.attn.hook_pattern"
+
+        def keep(pattern, hook, layer=layer):
+            patterns[layer] = pattern.detach()
+
+        def pool_grad(grad, hook, layer=layer):
+            out[layer] = pool_saliency(patterns.pop(layer), grad, pool)
+            if bar is not None:
+                bar.update(1)
+
+        fwd.append((name, keep))
+        bwd.append((name, pool_grad))
+    return fwd, bwd
+
+
+def _require_grad(x, hook):
+    return x.detach().requires_grad_(True)
+
+
+def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
+                  layers: Sequence[int] | None = None, low_memory: bool = False,
+                  progress: bool = False, **target_kwargs: Any) -> StepSaliency:
+    """Step-Saliency of a trace: ``|A * dL/dA|`` on ``hook_pattern``, pooled per step pair.
+
+    Parameters
+    ----------
+    model
+        A ``TransformerBridge`` from :func:`stepsal_lens.load_lrm`.
+    trace
+        The :class:`~stepsal_lens.Trace` (built with this model's tokenizer).
+    target
+        ``"lm"`` (mean next-token loss over the whole trace, as Hugging Face computes
+        it for ``labels=input_ids``), ``"summary"`` (the same restricted to summary
+        tokens), ``"answer"`` (log-prob of the answer's tokens; ``answer=`` or the last
+        ``\\boxed{}``), ``"logit"`` (``position=``, ``token=``; the compatibility-mode
+        logit, which is centred over the vocabulary), or a registered/callable target.
+    layers
+        Layers to measure (default: all).
+    low_memory
+        Recompute one block at a time so peak memory holds one layer's attention
+        instead of all layers'. Same maps; about one extra forward pass of time.
+    progress
+        Show a tqdm bar over layers.
+    **target_kwargs
+        Passed to the target (``answer``, ``position``, ``token``).
+
+    Returns
+    -------
+    StepSaliency
+        ``maps`` ``[len(layers), n_heads, n_steps, n_steps]`` float32.
+    """
+    fn = get_target(target)
+    n_layers = model.cfg.n_layers
+    layers = sorted(set(range(n_layers) if layers is None else layers))
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad or not layers:
+        raise StepSalError(f"layers {bad or list(layers)} are not valid for a model with "
+                           f"{n_layers} layers; pass indices in [0, {n_layers})")
+    if int(trace.token_ids.max()) >= model.cfg.d_vocab:
+        raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
+                           "Trace with this model (Trace.from_text(text, model))")
+    device = next(model.parameters()).device
+    tokens = trace.token_ids[None].to(device)
+    pool = pool_matrix(trace.steps, trace.n_tokens).to(device)
+    out: dict[int, Tensor] = {}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(layers), desc="step saliency", unit="layer", disable=not progress)
+    try:
+        with _activation_grads_only(model), torch.enable_grad():
+            if low_memory:
+                _run_low_memory(model, tokens, trace, fn, target_kwargs, layers, pool, out, bar)
+            else:
+                fwd, bwd = _saliency_hooks(layers, pool, out, bar)
+                fwd.append(("hook_embed", _require_grad))
+                with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+                    logits = model(tokens)
+                    fn(logits.float(), trace, **target_kwargs).backward()
+    finally:
+        bar.close()
+    maps = torch.stack([out[l] for l in layers]).cpu()
+    spec = getattr(model, "stepsal_spec", None)
+    meta = {
+        "model": spec.name if spec else str(getattr(model.cfg, "model_name", "")),
+        "format": trace.format.name,
+        "target": target if isinstance(target, str) else getattr(target, "__name__", "custom"),
+        "n_layers": n_layers,
+        "n_heads": int(maps.shape[1]),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "truncated": trace.truncated,
+        "low_memory": low_memory,
+        "text": trace.text,
+        **{f"target_{k}": v for k, v in target_kwargs.items()},
+    }
+    return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
+
+
+def _run_low_memory(model, tokens, trace, fn, target_kwargs, layers, pool, out, bar):
+    """Layer-by-layer backward: store block inputs without grad, then recompute each block
+    from the top with the saliency hooks, pushing the residual gradient down."""
+    top = model.cfg.n_layers - 1
+    with torch.no_grad():
+        x = model(tokens, stop_at_layer=0)
+        resid = []  # resid[i] is the input of block min(layers) + i
+        for layer in range(top):
+            if layer >= min(layers):
+                resid.append(x)
+            x = model(x, start_at_layer=layer, stop_at_layer=layer + 1)
+        resid.append(x)
+    grad = None
+    for layer in range(top, min(layers) - 1, -1):
+        x = resid.pop().requires_grad_(True)
+        hooked = [layer] if layer in layers else []
+        fwd, bwd = _saliency_hooks(hooked, pool, out, bar)
+        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            if layer == top:
+                logits = model(x, start_at_layer=top)
+                fn(logits.float(), trace, **target_kwargs).backward()
+            else:
+                model(x, start_at_layer=layer, stop_at_layer=layer + 1).backward(grad)
+        grad = x.grad
+        del x

@@ -1,0 +1,153 @@
+"""Step-Saliency against an independent computation: Hugging Face eager attention with
+retained gradients, pooled with plain Python loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from stepsal_lens import StepSalError, StepSaliency, Trace, step_saliency
+from stepsal_lens.saliency import get_target, list_targets, pool_matrix, pool_saliency
+
+Q = "Start with 7. Add 5, then halve it. What is the result?"
+T = ("We start with 7 and add 5 which gives 12 here. Then half of 12 is 6 so we get 6. "
+     "So the final number is 6 and we check it again.")
+S = "The result is 6.\n\nSo the answer is \\boxed{6}."
+
+
+@pytest.fixture(scope="module")
+def traces(models):
+    return {arch: Trace.from_segments(Q, T, S, m) for arch, m in models.items()}
+
+
+def hf_reference(path, trace, target, **kw):
+    """|A * dL/dA| from HF eager attentions, pooled step pair by step pair."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    out = hf(trace.token_ids[None], output_attentions=True)
+    for a in out.attentions:
+        a.retain_grad()
+    get_target(target)(out.logits.float(), trace, **kw).backward()
+    n = trace.n_steps
+    ref = torch.zeros(len(out.attentions), out.attentions[0].shape[1], n, n)
+    for layer, a in enumerate(out.attentions):
+        sal = (a * a.grad).abs()[0]
+        for i, si in enumerate(trace.steps):
+            for j, sj in enumerate(trace.steps):
+                ref[layer, :, i, j] = sal[:, slice(*si.token_span), slice(*sj.token_span)].mean((1, 2))
+    return ref
+
+
+@pytest.mark.parametrize("target", ["lm", "summary", "answer"])
+def test_maps_equal_hugging_face_eager(arch, target, checkpoints, models, traces):
+    ours = step_saliency(models[arch], traces[arch], target=target).maps
+    ref = hf_reference(checkpoints[arch], traces[arch], target)
+    rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-4, f"{arch}/{target}: max |ours - HF| / max |HF| = {rel:.2e}"
+
+
+def test_logit_target_equals_centred_hf_logit(checkpoints, models, traces):
+    """Compatibility mode centres the unembedding: its logit is HF's minus the vocab mean."""
+    trace = traces["qwen2"]
+
+    def centred(logits, tr, position, token):
+        return logits[0, position, token] - logits[0, position].mean()
+
+    ours = step_saliency(models["qwen2"], trace, target="logit", position=40, token=7).maps
+    ref = hf_reference(checkpoints["qwen2"], trace, centred, position=40, token=7)
+    rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-4, f"max rel diff {rel:.2e}"
+
+
+def test_low_memory_equals_default(arch, models, traces):
+    a = step_saliency(models[arch], traces[arch]).maps
+    b = step_saliency(models[arch], traces[arch], low_memory=True).maps
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    assert rel < 1e-5, f"{arch}: low_memory differs by {rel:.2e}"
+
+
+def test_layer_subset(models, traces):
+    full = step_saliency(models["llama"], traces["llama"]).maps
+    for low in (False, True):
+        part = step_saliency(models["llama"], traces["llama"], layers=[1], low_memory=low)
+        assert part.layers == [1]
+        torch.testing.assert_close(part.maps[0], full[1], rtol=1e-5, atol=1e-9)
+
+
+def test_bfloat16_model_accumulates_in_float32(checkpoints, traces):
+    from stepsal_lens import load_lrm
+
+    model = load_lrm(checkpoints["qwen2"], device="cpu", dtype="bfloat16", format="deepseek-r1")
+    ours = step_saliency(model, traces["qwen2"])
+    ref = hf_reference(checkpoints["qwen2"], traces["qwen2"], "lm")
+    assert ours.maps.dtype == torch.float32
+    rel = ((ours.maps - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 0.1, f"bfloat16 maps are off by {rel:.2e} of the largest value"
+
+
+def test_pooling_core_against_loops():
+    torch.manual_seed(0)
+    pattern = torch.rand(1, 3, 10, 10).tril().softmax(-1)
+    grad = torch.randn(1, 3, 10, 10)
+    spans = [(0, 3), (4, 7), (7, 10)]
+    from stepsal_lens.trace import Step
+
+    steps = [Step(i, "thinking", "", (0, 0), s) for i, s in enumerate(spans)]
+    out = pool_saliency(pattern, grad, pool_matrix(steps, 10))
+    sal = (pattern * grad).abs()[0]
+    for i, (a, b) in enumerate(spans):
+        for j, (c, d) in enumerate(spans):
+            torch.testing.assert_close(out[:, i, j], sal[:, a:b, c:d].mean((1, 2)))
+
+
+def test_hooks_are_removed_after_success_and_error(models, traces):
+    model = models["qwen3"]
+    step_saliency(model, traces["qwen3"], low_memory=True)
+    step_saliency(model, traces["qwen3"])
+    assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+    assert all(p.requires_grad for p in model.parameters())
+
+    def broken(logits, trace):
+        raise RuntimeError("target failed")
+
+    for low in (False, True):
+        with pytest.raises(RuntimeError, match="target failed"):
+            step_saliency(model, traces["qwen3"], target=broken, low_memory=low)
+        assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_save_load_round_trip(tmp_path, models, traces):
+    sal = step_saliency(models["gpt-oss"], traces["gpt-oss"], layers=[0, 1])
+    sal.save(tmp_path)
+    back = StepSaliency.load(tmp_path)
+    assert torch.equal(back.maps, sal.maps) and torch.equal(back.token_ids, sal.token_ids)
+    assert back.steps == sal.steps and back.layers == sal.layers
+    assert back.meta["target"] == "lm" and back.meta["format"] == "gpt-oss"
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+
+def test_views(models, traces):
+    sal = step_saliency(models["qwen2"], traces["qwen2"])
+    norm = sal.row_normalized()
+    torch.testing.assert_close(norm.sum(-1), torch.ones(norm.shape[:2]))
+    df = sal.to_dataframe()
+    n_l, n_h, n_s, _ = sal.maps.shape
+    assert len(df) == n_l * n_h * n_s * n_s
+    row = df[(df.layer == 1) & (df["head"] == 2) & (df.query_step == 3) & (df.key_step == 1)]
+    assert row.value.item() == pytest.approx(sal.maps[1, 2, 3, 1].item())
+    assert row.query_segment.item() == "thinking" and row.key_segment.item() == "thinking"
+
+
+def test_bad_input(models, traces):
+    model = models["qwen2"]
+    with pytest.raises(StepSalError, match="unknown saliency target 'loss'"):
+        step_saliency(model, traces["qwen2"], target="loss")
+    with pytest.raises(StepSalError, match=r"layers \[5\] are not valid"):
+        step_saliency(model, traces["qwen2"], layers=[5])
+    truncated = Trace.from_text(model.stepsal_format.prompt(Q) + T, model)
+    with pytest.raises(StepSalError, match="needs a summary"):
+        step_saliency(model, truncated, target="summary")
+    with pytest.raises(StepSalError, match="not found in the summary"):
+        step_saliency(model, traces["qwen2"], target="answer", answer="42")
+    assert {"lm", "summary", "answer", "logit"} <= set(list_targets())
