@@ -7,8 +7,9 @@ For layer ``l``, head ``h``, query ``q`` and key ``k``::
 
 A forward hook keeps each layer's pattern (a view autograd saves anyway) and the
 backward hook multiplies it by the incoming gradient and pools it at once, so no
-layer's token-level saliency outlives its hook. ``low_memory=True`` recomputes one block
-at a time from stored residuals, so only one layer's attention graph is alive.
+layer's token-level saliency outlives its hook. ``low_memory=True`` checkpoints every
+layer and recomputes one at a time in backward, so only one layer's attention graph is
+alive.
 
 Examples
 --------
@@ -346,6 +347,33 @@ def _saliency_hooks(layers: Sequence[int], pool: Tensor, out: dict[int, Tensor],
     return fwd, bwd
 
 
+@contextmanager
+def _checkpointed(model, enabled: bool):
+    """Activation checkpointing of the wrapped Hugging Face layers: the forward keeps only
+    each layer's input and backward recomputes one layer at a time, so one layer's
+    attention graph is alive at once. The hooks fire again on the recompute, which is
+    where the pattern with a gradient path is kept and pooled."""
+    if not enabled:
+        yield
+        return
+    hf = model.original_model
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* in 5.x
+    was_training = model.training
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = hf.activation_checkpointing_disable
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = hf.gradient_checkpointing_disable
+    model.train()  # HF layers checkpoint only in training mode; these models have no dropout
+    try:
+        yield
+    finally:
+        disable()
+        model.train(was_training)
+
+
 def _require_grad(x, hook):
     return x.detach().requires_grad_(True)
 
@@ -370,8 +398,9 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     layers
         Layers to measure (default: all).
     low_memory
-        Recompute one block at a time so peak memory holds one layer's attention
-        instead of all layers'. Same maps; about one extra forward pass of time.
+        Activation checkpointing per layer: peak memory holds one layer's attention
+        instead of all layers'. Same maps; about one extra forward pass of time. Runs
+        the model in training mode for the call (these models have no dropout).
     progress
         Show a tqdm bar over layers.
     **target_kwargs
@@ -402,14 +431,11 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     bar = tqdm(total=len(layers), desc="step saliency", unit="layer", disable=not progress)
     try:
         with _activation_grads_only(model), torch.enable_grad():
-            if low_memory:
-                _run_low_memory(model, tokens, trace, fn, target_kwargs, layers, pool, out, bar)
-            else:
-                fwd, bwd = _saliency_hooks(layers, pool, out, bar)
-                fwd.append(("hook_embed", _require_grad))
-                with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-                    logits = model(tokens)
-                    fn(logits.float(), trace, **target_kwargs).backward()
+            fwd, bwd = _saliency_hooks(layers, pool, out, bar)
+            fwd.append(("hook_embed", _require_grad))
+            with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+                logits = model(tokens)
+                fn(logits.float(), trace, **target_kwargs).backward()
     finally:
         bar.close()
     maps = torch.stack([out[l] for l in layers]).cpu()
@@ -427,30 +453,3 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         **{f"target_{k}": v for k, v in target_kwargs.items()},
     }
     return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
-
-
-def _run_low_memory(model, tokens, trace, fn, target_kwargs, layers, pool, out, bar):
-    """Layer-by-layer backward: store block inputs without grad, then recompute each block
-    from the top with the saliency hooks, pushing the residual gradient down."""
-    top = model.cfg.n_layers - 1
-    with torch.no_grad():
-        x = model(tokens, stop_at_layer=0)
-        resid = []  # resid[i] is the input of block min(layers) + i
-        for layer in range(top):
-            if layer >= min(layers):
-                resid.append(x)
-            x = model(x, start_at_layer=layer, stop_at_layer=layer + 1)
-        resid.append(x)
-    grad = None
-    for layer in range(top, min(layers) - 1, -1):
-        x = resid.pop().requires_grad_(True)
-        hooked = [layer] if layer in layers else []
-        fwd, bwd = _saliency_hooks(hooked, pool, out, bar)
-        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-            if layer == top:
-                logits = model(x, start_at_layer=top)
-                fn(logits.float(), trace, **target_kwargs).backward()
-            else:
-                model(x, start_at_layer=layer, stop_at_layer=layer + 1).backward(grad)
-        grad = x.grad
-        del x

@@ -66,6 +66,20 @@ def test_low_memory_equals_default(arch, models, traces):
     assert rel < 1e-5, f"{arch}: low_memory differs by {rel:.2e}"
 
 
+def test_low_memory_recomputes_each_layer(models, traces):
+    """Checkpointing shows as a second forward of every layer during backward."""
+    model, calls = models["qwen2"], []
+
+    def count(pattern, hook):
+        calls.append(hook.name)
+
+    for low, expected in ((False, 1), (True, 2)):
+        calls.clear()
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", count)]):
+            step_saliency(model, traces["qwen2"], low_memory=low)
+        assert len(calls) == expected
+
+
 def test_layer_subset(models, traces):
     full = step_saliency(models["llama"], traces["llama"]).maps
     for low in (False, True):
@@ -115,6 +129,7 @@ def test_hooks_are_removed_after_success_and_error(models, traces):
             step_saliency(model, traces["qwen3"], target=broken, low_memory=low)
         assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
         assert all(p.requires_grad for p in model.parameters())
+        assert not model.training and not model.original_model.is_activation_checkpointing
 
 
 def test_save_load_round_trip(tmp_path, models, traces):
