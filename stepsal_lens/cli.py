@@ -1,5 +1,7 @@
 """The ``stepsal`` command line.
 
+``stepsal demo`` runs the main job on the bundled tiny-lrm (see :mod:`stepsal_lens.demo`).
+
 ``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
 ``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
 ``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
@@ -77,6 +79,19 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from stepsal_lens.demo import run_demo
+
+    model = args.model
+    if model.startswith("random:"):
+        model = _load_model(model, device=args.device, dtype=None, format=None)
+    result = run_demo(model, n=args.n, out=args.out, seed=args.seed, data=args.data,
+                      max_new_tokens=args.max_new_tokens, device=args.device)
+    print(f"accuracy {100 * result.accuracy:.1f}% on {len(result.records)} problems; "
+          f"wrote {result.out}/report.html", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", action="store_true",
                    help="recompute layer by layer: peak memory of one layer's attention")
     p.set_defaults(func=analyze)
+
+    d = sub.add_parser("demo", help="generate, grade and compare correct vs wrong traces")
+    d.add_argument("--model", default="tiny-lrm", help="model (default: the bundled tiny-lrm)")
+    d.add_argument("--n", type=int, default=40, help="number of problems (default 40)")
+    d.add_argument("--out", default="stepsal-demo", help="output folder")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--data", default=None,
+                   help='JSONL of {"question", "answer"} instead of the built-in task')
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=demo)
     return parser
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 
 __all__ = [
@@ -194,33 +195,23 @@ class ReasoningFormat:
         return min(hits) if hits else len(text)
 
 
-_REGISTRY: dict[str, ReasoningFormat] = {}
+_FORMATS: Registry[ReasoningFormat] = Registry(
+    "reasoning format", "register your own with stepsal_lens.register_format")
 
 
 def register_format(fmt: ReasoningFormat, *, overwrite: bool = False) -> ReasoningFormat:
     """Add a format to the registry (``overwrite=True`` to replace one)."""
-    if fmt.name in _REGISTRY and not overwrite:
-        raise StepSalError(f"format {fmt.name!r} is already registered; pass overwrite=True")
-    _REGISTRY[fmt.name] = fmt
-    return fmt
+    return _FORMATS.register(fmt.name, fmt, overwrite=overwrite)
 
 
 def get_format(name: str | ReasoningFormat) -> ReasoningFormat:
     """Look a format up by name (a :class:`ReasoningFormat` passes through)."""
-    if isinstance(name, ReasoningFormat):
-        return name
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise StepSalError(
-            f"unknown reasoning format {name!r}; choose one of {list_formats()} or "
-            f"register your own with stepsal_lens.register_format"
-        ) from None
+    return name if isinstance(name, ReasoningFormat) else _FORMATS.get(name)
 
 
 def list_formats() -> list[str]:
     """Names of the registered formats."""
-    return sorted(_REGISTRY)
+    return _FORMATS.names()
 
 
 _CHATML = dict(

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ReasoningFormat, get_format, list_formats
 
@@ -75,16 +76,15 @@ def default_layer_split(n_layers: int) -> dict[str, list[int]]:
 
 
 _R1 = "deepseek-ai/DeepSeek-R1-Distill-"
-_REGISTRY: dict[str, ModelSpec] = {}
+#: Models shipped inside the package: name -> folder.
+BUNDLED: dict[str, Path] = {"tiny-lrm": Path(__file__).parent / "zoo" / "tiny_lrm"}
+_MODELS: Registry[ModelSpec] = Registry("model", "pass a local checkpoint folder")
 
 
 def register_model(spec: ModelSpec, *, overwrite: bool = False) -> ModelSpec:
     """Add a model to the registry (``overwrite=True`` to replace one)."""
-    if spec.name in _REGISTRY and not overwrite:
-        raise StepSalError(f"model {spec.name!r} is already registered; pass overwrite=True")
     get_format(spec.format)
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _MODELS.register(spec.name, spec, overwrite=overwrite)
 
 
 for _spec in (
@@ -100,6 +100,7 @@ for _spec in (
     ModelSpec("Qwen/Qwen3-8B", "qwen3", "qwen3", "Qwen3ForCausalLM", 36, 32, 8, "8B"),
     ModelSpec("Qwen/Qwen3-14B", "qwen3", "qwen3", "Qwen3ForCausalLM", 40, 40, 8, "14B"),
     ModelSpec("Qwen/Qwen3-32B", "qwen3", "qwen3", "Qwen3ForCausalLM", 64, 64, 8, "32B"),
+    ModelSpec("tiny-lrm", "tiny", "think-tags", "Qwen2ForCausalLM", 4, 4, 2, "1.0M (bundled)"),
     ModelSpec("openai/gpt-oss-20b", "gpt-oss", "gpt-oss", "GptOssForCausalLM", 24, 64, 8, "21B (3.6B active)"),
 ):
     register_model(_spec)
@@ -115,7 +116,7 @@ def list_models():
     import pandas as pd
 
     rows = []
-    for spec in _REGISTRY.values():
+    for spec in _MODELS.values():
         split = spec.layer_split
         rows.append({**asdict(spec), "oeb_layers": f"0-{split['oeb'][-1]}",
                      "smi_layers": f"{split['smi'][0]}-{split['smi'][-1]}"})
@@ -208,8 +209,8 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     Parameters
     ----------
     name_or_path
-        A local checkpoint folder, a registered hub name (:func:`list_models`), or any
-        hub name of a supported architecture.
+        A local checkpoint folder, ``"tiny-lrm"`` (bundled), a registered hub name
+        (:func:`list_models`), or any hub name of a supported architecture.
     device
         ``"cpu"``, ``"cuda"``, ...; defaults to CUDA when available.
     dtype
@@ -229,8 +230,12 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     from transformer_lens.model_bridge import TransformerBridge
 
     name = os.fspath(name_or_path)
-    spec = _REGISTRY.get(name)
-    local = Path(name).expanduser()
+    spec = _MODELS.get(name) if name in _MODELS else None
+    local = BUNDLED.get(name, Path(name).expanduser())
+    if name in BUNDLED and not (local / "config.json").exists():
+        raise StepSalError(f"the bundled {name!r} weights are missing from {str(local)!r}; "
+                           f"reinstall stepsal-lens or train them with "
+                           f"`python -m stepsal_lens.zoo.train --out {local}`")
     if local.exists():
         arch = _check_local(local)
         source = str(local)
@@ -242,7 +247,7 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     else:
         raise StepSalError(
             f"{name!r} is neither a local folder nor a hub name; pass a checkpoint folder "
-            f"or one of the registered models: {sorted(_REGISTRY)}"
+            f"or one of the registered models: {_MODELS.names()}"
         )
     fmt = get_format(format) if format is not None else (get_format(spec.format) if spec else None)
     if device is None and "device_map" not in boot_kwargs:

@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.trace import Step, Trace
 from stepsal_lens.typing import Pattern, PatternGrad, StepMap
@@ -48,7 +49,6 @@ __all__ = [
     "StepSaliency",
     "get_target",
     "list_targets",
-    "pool_matrix",
     "pool_saliency",
     "register_target",
     "step_saliency",
@@ -57,69 +57,57 @@ __all__ = [
 
 # ---- pure core ----------------------------------------------------------------------------
 
-def pool_matrix(steps: Sequence[Step], n_tokens: int) -> Float[Tensor, "step token"]:
-    """``P[i, t] = 1 / |step i|`` for tokens of step ``i``, else 0.
-
-    ``P @ I @ P.T`` is then the mean of ``I`` over all (query, key) pairs of two steps.
-    """
-    pool = torch.zeros(len(steps), n_tokens)
-    for i, step in enumerate(steps):
-        a, b = step.token_span
-        pool[i, a:b] = 1.0 / (b - a)
-    return pool
-
-
-def pool_saliency(pattern: Pattern, grad: PatternGrad,
-                  pool: Float[Tensor, "step token"]) -> Float[Tensor, "head step step"]:
+def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor, " token"],
+                  n_steps: int) -> Float[Tensor, "head step step"]:
     """Pool ``|A * dL/dA|`` of one layer into a step-to-step map, in float32.
 
     Parameters
     ----------
     pattern, grad
-        ``[1, head, query, key]`` post-softmax pattern and its gradient (any dtype).
-    pool
-        ``[step, token]`` pooling matrix from :func:`pool_matrix`.
+        ``[1, head, token, token]`` post-softmax pattern and its gradient (any dtype).
+    step_of_token
+        ``[token]`` step index of each token, ``-1`` for tokens in no step.
+    n_steps
+        Number of steps.
 
     Returns
     -------
     Tensor
-        ``[head, step, step]``, the mean saliency of each step pair.
+        ``[head, step, step]``: the mean saliency over all (query, key) pairs of two
+        steps, causally masked pairs (zeros) included.
     """
     if pattern.shape[0] != 1:
         raise StepSalError(f"pool_saliency takes one sequence; got batch {pattern.shape[0]}")
     sal = (pattern[0].float() * grad[0].float()).abs_()
-    pool = pool.to(sal.device)
-    return pool @ sal @ pool.T
+    # Segment sums with index_add (one pass over the T x T map; a dense [step, token]
+    # pooling matmul costs T x T x steps). Tokens in no step go to a dropped bucket.
+    idx = torch.where(step_of_token < 0, n_steps, step_of_token).to(sal.device)
+    rows = sal.new_zeros(sal.shape[0], n_steps + 1, sal.shape[2]).index_add_(1, idx, sal)
+    sums = sal.new_zeros(sal.shape[0], n_steps + 1, n_steps + 1).index_add_(2, idx, rows)
+    counts = torch.bincount(idx, minlength=n_steps + 1)[:n_steps].float()
+    return sums[:, :n_steps, :n_steps] / (counts[:, None] * counts[None, :])
 
 
 # ---- targets ------------------------------------------------------------------------------
 
 #: A target maps float32 logits ``[1, token, vocab]`` and the trace to a scalar.
 Target = Callable[..., Tensor]
-_TARGETS: dict[str, Target] = {}
+_TARGETS: Registry[Target] = Registry("saliency target", "register_target(name, fn)")
 
 
 def register_target(name: str, fn: Target, *, overwrite: bool = False) -> None:
     """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``."""
-    if name in _TARGETS and not overwrite:
-        raise StepSalError(f"target {name!r} is already registered; pass overwrite=True")
-    _TARGETS[name] = fn
+    _TARGETS.register(name, fn, overwrite=overwrite)
 
 
 def list_targets() -> list[str]:
     """Names of the registered saliency targets."""
-    return sorted(_TARGETS)
+    return _TARGETS.names()
 
 
 def get_target(name: str | Target) -> Target:
     """A target by name (a callable passes through)."""
-    if callable(name):
-        return name
-    try:
-        return _TARGETS[name]
-    except KeyError:
-        raise StepSalError(f"unknown saliency target {name!r}; choose one of {list_targets()} "
-                           f"or register_target(name, fn)") from None
+    return name if callable(name) else _TARGETS.get(name)
 
 
 def _lm_target(logits: Tensor, trace: Trace) -> Tensor:
@@ -327,7 +315,8 @@ def _activation_grads_only(model):
             p.requires_grad_(flag)
 
 
-def _saliency_hooks(layers: Sequence[int], pool: Tensor, out: dict[int, Tensor], bar):
+def _saliency_hooks(layers: Sequence[int], step_of_token: Tensor, n_steps: int,
+                    out: dict[int, Tensor], bar):
     """Forward hooks keep each pattern; backward hooks pool ``|A * dA|`` and drop it."""
     patterns: dict[int, Tensor] = {}
     fwd, bwd = [], []
@@ -338,7 +327,7 @@ def _saliency_hooks(layers: Sequence[int], pool: Tensor, out: dict[int, Tensor],
             patterns[layer] = pattern.detach()
 
         def pool_grad(grad, hook, layer=layer):
-            out[layer] = pool_saliency(patterns.pop(layer), grad, pool)
+            out[layer] = pool_saliency(patterns.pop(layer), grad, step_of_token, n_steps)
             if bar is not None:
                 bar.update(1)
 
@@ -423,7 +412,6 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
                            "Trace with this model (Trace.from_text(text, model))")
     device = next(model.parameters()).device
     tokens = trace.token_ids[None].to(device)
-    pool = pool_matrix(trace.steps, trace.n_tokens).to(device)
     out: dict[int, Tensor] = {}
 
     from tqdm.auto import tqdm
@@ -431,7 +419,8 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     bar = tqdm(total=len(layers), desc="step saliency", unit="layer", disable=not progress)
     try:
         with _activation_grads_only(model), torch.enable_grad():
-            fwd, bwd = _saliency_hooks(layers, pool, out, bar)
+            fwd, bwd = _saliency_hooks(layers, trace.step_of_token.to(device), trace.n_steps,
+                                       out, bar)
             fwd.append(("hook_embed", _require_grad))
             with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
                 logits = model(tokens)

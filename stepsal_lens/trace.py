@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ParsedText, ReasoningFormat, get_format, list_formats
 
@@ -174,33 +175,26 @@ def regex_splitter(pattern: str, *, keep_separator: bool = False,
     return split
 
 
-_SPLITTERS: dict[str, Splitter] = {"paper": paper_splitter, "newline": newline_splitter}
+_SPLITTERS: Registry[Splitter] = Registry(
+    "step splitter", "pass regex_splitter(pattern), a callable (text, segment) -> spans, or "
+    "step_spans=[...]")
+_SPLITTERS.register("paper", paper_splitter)
+_SPLITTERS.register("newline", newline_splitter)
 
 
 def register_splitter(name: str, splitter: Splitter, *, overwrite: bool = False) -> None:
     """Make ``splitter`` available by name to :class:`Trace`."""
-    if name in _SPLITTERS and not overwrite:
-        raise StepSalError(f"splitter {name!r} is already registered; pass overwrite=True")
-    _SPLITTERS[name] = splitter
+    _SPLITTERS.register(name, splitter, overwrite=overwrite)
 
 
 def list_splitters() -> list[str]:
     """Names of the registered step splitters."""
-    return sorted(_SPLITTERS)
+    return _SPLITTERS.names()
 
 
 def get_splitter(splitter: str | Splitter) -> Splitter:
     """A splitter by name (a callable passes through)."""
-    if callable(splitter):
-        return splitter
-    try:
-        return _SPLITTERS[splitter]
-    except KeyError:
-        raise StepSalError(
-            f"unknown step splitter {splitter!r}; choose one of {list_splitters()}, "
-            f"pass regex_splitter(pattern), a callable (text, segment) -> spans, or "
-            f"step_spans=[...]"
-        ) from None
+    return splitter if callable(splitter) else _SPLITTERS.get(splitter)
 
 
 # ---- the trace ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from stepsal_lens import StepSalError, StepSaliency, Trace, step_saliency
-from stepsal_lens.saliency import get_target, list_targets, pool_matrix, pool_saliency
+from stepsal_lens.saliency import get_target, list_targets, pool_saliency
 
 Q = "Start with 7. Add 5, then halve it. What is the result?"
 T = ("We start with 7 and add 5 which gives 12 here. Then half of 12 is 6 so we get 6. "
@@ -103,11 +103,9 @@ def test_pooling_core_against_loops():
     torch.manual_seed(0)
     pattern = torch.rand(1, 3, 10, 10).tril().softmax(-1)
     grad = torch.randn(1, 3, 10, 10)
-    spans = [(0, 3), (4, 7), (7, 10)]
-    from stepsal_lens.trace import Step
-
-    steps = [Step(i, "thinking", "", (0, 0), s) for i, s in enumerate(spans)]
-    out = pool_saliency(pattern, grad, pool_matrix(steps, 10))
+    spans = [(0, 3), (4, 7), (7, 10)]  # token 3 is in no step
+    owner = torch.tensor([0, 0, 0, -1, 1, 1, 1, 2, 2, 2])
+    out = pool_saliency(pattern, grad, owner, 3)
     sal = (pattern * grad).abs()[0]
     for i, (a, b) in enumerate(spans):
         for j, (c, d) in enumerate(spans):

@@ -1,0 +1,162 @@
+"""``stepsal demo``: generate, grade, measure and compare correct vs wrong traces.
+
+Loads a model (default: the bundled ``tiny-lrm``), generates greedy traces for a held-out
+mix of the arithmetic task's splits (or a JSONL of questions with answers), grades them,
+runs Step-Saliency on each, and writes ``traces.jsonl``, ``metrics.csv``,
+``compare.csv``, PNG figures and a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepsal_lens.errors import StepSalError
+
+__all__ = ["DemoResult", "generate_traces", "load_questions", "run_demo"]
+
+
+@dataclass
+class DemoResult:
+    """What the demo computed (also written to its output folder)."""
+
+    out: Path
+    records: list[dict[str, Any]]
+    metrics: Any  # pandas DataFrame: one row per (trace, layer)
+    comparison: Any | None  # pandas DataFrame from compare(), None with < 2 per group
+    saliencies: list[Any] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r["correct"] for r in self.records) / max(1, len(self.records))
+
+
+def load_questions(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file of ``{"question": ..., "answer": ...}`` lines."""
+    path = Path(path)
+    if not path.exists():
+        raise StepSalError(f"data file {str(path)!r} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StepSalError(f"{path}:{i} is not valid JSON ({err})") from None
+        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+            raise StepSalError(f"{path}:{i} needs the keys 'question' and 'answer'")
+        rows.append({"question": str(row["question"]), "answer": str(row["answer"]),
+                     "split": str(row.get("split", "data"))})
+    if not rows:
+        raise StepSalError(f"data file {str(path)!r} holds no questions")
+    return rows
+
+
+def task_questions(n: int, seed: int) -> list[dict[str, Any]]:
+    """A held-out mix of the task's splits: half in-distribution, half hard."""
+    from stepsal_lens.zoo.task import generate
+
+    n_hard = n // 2
+    problems = (generate(n - n_hard, split="id", seed=10_000 + seed)
+                + generate(n_hard, split="hard", seed=10_000 + seed))
+    return [{"question": p.question, "answer": str(p.answer), "split": p.split} for p in problems]
+
+
+def generate_traces(model, questions: list[str], *, max_new_tokens: int = 256,
+                    batch_size: int = 8, progress: bool = True) -> list[str]:
+    """Greedy, KV-cached generation; returns each full text (prompt + completion).
+
+    Each completion is cut after the first end-of-sequence marker of the format.
+    """
+    from tqdm.auto import tqdm
+
+    fmt = model.stepsal_format
+    prompts = [fmt.prompt(q) for q in questions]
+    eos_ids = {model.tokenizer.eos_token_id}
+    texts: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch",
+                      disable=not progress):
+        batch = prompts[start:start + batch_size]
+        # Left padding puts every prompt in the batch's widest prompt width.
+        width = max(model.to_tokens(p).shape[1] for p in batch)
+        out = model.generate(batch if len(batch) > 1 else batch[0],
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             stop_at_eos=True, verbose=False, return_type="tokens",
+                             padding_side="left")
+        for prompt, row in zip(batch, out.reshape(len(batch), -1).tolist()):
+            gen = row[width:]
+            cut = next((i for i, t in enumerate(gen) if t in eos_ids), None)
+            gen = gen if cut is None else gen[:cut + 1]
+            texts.append(prompt + model.tokenizer.decode(gen, skip_special_tokens=False))
+    return texts
+
+
+def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
+             seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
+             device: str | None = None, progress: bool = True) -> DemoResult:
+    """The whole demo; see the module docstring. ``model`` is a name, a path or a model."""
+    import pandas as pd
+
+    from stepsal_lens.metrics import compare, layer_metrics
+    from stepsal_lens.models import load_lrm
+    from stepsal_lens.report import write_demo_report
+    from stepsal_lens.saliency import step_saliency
+    from stepsal_lens.trace import Trace
+    from stepsal_lens.zoo.task import extract_answer
+
+    if n < 1:
+        raise StepSalError(f"--n must be at least 1; got {n}")
+    out = Path(out)
+    model_name = model if isinstance(model, str) else getattr(model, "stepsal_spec", None)
+    if isinstance(model, (str, Path)):
+        if progress:
+            print(f"loading {model} ...", file=sys.stderr)
+        model = load_lrm(model, device=device)
+    rows = load_questions(data)[:n] if data is not None else task_questions(n, seed)
+    texts = generate_traces(model, [r["question"] for r in rows], max_new_tokens=max_new_tokens,
+                            progress=progress)
+    from tqdm.auto import tqdm
+
+    records, frames, saliencies = [], [], []
+    for i, (row, text) in enumerate(tqdm(list(zip(rows, texts)), desc="step saliency",
+                                         unit="trace", disable=not progress)):
+        rec = {"index": i, **row, "text": text, "prediction": None, "correct": False,
+               "truncated": None, "n_steps": None, "error": None}
+        try:
+            trace = Trace.from_text(text, model)
+        except StepSalError as err:
+            rec["error"] = str(err)
+            records.append(rec)
+            continue
+        rec["prediction"] = extract_answer(trace.summary)
+        rec["correct"] = rec["prediction"] is not None and rec["prediction"] == row["answer"]
+        rec["truncated"] = trace.truncated
+        rec["n_steps"] = trace.n_steps
+        sal = step_saliency(model, trace)
+        sal.meta.update(index=i, correct=rec["correct"], split=row["split"])
+        saliencies.append(sal)
+        df = layer_metrics(sal)
+        df.insert(0, "index", i)
+        df.insert(1, "split", row["split"])
+        df.insert(2, "correct", rec["correct"])
+        frames.append(df)
+        records.append(rec)
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    right = [s for s in saliencies if s.meta["correct"]]
+    wrong = [s for s in saliencies if not s.meta["correct"]]
+    comparison = compare(right, wrong) if len(right) >= 2 and len(wrong) >= 2 else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "traces.jsonl", "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    metrics.to_csv(out / "metrics.csv", index=False)
+    if comparison is not None:
+        comparison.to_csv(out / "compare.csv", index=False)
+    result = DemoResult(out, records, metrics, comparison, saliencies)
+    write_demo_report(result, model_name=str(model_name))
+    return result

@@ -1,0 +1,133 @@
+"""Static reports: one self-contained HTML file (images inline, model text escaped)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_group_curves", "write_demo_report"]
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}pre{white-space:pre-wrap;background:#f7f7f7;padding:.7em;font-size:13px}
+img{max-width:100%}.ok{color:#1a7f37}.bad{color:#c4302b}
+"""
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img(png: bytes, alt: str) -> str:
+    return (f'<img alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+
+
+def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
+    """Per-layer means of two groups (correct / wrong) with 95% confidence bands."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.4), squeeze=False,
+                             constrained_layout=True)
+    for ax, name in zip(axes[0], names):
+        for correct, color, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
+            grp = metrics[metrics.correct == correct].groupby("layer")[name]
+            mean, sem, count = grp.mean(), grp.sem(), grp.count()
+            if mean.isna().all():
+                continue
+            half = sem * stats.t.ppf(0.975, np.maximum(count - 1, 1))
+            ax.plot(mean.index, mean.values, color=color, marker="o",
+                    label=f"{label} (n={int(count.max())})")
+            ax.fill_between(mean.index, (mean - half).values, (mean + half).values,
+                            color=color, alpha=0.2)
+        ax.set_title(name)
+        ax.set_xlabel("layer")
+        ax.legend()
+    return fig
+
+
+def _table(df, floats: str = "{:.4g}") -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for _, row in df.iterrows():
+        cells = []
+        for v in row:
+            text = floats.format(v) if isinstance(v, (float, np.floating)) else str(v)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def write_demo_report(result: Any, *, model_name: str = "") -> Path:
+    """Write the demo's PNGs and ``report.html`` into ``result.out``."""
+    from stepsal_lens.plots import plot_step_maps
+
+    out = Path(result.out)
+    parts = [f"<h1>stepsal demo: {html.escape(model_name)}</h1>"]
+    recs = result.records
+    by_split: dict[str, list[bool]] = {}
+    for r in recs:
+        by_split.setdefault(r["split"], []).append(bool(r["correct"]))
+    acc = "".join(f"<tr><td>{html.escape(s)}</td><td>{sum(v)}/{len(v)}</td>"
+                  f"<td>{100 * sum(v) / len(v):.1f}%</td></tr>" for s, v in by_split.items())
+    parts.append(f"<h2>Accuracy</h2><table><tr><th>split</th><th>correct</th><th>accuracy</th>"
+                 f"</tr>{acc}<tr><td>all</td><td>{sum(r['correct'] for r in recs)}/{len(recs)}"
+                 f"</td><td>{100 * result.accuracy:.1f}%</td></tr></table>")
+
+    for correct, label in ((True, "correct"), (False, "wrong")):
+        sal = next((s for s in result.saliencies if s.meta["correct"] == correct), None)
+        if sal is None:
+            parts.append(f"<h2>A {label} trace</h2><p>No {label} trace in this run.</p>")
+            continue
+        png = _png(plot_step_maps(sal.head_mean(), sal.segments, layers=sal.layers,
+                                  title=f"{label} trace #{sal.meta['index']}"))
+        (out / f"maps_{label}.png").write_bytes(png)
+        rec = recs[sal.meta["index"]]
+        parts.append(f"<h2>A {label} trace (#{rec['index']}, {html.escape(rec['split'])})</h2>"
+                     f"<p>Head-mean, row-normalised step maps; Q/T/S = question / thinking / "
+                     f"summary.</p>{_img(png, f'{label} maps')}"
+                     f"<p>answer {html.escape(str(rec['answer']))}, prediction "
+                     f"{html.escape(str(rec['prediction']))}</p>"
+                     f"<pre>{html.escape(rec['text'])}</pre>")
+
+    if len(result.metrics):
+        png = _png(plot_group_curves(result.metrics))
+        (out / "curves.png").write_bytes(png)
+        parts.append("<h2>Lock-in and thinking share by layer</h2><p>Means with 95% "
+                     "confidence bands (t interval over traces).</p>" + _img(png, "curves"))
+    if result.comparison is not None:
+        cmp = result.comparison[result.comparison.metric.isin(
+            ["lock_in", "context_share", "thinking_share", "last_k_share"])]
+        parts.append("<h2>Correct minus wrong, per layer</h2><p>Welch's t-test p-values and "
+                     "Cohen's d; no correction for multiple comparisons.</p>"
+                     + _table(cmp.round(6)))
+    else:
+        parts.append("<h2>Correct vs wrong</h2><p>Fewer than two traces in a group: no "
+                     "comparison.</p>")
+    rows = "".join(
+        f"<tr><td>{r['index']}</td><td>{html.escape(r['split'])}</td>"
+        f"<td class='{'ok' if r['correct'] else 'bad'}'>{'yes' if r['correct'] else 'no'}</td>"
+        f"<td>{html.escape(str(r['answer']))}</td><td>{html.escape(str(r['prediction']))}</td>"
+        f"<td style='text-align:left'>{html.escape(r['question'])}</td></tr>" for r in recs)
+    parts.append("<h2>All traces</h2><table><tr><th>#</th><th>split</th><th>correct</th>"
+                 f"<th>answer</th><th>prediction</th><th>question</th></tr>{rows}</table>")
+    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>stepsal demo</title>"
+           f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = out / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    return path
