@@ -1,4 +1,5 @@
 # Two jobs on a fresh machine: `make demo` (install + main job) and `make test`.
+# `make analyze` runs `stepsal analyze` on examples/trace.json with the bundled model.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,9 +11,12 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 
 demo: install
-	$(BIN)/stepsal analyze --model random:qwen2 --trace examples/trace.json --out stepsal-out
+	$(BIN)/stepsal demo
+
+analyze: install
+	$(BIN)/stepsal analyze --model tiny-lrm --trace examples/trace.json --out stepsal-out
 
 test: install
 	$(BIN)/python -m pytest
 
-.PHONY: install demo test
+.PHONY: install demo analyze test

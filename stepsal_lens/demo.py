@@ -111,7 +111,8 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     if n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
     out = Path(out)
-    model_name = model if isinstance(model, str) else getattr(model, "stepsal_spec", None)
+    spec = getattr(model, "stepsal_spec", None)
+    model_name = str(model) if isinstance(model, (str, Path)) else (spec.name if spec else "model")
     if isinstance(model, (str, Path)):
         if progress:
             print(f"loading {model} ...", file=sys.stderr)
@@ -158,5 +159,5 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     if comparison is not None:
         comparison.to_csv(out / "compare.csv", index=False)
     result = DemoResult(out, records, metrics, comparison, saliencies)
-    write_demo_report(result, model_name=str(model_name))
+    write_demo_report(result, model_name=model_name)
     return result

@@ -27,9 +27,13 @@ __all__ = ["Problem", "SPLITS", "extract_answer", "generate", "grade"]
 
 #: split name -> (min ops, max ops, max start value)
 SPLITS: dict[str, tuple[int, int, int]] = {
-    "id": (2, 4, 20),  # in-distribution: what the bundled model is trained on
-    "hard": (5, 7, 20),  # longer chains than seen in training
+    "id": (2, 4, 20),  # in-distribution: the bulk of tiny-lrm's training data
+    "long": (5, 7, 20),  # longer chains, mixed into training at 3%
+    "hard": (6, 9, 20),  # evaluation: 8 and 9 operations never occur in training
 }
+# tiny-lrm drew its "long" problems from the random stream named "hard"; keeping that
+# stream keeps `python -m stepsal_lens.zoo.train --seed 0` replaying the same data.
+_STREAM = {"long": "hard", "hard": "hard-eval"}
 
 _MAX_VALUE = 99
 _VERB = {"+": "add {}", "-": "subtract {}", "*": "multiply by {}"}
@@ -99,10 +103,10 @@ def _random_problem(rng: random.Random, split: str) -> Problem:
 
 
 def generate(n: int, *, split: str = "id", seed: int = 0) -> list[Problem]:
-    """``n`` random problems of a split (``"id"`` or ``"hard"``); values stay in 0..99."""
+    """``n`` random problems of a split (:data:`SPLITS`); values stay in 0..99."""
     if split not in SPLITS:
         raise StepSalError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
-    rng = random.Random(f"{split}-{seed}")
+    rng = random.Random(f"{_STREAM.get(split, split)}-{seed}")
     return [_random_problem(rng, split) for _ in range(n)]
 
 

@@ -48,7 +48,8 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 400):
     ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    corpus = [render(p)[1] for split in ("id", "hard") for p in generate(3000, split=split, seed=seed + 1000)]
+    corpus = [render(p)[1] for split in ("id", "long")
+              for p in generate(3000, split=split, seed=seed + 1000)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -91,7 +92,7 @@ def _batch(tokenizer, problems):
 
 
 def train(out: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int = 48,
-          lr: float = 3e-3, hard_fraction: float = 0.0, log_every: int = 50,
+          lr: float = 3e-3, long_fraction: float = 0.03, log_every: int = 50,
           progress: bool = True) -> dict:
     """Train and save tiny-lrm; returns the training record (also in training.json)."""
     from tqdm.auto import tqdm
@@ -113,9 +114,9 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int 
     model.train()
     bar = tqdm(range(steps), desc="training tiny-lrm", disable=not progress)
     for step in bar:
-        n_hard = sum(rng.random() < hard_fraction for _ in range(batch_size))
-        problems = (generate(batch_size - n_hard, split="id", seed=rng.getrandbits(32))
-                    + generate(n_hard, split="hard", seed=rng.getrandbits(32)))
+        n_long = sum(rng.random() < long_fraction for _ in range(batch_size))
+        problems = (generate(batch_size - n_long, split="id", seed=rng.getrandbits(32))
+                    + generate(n_long, split="long", seed=rng.getrandbits(32)))
         ids, labels, mask = _batch(tokenizer, problems)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -128,7 +129,7 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int 
             bar.set_postfix(loss=f"{loss.item():.4f}")
     record = {
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "hard_fraction": hard_fraction, "format": FORMAT,
+        "long_fraction": long_fraction, "format": FORMAT,
         "n_params": sum(p.numel() for p in model.parameters()),
         "wall_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
         "final_loss": losses[-1]["loss"], "losses": losses,
@@ -150,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--hard-fraction", type=float, default=0.0,
-                        help="share of training problems drawn from the hard split")
+    parser.add_argument("--long-fraction", type=float, default=0.03,
+                        help="share of training problems drawn from the 'long' split (5-7 ops)")
     args = parser.parse_args(argv)
     record = train(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                   lr=args.lr, hard_fraction=args.hard_fraction)
+                   lr=args.lr, long_fraction=args.long_fraction)
     print(json.dumps({k: v for k, v in record.items() if k != "losses"}, indent=1))
 
 
