@@ -58,17 +58,21 @@ __all__ = [
 # ---- pure core ----------------------------------------------------------------------------
 
 def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor, " token"],
-                  n_steps: int) -> Float[Tensor, "head step step"]:
+                  n_steps: int, *, chunk: int = 256) -> Float[Tensor, "head step step"]:
     """Pool ``|A * dL/dA|`` of one layer into a step-to-step map, in float32.
 
     Parameters
     ----------
     pattern, grad
-        ``[1, head, token, token]`` post-softmax pattern and its gradient (any dtype).
+        ``[1, head, token, token]`` post-softmax pattern and its gradient (any dtype);
+        causal (zero above the diagonal), as for every supported model.
     step_of_token
         ``[token]`` step index of each token, ``-1`` for tokens in no step.
     n_steps
         Number of steps.
+    chunk
+        Query rows processed at a time (bounds the temporaries to
+        ``head x chunk x token`` floats).
 
     Returns
     -------
@@ -78,12 +82,19 @@ def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor
     """
     if pattern.shape[0] != 1:
         raise StepSalError(f"pool_saliency takes one sequence; got batch {pattern.shape[0]}")
-    sal = (pattern[0].float() * grad[0].float()).abs_()
-    # Segment sums with index_add (one pass over the T x T map; a dense [step, token]
-    # pooling matmul costs T x T x steps). Tokens in no step go to a dropped bucket.
-    idx = torch.where(step_of_token < 0, n_steps, step_of_token).to(sal.device)
-    rows = sal.new_zeros(sal.shape[0], n_steps + 1, sal.shape[2]).index_add_(1, idx, sal)
-    sums = sal.new_zeros(sal.shape[0], n_steps + 1, n_steps + 1).index_add_(2, idx, rows)
+    n_heads, n_q, n_k = pattern.shape[1:]
+    idx = torch.where(step_of_token < 0, n_steps, step_of_token).to(pattern.device)
+    offset = n_k - n_q  # keys before the first query (0 without a KV cache)
+    # Segment sums with index_add: tokens in no step go to a dropped bucket. Query rows are
+    # taken in chunks so temporaries stay small, and each chunk stops at its last visible
+    # key: the pattern is exactly 0 beyond it (causal mask), so the sums are unchanged.
+    rows = torch.zeros(n_heads, n_steps + 1, n_k, device=pattern.device)
+    for a in range(0, n_q, chunk):
+        b = min(a + chunk, n_q)
+        k = b + offset
+        sal = (pattern[0, :, a:b, :k].float() * grad[0, :, a:b, :k].float()).abs_()
+        rows[:, :, :k].index_add_(1, idx[a:b], sal)
+    sums = rows.new_zeros(n_heads, n_steps + 1, n_steps + 1).index_add_(2, idx[-n_k:], rows)
     counts = torch.bincount(idx, minlength=n_steps + 1)[:n_steps].float()
     return sums[:, :n_steps, :n_steps] / (counts[:, None] * counts[None, :])
 

@@ -101,15 +101,17 @@ def test_bfloat16_model_accumulates_in_float32(checkpoints, traces):
 
 def test_pooling_core_against_loops():
     torch.manual_seed(0)
-    pattern = torch.rand(1, 3, 10, 10).tril().softmax(-1)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    pattern = torch.randn(1, 3, 10, 10).masked_fill(~causal, float("-inf")).softmax(-1)
     grad = torch.randn(1, 3, 10, 10)
     spans = [(0, 3), (4, 7), (7, 10)]  # token 3 is in no step
     owner = torch.tensor([0, 0, 0, -1, 1, 1, 1, 2, 2, 2])
-    out = pool_saliency(pattern, grad, owner, 3)
     sal = (pattern * grad).abs()[0]
-    for i, (a, b) in enumerate(spans):
-        for j, (c, d) in enumerate(spans):
-            torch.testing.assert_close(out[:, i, j], sal[:, a:b, c:d].mean((1, 2)))
+    for chunk in (1, 3, 256):  # chunk edges must not change the sums
+        out = pool_saliency(pattern, grad, owner, 3, chunk=chunk)
+        for i, (a, b) in enumerate(spans):
+            for j, (c, d) in enumerate(spans):
+                torch.testing.assert_close(out[:, i, j], sal[:, a:b, c:d].mean((1, 2)))
 
 
 def test_hooks_are_removed_after_success_and_error(models, traces):
