@@ -18,6 +18,7 @@ import json
 import time
 from typing import Any
 
+from stepsal_lens.errors import StepSalError
 from stepsal_lens.zoo.task import extract_answer, generate
 
 __all__ = ["accuracy"]
@@ -42,7 +43,7 @@ def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
         try:
             parsed = fmt.parse(text)
             ok = not parsed.truncated and extract_answer(parsed.summary) == str(p.answer)
-        except Exception:  # an unparseable generation is wrong
+        except StepSalError:  # an unparseable generation is wrong
             ok = False
         correct.append(ok)
         by_ops.setdefault(len(p.ops), []).append(ok)
