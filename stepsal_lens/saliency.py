@@ -339,8 +339,7 @@ def _saliency_hooks(layers: Sequence[int], step_of_token: Tensor, n_steps: int,
 
         def pool_grad(grad, hook, layer=layer):
             out[layer] = pool_saliency(patterns.pop(layer), grad, step_of_token, n_steps)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
 
         fwd.append((name, keep))
         bwd.append((name, pool_grad))

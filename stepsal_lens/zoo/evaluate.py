@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.zoo.task import extract_answer, generate
+from stepsal_lens.zoo.task import generate, grade
 
 __all__ = ["accuracy"]
 
@@ -32,17 +32,16 @@ def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
     """Greedy accuracy on ``n`` problems of ``split``; returns counts and per-op-count
     accuracy."""
     from stepsal_lens.demo import generate_traces
-    from stepsal_lens.formats import get_format
 
     problems = generate(n, split=split, seed=seed)
     texts = generate_traces(model, [p.question for p in problems], max_new_tokens=max_new_tokens,
                             batch_size=16, progress=progress)
-    fmt = get_format(model.stepsal_format)
+    fmt = model.stepsal_format
     correct, by_ops = [], {}
     for p, text in zip(problems, texts):
         try:
             parsed = fmt.parse(text)
-            ok = not parsed.truncated and extract_answer(parsed.summary) == str(p.answer)
+            ok = not parsed.truncated and grade(parsed.summary, p.answer)
         except StepSalError:  # an unparseable generation is wrong
             ok = False
         correct.append(ok)
