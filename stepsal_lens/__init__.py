@@ -14,6 +14,14 @@ from stepsal_lens.models import (
     register_model,
 )
 from stepsal_lens.metrics import compare, layer_metrics, trace_metrics
+from stepsal_lens import stepflow  # the module is callable: `with stepflow(model):`
+from stepsal_lens.stepflow import (
+    SegmentTracker,
+    StepFlow,
+    StepFlowStats,
+    odds_equal_bridge,
+    step_momentum,
+)
 from stepsal_lens.saliency import StepSaliency, list_targets, register_target, step_saliency
 from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
 
@@ -21,8 +29,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ReasoningFormat",
+    "SegmentTracker",
     "Step",
     "StepSalError",
+    "StepFlow",
+    "StepFlowStats",
     "StepSaliency",
     "Trace",
     "compare",
@@ -36,11 +47,14 @@ __all__ = [
     "list_splitters",
     "list_targets",
     "load_lrm",
+    "odds_equal_bridge",
     "regex_splitter",
     "register_format",
     "register_model",
     "register_splitter",
     "register_target",
+    "step_momentum",
     "step_saliency",
+    "stepflow",
     "trace_metrics",
 ]

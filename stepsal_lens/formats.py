@@ -70,6 +70,12 @@ def _strip_span(text: str, start: int, end: int) -> Span:
     return start, end
 
 
+def _lstrip_span(text: str, start: int, end: int) -> Span:
+    while start < end and text[start].isspace():
+        start += 1
+    return start, end
+
+
 @dataclass(frozen=True)
 class ReasoningFormat:
     """Markers of one reasoning format.
@@ -179,6 +185,48 @@ class ReasoningFormat:
         if q_span[0] == q_span[1]:
             raise StepSalError(f"the question is empty in a {self.name!r} text (text starts {text[:80]!r})")
         return ParsedText(text, q_span, t_span, s_span, truncated)
+
+    def regions(self, text: str) -> dict[str, Span]:
+        """Where each segment's content lies in a text that may still be growing.
+
+        Unlike :meth:`parse` this never raises, and a region only grows as text is
+        appended: it starts at the first non-space character after its opening marker
+        and ends at its closing marker (or the end of the text while the segment is
+        open). A segment not opened yet is ``(len(text), len(text))``. The question is
+        read from a complete prompt.
+
+        >>> get_format("think-tags").regions("What is 2+2?\\n<think>\\nTwo plus")
+        {'question': (0, 12), 'thinking': (21, 29), 'summary': (29, 29)}
+        """
+        n = len(text)
+        closed = (n, n)
+        q_open = text.find(self.user_open)
+        if q_open < 0:
+            return {"question": closed, "thinking": closed, "summary": closed}
+        q_start = q_open + len(self.user_open)
+        think_open, think_close = self.think_open.strip(), self.think_close.strip()
+        t_open = text.find(think_open, q_start)
+        stop = t_open if t_open >= 0 else (text.find(self.assistant_open, q_start)
+                                           if self.assistant_open else -1)
+        q_end = text.rfind(self.user_close, q_start, stop if stop >= 0 else n)
+        question = _strip_span(text, q_start, q_end if q_end >= 0 else n)
+        if t_open < 0:
+            return {"question": question, "thinking": closed, "summary": closed}
+        t_start = t_open + len(think_open)
+        t_close = text.find(think_close, t_start)
+        if t_close < 0:
+            return {"question": question,
+                    "thinking": _lstrip_span(text, t_start, self._eos_position(text, t_start)),
+                    "summary": closed}
+        s_start = t_close + len(think_close)
+        if self.summary_open.strip():
+            opened = text.find(self.summary_open, s_start)
+            if opened < 0:
+                return {"question": question, "thinking": _lstrip_span(text, t_start, t_close),
+                        "summary": closed}
+            s_start = opened + len(self.summary_open)
+        return {"question": question, "thinking": _lstrip_span(text, t_start, t_close),
+                "summary": _lstrip_span(text, s_start, self._eos_position(text, s_start))}
 
     def _find(self, text: str, marker: str, start: int, what: str) -> int:
         pos = text.find(marker, start)

@@ -39,6 +39,7 @@ from stepsal_lens.formats import ParsedText, ReasoningFormat, get_format, list_f
 
 __all__ = [
     "SEGMENTS",
+    "Detokenizer",
     "Step",
     "Trace",
     "Splitter",
@@ -204,6 +205,49 @@ def _tokenizer_of(model_or_tokenizer: Any):
     return tok if tok is not None else model_or_tokenizer
 
 
+class Detokenizer:
+    """Incremental decoding that gives every token its character span.
+
+    Used when the token ids are fixed (generated) rather than re-tokenised from text. A
+    token that ends inside a multi-byte character gets an empty span; the token that
+    completes the character gets it.
+
+    >>> from stepsal_lens.zoo.tiny_random import train_tokenizer
+    >>> tok = train_tokenizer()
+    >>> d = Detokenizer(tok)
+    >>> enc = tok("Seven plus five.", add_special_tokens=False, return_offsets_mapping=True)
+    >>> spans = [d.push(i) for i in enc["input_ids"]]
+    >>> d.text, [d.text[a:b] for a, b in spans][:6]
+    ('Seven plus five.', ['S', 'e', 'v', 'en', ' ', 'p'])
+    """
+
+    # Decoding a few tokens of left context reproduces merges such as leading spaces.
+    _CONTEXT = 4
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # start of the decoding context
+        self._read = 0  # tokens before this are already in self.text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> Span:
+        """Append one token; returns its ``(start, end)`` span in :attr:`text`."""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        start = len(self.text)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._read = len(self.ids)
+            self._prefix = max(0, self._read - self._CONTEXT)
+        return start, len(self.text)
+
+
 class Trace:
     """A reasoning trace aligned to tokens.
 
@@ -228,7 +272,8 @@ class Trace:
 
     def __init__(self, parsed: ParsedText, tokenizer: Any, *, format: ReasoningFormat,
                  splitter: str | Splitter = "paper", prepend_bos: bool = False,
-                 n_ctx: int | None = None, step_spans: Sequence[Span] | None = None):
+                 n_ctx: int | None = None, step_spans: Sequence[Span] | None = None,
+                 token_ids: Sequence[int] | None = None, offsets: Sequence[Span] | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise StepSalError(
                 f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer, so it has no "
@@ -241,8 +286,11 @@ class Trace:
         self.tokenizer = tokenizer
         self.truncated = parsed.truncated
 
-        enc = tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        if token_ids is None:
+            enc = tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        else:  # fixed ids (e.g. generated) with spans from incremental decoding
+            ids, offsets = [int(i) for i in token_ids], [tuple(o) for o in offsets]
         bos = tokenizer.bos_token_id
         self.has_bos = bool(prepend_bos and bos is not None and (not ids or ids[0] != bos))
         if self.has_bos:
@@ -286,6 +334,23 @@ class Trace:
         fmt, tok, bos, ctx = _resolve(model_or_tokenizer, format, prepend_bos, n_ctx)
         return cls(fmt.parse(text), tok, format=fmt, splitter=splitter, prepend_bos=bos,
                    n_ctx=ctx, step_spans=step_spans)
+
+    @classmethod
+    def from_token_ids(cls, token_ids: Sequence[int] | torch.Tensor, model_or_tokenizer: Any, *,
+                       format: str | ReasoningFormat | None = None,
+                       splitter: str | Splitter = "paper", n_ctx: int | None = None) -> Trace:
+        """A trace over exactly these token ids (prompt included), e.g. a generation.
+
+        The text is decoded from the ids and each token keeps the characters it decoded
+        to, so a non-canonical tokenisation (which sampling can produce) is kept as is.
+        A leading BOS id decodes to its string and is part of the text.
+        """
+        fmt, tok, _bos, ctx = _resolve(model_or_tokenizer, format, None, n_ctx)
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        detok = Detokenizer(tok)
+        offsets = [detok.push(i) for i in ids]
+        return cls(fmt.parse(detok.text), tok, format=fmt, splitter=splitter, prepend_bos=False,
+                   n_ctx=ctx, token_ids=ids, offsets=offsets)
 
     @classmethod
     def from_segments(cls, question: str, thinking: str, summary: str, model_or_tokenizer: Any,
@@ -347,6 +412,8 @@ class Trace:
                 p += 1
             if p == e and e > s:  # all whitespace: place by its first character
                 p = s
+            elif s == e and s > 0 and self.text[s - 1].isspace():
+                p = s - 1  # a space-only token whose offsets the tokenizer trimmed to nothing
             while j < len(starts) and ends[j] <= p:
                 j += 1
             if j < len(starts) and starts[j] <= p < ends[j]:

@@ -1,0 +1,220 @@
+"""KV-cached generation of reasoning traces, batched, with or without StepFlow.
+
+Prompts are tokenised the way :class:`~stepsal_lens.Trace` tokenises text (BOS only where
+the model prepends one and the prompt does not already start with it), left-padded
+with an explicit attention mask, and generated with the bridge's ``generate``. Each
+completion is cut after the format's end-of-sequence marker.
+
+Examples
+--------
+>>> from stepsal_lens import load_lrm
+>>> from stepsal_lens.generation import generate
+>>> model = load_lrm("tiny-lrm")
+>>> [g] = generate(model, ["Start with 3. Add 4, then multiply by 2. What is the result?"],
+...                progress=False)
+>>> g.segments()["summary"]
+'The result is \\\\boxed{14}.'
+>>> [g] = generate(model, ["Start with 3. Add 4. What is the result?"], stepflow=True,
+...                progress=False)
+>>> g.stats["smi"]["injections"] >= 1
+True
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stepsal_lens.errors import StepSalError
+
+__all__ = ["Generation", "generate", "prompt_ids", "stop_ids"]
+
+
+@dataclass
+class Generation:
+    """One generated trace.
+
+    Attributes
+    ----------
+    prompt : str
+        The prompt text (the format's template around the question).
+    text : str
+        Everything the model saw, decoded: prompt and completion.
+    token_ids : list[int]
+        Prompt and completion ids as the model saw them (no padding).
+    prompt_len : int
+        How many of ``token_ids`` are the prompt.
+    finished : bool
+        The completion ended with an end-of-sequence marker (else it hit the budget).
+    stats : dict
+        StepFlow's counts for this sequence (zeros when StepFlow was off).
+    """
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    prompt_len: int
+    finished: bool
+    format: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    def segments(self) -> dict[str, Any]:
+        """Question, thinking and summary text (``truncated``: the thinking never
+        closed; ``error``: the text could not be parsed)."""
+        from stepsal_lens.formats import get_format
+
+        try:
+            p = get_format(self.format).parse(self.text)
+        except StepSalError as err:
+            return {"question": None, "thinking": None, "summary": None, "truncated": None,
+                    "error": str(err)}
+        return {"question": p.question, "thinking": p.thinking, "summary": p.summary,
+                "truncated": p.truncated, "error": None}
+
+    def trace(self, model: Any, **kwargs: Any):
+        """The :class:`~stepsal_lens.Trace` over exactly these token ids."""
+        from stepsal_lens.trace import Trace
+
+        return Trace.from_token_ids(self.token_ids, model, format=self.format, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record written by ``stepsal generate``."""
+        d = asdict(self)
+        d["segments"] = self.segments()
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        return path
+
+
+def prompt_ids(model: Any, prompt: str) -> list[int]:
+    """Token ids of a prompt exactly as :class:`~stepsal_lens.Trace` would cut them."""
+    tok = model.tokenizer
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    bos = tok.bos_token_id
+    if getattr(model.cfg, "default_prepend_bos", False) and bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
+def stop_ids(model: Any) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the format's first end
+    marker (harmony's ``<|end|>`` also closes the analysis channel, so it is not one)."""
+    tok = model.tokenizer
+    out = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    fmt = model.stepsal_format
+    if fmt.eos:
+        marker = tok.convert_tokens_to_ids(fmt.eos[0])
+        if isinstance(marker, int) and marker != tok.unk_token_id and marker not in out:
+            out.append(marker)
+    if not out:
+        raise StepSalError("the tokenizer has no EOS token and the format no end marker; "
+                           "generation would never stop early")
+    return out
+
+
+def generate(model: Any, questions: Sequence[str] | None = None, *,
+             prompts: Sequence[str] | None = None, max_new_tokens: int = 256,
+             temperature: float = 0.0, seed: int | None = None, batch_size: int = 8,
+             stepflow: bool | dict[str, Any] | None = None,
+             progress: bool = True) -> list[Generation]:
+    """Generate one trace per question (or raw prompt), KV-cached and batched.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`~stepsal_lens.load_lrm`.
+    questions
+        Questions; each is wrapped in the model's format (:meth:`ReasoningFormat.prompt`).
+    prompts
+        Raw prompt texts instead of questions.
+    max_new_tokens
+        Token budget of each completion.
+    temperature
+        0 for greedy decoding (the default); > 0 samples.
+    seed
+        Seed for sampling (batch ``i`` uses ``seed + i``).
+    batch_size
+        Prompts per batch; rows are left-padded, which does not change any row's result.
+    stepflow
+        ``True`` for StepFlow with the paper's defaults, or a dict of
+        :func:`~stepsal_lens.stepflow` keyword arguments.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    list[Generation]
+        In input order.
+    """
+    from tqdm.auto import tqdm
+
+    from stepsal_lens import stepflow as stepflow_module
+
+    if (questions is None) == (prompts is None):
+        raise StepSalError("pass either questions=[...] or prompts=[...] (exactly one)")
+    if isinstance(questions, str) or isinstance(prompts, str):
+        raise StepSalError("questions/prompts must be a list of strings; wrap a single one "
+                           "in [...]")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise StepSalError("max_new_tokens and batch_size must be at least 1")
+    fmt = model.stepsal_format
+    if prompts is None:
+        prompts = [fmt.prompt(q) for q in questions]
+    sf_kwargs = ({} if stepflow is True else dict(stepflow)) if stepflow else None
+    stops = stop_ids(model)
+    pad = model.tokenizer.pad_token_id
+    pad = stops[0] if pad is None else pad
+    n_ctx = model.cfg.n_ctx
+    out: list[Generation] = []
+    batches = range(0, len(prompts), batch_size)
+    for i, start in enumerate(tqdm(batches, desc="generating", unit="batch",
+                                   disable=not progress or len(batches) < 2)):
+        batch = list(prompts[start:start + batch_size])
+        ids = [prompt_ids(model, p) for p in batch]
+        width = max(len(x) for x in ids)
+        if width + max_new_tokens > n_ctx:
+            raise StepSalError(f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} "
+                               f"exceeds the model's context of {n_ctx}; lower max_new_tokens")
+        tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        if temperature > 0 and seed is not None:
+            torch.manual_seed(seed + i)
+        ctx = (stepflow_module.stepflow(model, **sf_kwargs) if sf_kwargs is not None
+               else nullcontext())
+        with ctx as sf:
+            gen = model.generate(
+                tokens.to(model.cfg.device), attention_mask=mask.to(model.cfg.device),
+                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else 1.0, stop_at_eos=True,
+                eos_token_id=stops, verbose=False, return_type="tokens")
+        rows_stats = sf.stats.per_row() if sf is not None else [_empty_stats()] * len(batch)
+        for prompt, p_ids, row, st in zip(batch, ids, gen[:, width:].tolist(), rows_stats):
+            cut = next((j for j, t in enumerate(row) if t in stops), None)
+            completion = row if cut is None else row[:cut + 1]
+            all_ids = p_ids + completion
+            text = model.tokenizer.decode(all_ids, skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False)
+            out.append(Generation(prompt, text, all_ids, len(p_ids), cut is not None,
+                                  fmt.name, st))
+    return out
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {"oeb": {"triggers": 0, "triggers_per_layer": {}, "eligible_rows": 0,
+                    "eligible_rows_per_layer": {}, "mean_bridge_mass_before": None,
+                    "mean_bridge_mass_after": None},
+            "smi": {"injections": 0, "injections_per_layer": {}}}

@@ -1,0 +1,700 @@
+"""StepFlow: Odds-Equal Bridge (OEB) and Step Momentum Injection (SMI) at generation time.
+
+Two test-time interventions (DESIGN §1), no retraining:
+
+* **OEB** on ``blocks.{l}.attn.hook_pattern`` of shallow layers. For a query in the
+  thinking segment the *same* group S is the visible thinking tokens and the *bridge*
+  group B is the question; for a summary query S is the visible summary and B the
+  thinking segment. With masses measured on the row renormalised over its keys, if
+  ``p_B < tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max)`` then B is rescaled to
+  ``tau_B``, S to ``tau_S = 1 - p_O - tau_B`` and everything else is left alone (the KL
+  projection the paper writes as the logit shift ``z_k + log(tau_g / p_g)``). A row that
+  sums to less than 1 (attention sinks) keeps its sink mass.
+* **SMI** on ``blocks.{l}.hook_resid_post`` of deep layers (or each head's ``hook_z``
+  with ``smi_site="z"``): at the first token of each new thinking step, add ``alpha``
+  times the mean activation over the last ``window`` tokens of the previous step.
+
+The pure cores are :func:`odds_equal_bridge` and :func:`step_momentum`; the hooks are thin
+wrappers that read per-position labels from a :class:`SegmentTracker`, which follows
+every forward pass of the model (a fresh pass, a KV-cached generation step, a batch of
+left-padded prompts) through a forward pre-hook.
+
+Examples
+--------
+>>> import tempfile
+>>> from stepsal_lens import load_lrm, stepflow
+>>> from stepsal_lens.zoo.tiny_random import make_random_checkpoint
+>>> model = load_lrm(make_random_checkpoint("qwen2", tempfile.mkdtemp(), n_layers=4),
+...                  format="think-tags")
+>>> tokens = model.to_tokens("Start with 7. Add 5.\\n<think>\\nWe start with the number 7. "
+...                          "Adding 5 to 7 gives 12.\\n</think>\\n\\nThe result is 12.")
+>>> with stepflow(model, tau_max=0.15, alpha=0.06) as sf:
+...     logits = model(tokens)
+>>> sorted(sf.stats.to_dict())
+['oeb', 'smi']
+>>> sf.stats.to_dict()["smi"]["injections"]  # one new thinking step, one SMI layer
+1
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from stepsal_lens.errors import StepSalError
+from stepsal_lens.formats import ReasoningFormat, get_format
+from stepsal_lens.trace import Detokenizer, Trace
+from stepsal_lens.typing import KeyMask, Pattern
+
+__all__ = [
+    "SEGMENT_CODES",
+    "SegmentTracker",
+    "StepFlow",
+    "StepFlowStats",
+    "odds_equal_bridge",
+    "step_momentum",
+    "stepflow",
+]
+
+#: Integer codes of the segments in the tracker's label tensors (-1: none / padding).
+SEGMENT_CODES = {"question": 0, "thinking": 1, "summary": 2}
+_Q, _T, _S = 0, 1, 2
+#: Where a new step starts, per segment (the paper's separators; DESIGN §1).
+_BOUNDARY = {"thinking": r"\.\s+", "summary": r"\n[ \t]*\n\s*"}
+
+
+# ---- pure cores ----------------------------------------------------------------------------
+
+def _oeb(pattern: Tensor, same: Tensor, bridge: Tensor, tau_max: float):
+    """OEB plus what it did: (new pattern, eligible rows, triggered rows, p_B, tau_B)."""
+    if (same & bridge).any():
+        raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
+    p = pattern.float()
+    same_f, bridge_f = same.to(p.dtype), bridge.to(p.dtype)
+    row = p.sum(-1)
+    safe_row = row.clamp_min(torch.finfo(p.dtype).tiny)
+    p_s = (p * same_f).sum(-1) / safe_row
+    p_b = (p * bridge_f).sum(-1) / safe_row
+    n_s, n_b = same_f.sum(-1), bridge_f.sum(-1)
+    tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1)).clamp(max=tau_max)
+    tau_s = p_s + p_b - tau_b  # = 1 - p_O - tau_B
+    eligible = (n_b > 0) & (n_s > 0) & (row > 0)
+    # tau_S <= 0 means the other keys hold so much mass that B cannot reach tau_B.
+    act = eligible & (p_b > 0) & (p_s > 0) & (p_b < tau_b) & (tau_s > 0)
+    one = torch.ones_like(p_b)
+    scale_b = torch.where(act, tau_b / p_b.clamp_min(1e-30), one)
+    scale_s = torch.where(act, tau_s / p_s.clamp_min(1e-30), one)
+    factor = 1 + (scale_b - 1)[..., None] * bridge_f + (scale_s - 1)[..., None] * same_f
+    out = (p * factor).to(pattern.dtype)
+    return out, eligible.expand_as(row), act.expand_as(row), p_b.expand_as(row), tau_b.expand_as(row)
+
+
+def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
+                      tau_max: float = 0.15) -> Pattern:
+    """The Odds-Equal Bridge on one attention pattern (pure; no hooks).
+
+    Parameters
+    ----------
+    pattern
+        ``[batch, head, query, key]`` post-softmax attention (rows may sum to < 1).
+    same, bridge
+        Boolean key masks broadcastable to ``pattern`` with the head dimension broadcast:
+        ``[key]`` when every key is visible to every query, or ``[batch, 1, query, key]``
+        for per-query visibility. They must not overlap. ``|S|`` and ``|B|`` are their
+        counts, so pass only keys the query can see.
+    tau_max
+        Cap on the bridge target ``tau_B``; 0 leaves every row unchanged.
+
+    Returns
+    -------
+    Tensor
+        ``[batch, head, query, key]``: rows with ``p_B < tau_B`` rescaled group-wise so
+        that B holds ``tau_B`` and S holds ``1 - p_O - tau_B`` of the row's mass; other
+        keys and the row sum (sink mass) unchanged. Rows with an empty group, or whose
+        other keys hold more than ``1 - tau_B``, are left alone.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a = torch.tensor([[[[0.05, 0.05, 0.6, 0.3]]]])  # keys: 2 question, 2 thinking
+    >>> bridge = torch.tensor([True, True, False, False])
+    >>> out = odds_equal_bridge(a, ~bridge, bridge, tau_max=0.15)
+    >>> [round(x, 3) for x in out.flatten().tolist()]
+    [0.075, 0.075, 0.567, 0.283]
+    """
+    if not 0 <= tau_max <= 1:
+        raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
+    return _oeb(pattern, same, bridge, tau_max)[0]
+
+
+def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],
+                  alpha: float) -> Float[Tensor, "*d"]:
+    """The SMI update for one position: ``x + alpha * mean(window)``.
+
+    ``x`` is the activation at the first token of a new step (``[d_model]`` for the
+    residual stream, ``[head, d_head]`` for ``hook_z``); ``window`` stacks the same
+    activation at the last ``w`` tokens of the previous step.
+
+    >>> import torch
+    >>> step_momentum(torch.zeros(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.5)
+    tensor([1.0000, 1.5000])
+    """
+    if window.shape[0] == 0:
+        return x
+    return x + alpha * window.mean(0).to(x.dtype)
+
+
+# ---- the streaming segment tracker ---------------------------------------------------------
+
+@dataclass
+class _Row:
+    """Labels of one sequence, grown token by token."""
+
+    detok: Detokenizer
+    valid: list[bool] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)
+    step: list[int] = field(default_factory=list)
+    start: list[bool] = field(default_factory=list)
+    anchored: list[bool] = field(default_factory=list)  # has a non-space character
+    n_steps: int = 0
+    question: tuple[int, int] | None = None
+
+
+class SegmentTracker:
+    """Labels every position of a growing batch of sequences with segment and step.
+
+    A fresh block of tokens (a prompt, or a whole trace) is labelled from its full text;
+    each appended token from the text so far. A label never depends on later tokens
+    (except that spaces trailing a step are dropped from it once the next step or
+    segment begins), so labelling token by token and labelling the final text at once
+    agree; on the final text they also agree with :class:`~stepsal_lens.Trace` wherever
+    the offline splitter keeps every sentence (it merges pieces shorter than 15
+    characters into the previous step, which cannot be known when the piece starts).
+
+    Labels (``[batch, pos]`` tensors): :attr:`segment` (:data:`SEGMENT_CODES`, -1 for
+    template markers and padding), :attr:`step` (the Trace's numbering: question 0,
+    then thinking and summary steps; -1 outside steps), :attr:`step_start` (first token
+    of a step), :attr:`anchored` (the token has a non-space character) and :attr:`valid`
+    (not padding).
+
+    Examples
+    --------
+    >>> from stepsal_lens.zoo.tiny_random import train_tokenizer
+    >>> tok = train_tokenizer()
+    >>> tracker = SegmentTracker(tok, "think-tags")
+    >>> ids = tok("Start with 7.\\n<think>\\nWe start with 7. Adding 5 makes 12.",
+    ...           return_tensors="pt", add_special_tokens=False)["input_ids"]
+    >>> tracker.reset(ids)
+    >>> int(tracker.step[0].max()), int(tracker.step_start[0].sum())
+    (2, 3)
+    """
+
+    def __init__(self, tokenizer: Any, format: str | ReasoningFormat):
+        self.tokenizer = tokenizer
+        self.format = get_format(format)
+        self._bnd = {seg: re.compile(f"(?:{pat})$") for seg, pat in _BOUNDARY.items()}
+        self.rows: list[_Row] = []
+        self._cache: dict[str, Tensor] | None = None
+        self._relabelled = False
+
+    # ---- feeding ---------------------------------------------------------------------------
+    def reset(self, ids: Tensor, mask: Tensor | None = None) -> None:
+        """Start over with a fresh ``[batch, pos]`` block (``mask``: 1 = real token)."""
+        ids = _as_2d(ids)
+        mask = torch.ones_like(ids) if mask is None else mask
+        self.rows = [_Row(Detokenizer(self.tokenizer)) for _ in range(ids.shape[0])]
+        for row, r_ids, r_mask in zip(self.rows, ids.tolist(), mask.tolist()):
+            real = [t for t, m in zip(r_ids, r_mask) if m]
+            spans = [row.detok.push(t) for t in real]
+            regions = self.format.regions(row.detok.text)  # the whole prompt at once
+            row.question = regions["question"]
+            it = iter(spans)
+            for m in r_mask:
+                if m:
+                    self._label(row, next(it), regions)
+                else:
+                    self._pad(row)
+        self._cache = None
+
+    def extend(self, ids: Tensor, mask: Tensor | None = None) -> None:
+        """Append ``[batch, n]`` new tokens (``mask`` covers all positions or the new)."""
+        ids = _as_2d(ids)
+        if not self.rows:
+            raise StepSalError("the tracker has no sequence yet; call reset() first")
+        if ids.shape[0] != len(self.rows):
+            raise StepSalError(f"got {ids.shape[0]} rows but the tracker follows {len(self.rows)}")
+        new_mask = (torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]).tolist()
+        self._relabelled = False
+        for row, r_ids, r_mask in zip(self.rows, ids.tolist(), new_mask):
+            for t, m in zip(r_ids, r_mask):
+                if m:
+                    span = row.detok.push(t)
+                    self._label(row, span, self.format.regions(row.detok.text))
+                else:
+                    self._pad(row)
+        if self._cache is not None and not self._relabelled:
+            # Grow the label tensors by the new columns instead of rebuilding them.
+            n = ids.shape[1]
+            new = self._build(lambda values: values[-n:])
+            self._cache = {k: torch.cat([v, new[k]], dim=1) for k, v in self._cache.items()}
+        else:
+            self._cache = None
+
+    def _pad(self, row: _Row) -> None:
+        row.valid.append(False)
+        row.spans.append((len(row.detok.text),) * 2)
+        row.segment.append(-1)
+        row.step.append(-1)
+        row.start.append(False)
+        row.anchored.append(False)
+
+    def _label(self, row: _Row, span: tuple[int, int], regions: dict[str, tuple[int, int]]):
+        text = row.detok.text
+        s, e = span
+        p = s
+        while p < e and text[p].isspace():
+            p += 1
+        anchored = p < e
+        if not anchored:
+            p = s  # a space-only (or empty) token is placed by its first character
+        if row.question is not None:
+            regions = {**regions, "question": row.question}
+        seg, seg_name = -1, None
+        for name, (a, b) in regions.items():
+            if a <= p < b:
+                seg, seg_name = SEGMENT_CODES[name], name
+                break
+        step, start = -1, False
+        if seg_name == "question":  # one step
+            step = 0 if anchored else -1
+            start = anchored and row.n_steps == 0
+            row.n_steps = max(row.n_steps, 1)
+        elif seg_name is not None:
+            a = regions[seg_name][0]
+            before = text[a:p]
+            prev = next((i for i in range(len(row.step) - 1, -1, -1)
+                         if row.segment[i] == seg and row.step[i] >= 0), None)
+            if anchored:
+                new = prev is None or bool(self._bnd[seg_name].search(before[-64:]))
+                if new:
+                    step, start = row.n_steps, True
+                    row.n_steps += 1
+                else:
+                    step = row.step[prev]
+            elif prev is not None and not self._bnd[seg_name].search(text[a:e][-64:]):
+                step = row.step[prev]  # a space inside a step
+        if seg != (row.segment[-1] if row.segment else -1) or start:
+            self._drop_trailing_spaces(row)
+        row.valid.append(True)
+        row.spans.append(span)
+        row.segment.append(seg)
+        row.step.append(step)
+        row.start.append(start)
+        row.anchored.append(anchored)
+
+    def _drop_trailing_spaces(self, row: _Row) -> None:
+        i = len(row.step) - 1
+        while i >= 0 and row.valid[i] and not row.anchored[i] and row.step[i] >= 0:
+            row.step[i] = -1
+            self._relabelled = True
+            i -= 1
+
+    # ---- views -----------------------------------------------------------------------------
+    _FIELDS = (("segment", "segment", torch.long), ("step", "step", torch.long),
+               ("step_start", "start", torch.bool), ("anchored", "anchored", torch.bool),
+               ("valid", "valid", torch.bool))
+
+    def _build(self, cut=lambda values: values) -> dict[str, Tensor]:
+        return {name: torch.tensor([cut(getattr(r, attr)) for r in self.rows], dtype=dtype)
+                for name, attr, dtype in self._FIELDS}
+
+    def _tensors(self) -> dict[str, Tensor]:
+        if self._cache is None:
+            self._cache = self._build()
+        return self._cache
+
+    @property
+    def segment(self) -> Tensor:
+        return self._tensors()["segment"]
+
+    @property
+    def step(self) -> Tensor:
+        return self._tensors()["step"]
+
+    @property
+    def step_start(self) -> Tensor:
+        return self._tensors()["step_start"]
+
+    @property
+    def anchored(self) -> Tensor:
+        return self._tensors()["anchored"]
+
+    @property
+    def valid(self) -> Tensor:
+        return self._tensors()["valid"]
+
+    @property
+    def length(self) -> int:
+        return len(self.rows[0].valid) if self.rows else 0
+
+    def text(self, row: int = 0) -> str:
+        """The decoded text of one row so far (padding left out)."""
+        return self.rows[row].detok.text
+
+    def token_ids(self, row: int = 0) -> list[int]:
+        """The real (non-padding) token ids of one row."""
+        return list(self.rows[row].detok.ids)
+
+    def trace(self, model_or_tokenizer: Any = None, row: int = 0, **kwargs) -> Trace:
+        """The offline :class:`~stepsal_lens.Trace` of one row's tokens."""
+        return Trace.from_token_ids(self.token_ids(row), model_or_tokenizer or self.tokenizer,
+                                    format=self.format, **kwargs)
+
+
+def _as_2d(ids: Tensor) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point:
+        raise StepSalError("StepFlow follows token ids; pass a [batch, pos] integer tensor "
+                           "(e.g. model.to_tokens(text))")
+    return ids[None] if ids.dim() == 1 else ids
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+@dataclass
+class StepFlowStats:
+    """What StepFlow did: OEB triggers and bridge mass per layer, SMI injections.
+
+    Counts are over (row, head, query) attention rows for OEB and over (row, position)
+    for SMI; "eligible" rows have a query in the thinking or summary segment with both
+    groups non-empty. :meth:`per_row` gives the counts of each batch row of the last
+    sequence batch.
+    """
+
+    oeb_layers: list[int]
+    smi_layers: list[int]
+    batch: int = 0
+    oeb_triggers: dict[int, Tensor] = field(default_factory=dict)
+    oeb_eligible: dict[int, Tensor] = field(default_factory=dict)
+    bridge_before: dict[int, Tensor] = field(default_factory=dict)
+    bridge_after: dict[int, Tensor] = field(default_factory=dict)
+    smi_injections: dict[int, Tensor] = field(default_factory=dict)
+
+    def start_batch(self, batch: int) -> None:
+        """Zero the per-row counters for a new batch of sequences."""
+        self.batch = batch
+        z = lambda: torch.zeros(batch, dtype=torch.float64)  # noqa: E731
+        for store, layers in ((self.oeb_triggers, self.oeb_layers),
+                              (self.oeb_eligible, self.oeb_layers),
+                              (self.bridge_before, self.oeb_layers),
+                              (self.bridge_after, self.oeb_layers),
+                              (self.smi_injections, self.smi_layers)):
+            for layer in layers:
+                store[layer] = z()
+
+    def _summary(self, rows: slice | int) -> dict[str, Any]:
+        pick = lambda d: {l: float(v[rows].sum()) for l, v in d.items()}  # noqa: E731
+        trig, elig = pick(self.oeb_triggers), pick(self.oeb_eligible)
+        before, after = pick(self.bridge_before), pick(self.bridge_after)
+        inj = pick(self.smi_injections)
+        n_elig = sum(elig.values())
+        return {
+            "oeb": {
+                "triggers": int(sum(trig.values())),
+                "triggers_per_layer": {str(l): int(v) for l, v in trig.items()},
+                "eligible_rows": int(n_elig),
+                "eligible_rows_per_layer": {str(l): int(v) for l, v in elig.items()},
+                "mean_bridge_mass_before": (sum(before.values()) / n_elig) if n_elig else None,
+                "mean_bridge_mass_after": (sum(after.values()) / n_elig) if n_elig else None,
+            },
+            "smi": {
+                "injections": int(sum(inj.values())),
+                "injections_per_layer": {str(l): int(v) for l, v in inj.items()},
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Totals over every sequence seen inside the ``stepflow`` block."""
+        out = self._summary(slice(None))
+        for old in getattr(self, "_archive", []):
+            out = _add_summaries(out, old)
+        return out
+
+    def per_row(self) -> list[dict[str, Any]]:
+        """One summary per row of the last batch of sequences."""
+        return [self._summary(b) for b in range(self.batch)]
+
+    def _archive_batch(self) -> None:
+        if self.batch:
+            self.__dict__.setdefault("_archive", []).append(self._summary(slice(None)))
+
+
+def _add_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Sum two :meth:`StepFlowStats._summary` results (means weighted by eligible rows)."""
+    oa, ob = a["oeb"], b["oeb"]
+    n = oa["eligible_rows"] + ob["eligible_rows"]
+
+    def mean(key):
+        total = sum((o[key] or 0) * o["eligible_rows"] for o in (oa, ob))
+        return total / n if n else None
+
+    add = lambda x, y: {k: x.get(k, 0) + y.get(k, 0) for k in {**x, **y}}  # noqa: E731
+    return {
+        "oeb": {"triggers": oa["triggers"] + ob["triggers"],
+                "triggers_per_layer": add(oa["triggers_per_layer"], ob["triggers_per_layer"]),
+                "eligible_rows": n,
+                "eligible_rows_per_layer": add(oa["eligible_rows_per_layer"],
+                                               ob["eligible_rows_per_layer"]),
+                "mean_bridge_mass_before": mean("mean_bridge_mass_before"),
+                "mean_bridge_mass_after": mean("mean_bridge_mass_after")},
+        "smi": {"injections": a["smi"]["injections"] + b["smi"]["injections"],
+                "injections_per_layer": add(a["smi"]["injections_per_layer"],
+                                            b["smi"]["injections_per_layer"])},
+    }
+
+
+# ---- hooks ---------------------------------------------------------------------------------
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+class StepFlow:
+    """The live intervention: hooks, tracker and stats (made by :func:`stepflow`)."""
+
+    def __init__(self, model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
+                 oeb_layers: Sequence[int] | None = None, smi_layers: Sequence[int] | None = None,
+                 window: int = 4, smi_site: str = "resid_post"):
+        from stepsal_lens.models import default_layer_split, format_of
+
+        n_layers = model.cfg.n_layers
+        split = default_layer_split(n_layers)
+        self.oeb_layers = _check_layers(split["oeb"] if oeb_layers is None else oeb_layers,
+                                        n_layers, "oeb_layers")
+        self.smi_layers = _check_layers(split["smi"] if smi_layers is None else smi_layers,
+                                        n_layers, "smi_layers")
+        if not 0 <= tau_max <= 1:
+            raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
+        if window < 1:
+            raise StepSalError(f"window must be at least 1 token; got {window}")
+        if smi_site not in ("resid_post", "z"):
+            raise StepSalError(f"smi_site must be 'resid_post' or 'z'; got {smi_site!r}")
+        fmt = format_of(model)
+        if fmt is None:
+            raise StepSalError("StepFlow needs the model's reasoning format to find the "
+                               "segments; load the model with load_lrm(..., format=...)")
+        self.model = model
+        self.tau_max, self.alpha, self.window, self.smi_site = tau_max, alpha, window, smi_site
+        self.tracker = SegmentTracker(model.tokenizer, fmt)
+        self.stats = StepFlowStats(list(self.oeb_layers), list(self.smi_layers))
+        self._windows = _sliding_windows(model)
+        self._buffers: dict[int, dict[str, Any]] = {}
+        self._pass = 0
+        self._counted: set[tuple[int, int, str]] = set()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings, as plain values (what result files record)."""
+        return {"tau_max": self.tau_max, "alpha": self.alpha, "oeb_layers": list(self.oeb_layers),
+                "smi_layers": list(self.smi_layers), "window": self.window,
+                "smi_site": self.smi_site}
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """``(hook name, function)`` pairs, for ``model.hooks(fwd_hooks=...)``."""
+        out = [(f"blocks.{l}.attn.hook_pattern", self._oeb_hook) for l in self.oeb_layers
+               if self.tau_max > 0]
+        site = "hook_resid_post" if self.smi_site == "resid_post" else "attn.hook_z"
+        out += [(f"blocks.{l}.{site}", self._smi_hook) for l in self.smi_layers if self.alpha != 0]
+        return out
+
+    # ---- following the model's forward passes ----------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        tokens = args[0] if args else kwargs.get("input")
+        if isinstance(tokens, (str, list)):
+            tokens = self.model.to_tokens(tokens)
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("past_key_values") is None:  # a fresh pass: prompt, trace or re-feed
+            self.stats._archive_batch()
+            self.tracker.reset(tokens, mask)
+            self.stats.start_batch(len(self.tracker.rows))
+            self._buffers = {}
+        else:
+            self.tracker.extend(tokens, mask)
+        self._pass += 1
+        self._counted.clear()
+        self._labels = {k: v.to(self.model.cfg.device) for k, v in self.tracker._tensors().items()}
+
+    def _count(self, layer: int, kind: str) -> bool:
+        """Count each hook once per forward pass (checkpointed backward re-runs it)."""
+        key = (self._pass, layer, kind)
+        if key in self._counted:
+            return False
+        self._counted.add(key)
+        return True
+
+    def _oeb_hook(self, pattern: Pattern, hook) -> Pattern:
+        layer = _layer_of(hook.name)
+        lab = self._check_batch(pattern)
+        total = lab["segment"].shape[1]
+        n_q, n_k = pattern.shape[-2:]
+        dev = pattern.device
+        q_pos = torch.arange(total - n_q, total, device=dev)
+        k_pos = torch.arange(total - n_k, total, device=dev)
+        q_seg = lab["segment"][:, q_pos]
+        targeted = (q_seg == _T) | (q_seg == _S)
+        if not bool(targeted.any()):
+            return pattern
+        k_seg = lab["segment"][:, k_pos]
+        visible = (k_pos[None, :] <= q_pos[:, None])[None] & lab["valid"][:, k_pos][:, None, :]
+        width = self._windows.get(layer)
+        if width is not None:
+            visible &= (k_pos[None, :] > q_pos[:, None] - width)[None]
+        same = visible & (k_seg[:, None, :] == q_seg[:, :, None]) & targeted[:, :, None]
+        bridge_seg = torch.where(q_seg == _T, _Q, torch.where(q_seg == _S, _T, -9))
+        bridge = visible & (k_seg[:, None, :] == bridge_seg[:, :, None])
+        out, eligible, act, p_b, tau_b = _oeb(pattern, same[:, None], bridge[:, None],
+                                              self.tau_max)
+        if self._count(layer, "oeb"):
+            after = torch.where(act, tau_b, p_b)
+            rows = lambda x: x.detach().double().sum((1, 2)).cpu()  # noqa: E731
+            st = self.stats
+            st.oeb_triggers[layer] += rows(act)
+            st.oeb_eligible[layer] += rows(eligible)
+            st.bridge_before[layer] += rows(p_b * eligible)
+            st.bridge_after[layer] += rows(after * eligible)
+        return out
+
+    def _smi_hook(self, act: Tensor, hook) -> Tensor:
+        layer = _layer_of(hook.name)
+        lab = self._check_batch(act)
+        total = lab["segment"].shape[1]
+        n_q = act.shape[1]
+        pos = slice(total - n_q, total)
+        thinking = lab["segment"][:, pos] == _T
+        steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
+        starts = thinking & lab["step_start"][:, pos]
+        buf = self._buffers.get(layer)
+        if buf is None:  # last `window` vectors of the latest thinking step, per row
+            buf = {"vec": [[] for _ in range(act.shape[0])], "step": [-1] * act.shape[0]}
+            self._buffers[layer] = buf
+        out = act
+        count = self._count(layer, "smi")
+        steps_l, starts_l = steps.tolist(), starts.tolist()
+        for b in range(act.shape[0]):
+            if not any(starts_l[b]) and all(s < 0 for s in steps_l[b]):
+                continue
+            for i, (s, is_start) in enumerate(zip(steps_l[b], starts_l[b])):
+                if s < 0:
+                    continue
+                if is_start and buf["step"][b] == s - 1 and buf["vec"][b]:
+                    if out is act:
+                        out = act.clone()
+                    out[b, i] = step_momentum(act[b, i], torch.stack(buf["vec"][b]), self.alpha)
+                    if count:
+                        self.stats.smi_injections[layer][b] += 1
+                if buf["step"][b] != s:
+                    buf["step"][b], buf["vec"][b] = s, []
+                buf["vec"][b] = (buf["vec"][b] + [act[b, i]])[-self.window:]
+            # Keep copies: later hooks may edit the activation in place.
+            buf["vec"][b] = [v.detach().clone() for v in buf["vec"][b]]
+        return out
+
+    def _check_batch(self, act: Tensor) -> dict[str, Tensor]:
+        lab = getattr(self, "_labels", None)
+        if lab is None or act.shape[0] != lab["segment"].shape[0]:
+            raise StepSalError(
+                f"StepFlow's hook got a batch of {act.shape[0]} but followed "
+                f"{0 if lab is None else lab['segment'].shape[0]} sequences; call the model "
+                f"with token ids (model(tokens) / model.generate(...)) inside the stepflow block")
+        return lab
+
+    # ---- context management ----------------------------------------------------------------
+    @contextmanager
+    def active(self) -> Iterator[StepFlow]:
+        """Hooks on for the duration of the block; always removed, even on errors."""
+        with ExitStack() as stack:
+            handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            stack.callback(handle.remove)
+            stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
+            yield self
+
+    def __repr__(self) -> str:
+        return (f"StepFlow(tau_max={self.tau_max}, alpha={self.alpha}, oeb_layers="
+                f"{list(self.oeb_layers)}, smi_layers={list(self.smi_layers)}, "
+                f"window={self.window}, smi_site={self.smi_site!r})")
+
+
+def _check_layers(layers: Sequence[int], n_layers: int, what: str) -> list[int]:
+    layers = sorted({int(l) for l in layers})
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise StepSalError(f"{what} {bad} out of range: the model has layers 0..{n_layers - 1}")
+    return layers
+
+
+def _sliding_windows(model: Any) -> dict[int, int]:
+    """Layer -> sliding-window width, for layers with local attention (GPT-OSS)."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    width = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not width or not types:
+        return {}
+    return {i: int(width) for i, t in enumerate(types) if t == "sliding_attention"}
+
+
+@contextmanager
+def stepflow(model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
+             oeb_layers: Sequence[int] | None = None, smi_layers: Sequence[int] | None = None,
+             window: int = 4, smi_site: str = "resid_post") -> Iterator[StepFlow]:
+    """Turn StepFlow on for every forward pass of ``model`` inside the block.
+
+    Works with KV-cached and uncached ``model.generate`` (batched prompts included) and
+    with teacher-forced forward passes, e.g. :func:`~stepsal_lens.step_saliency` over a
+    fixed trace. Hooks are removed when the block ends, also on an exception.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`~stepsal_lens.load_lrm` (its format locates the segments).
+    tau_max
+        OEB cap on the bridge target (paper: 0.15); 0 turns OEB off.
+    alpha
+        SMI strength (paper: 0.06); 0 turns SMI off.
+    oeb_layers, smi_layers
+        Layers to hook; default :func:`~stepsal_lens.default_layer_split` (bottom and top
+        quarter).
+    window
+        SMI averages the last ``window`` tokens of the previous step (paper: 4).
+    smi_site
+        ``"resid_post"`` (``blocks.{l}.hook_resid_post``) or ``"z"`` (each head's
+        ``blocks.{l}.attn.hook_z``, the paper code's form).
+
+    Yields
+    ------
+    StepFlow
+        ``sf.stats`` (:class:`StepFlowStats`) and ``sf.tracker`` (:class:`SegmentTracker`).
+    """
+    sf = StepFlow(model, tau_max=tau_max, alpha=alpha, oeb_layers=oeb_layers,
+                  smi_layers=smi_layers, window=window, smi_site=smi_site)
+    with sf.active():
+        yield sf
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``stepsal_lens.stepflow`` be both this module and the context manager, so
+    ``with stepflow(model):`` and ``stepflow.odds_equal_bridge`` both read naturally."""
+
+    def __call__(self, model: Any, **kwargs: Any):
+        return stepflow(model, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
