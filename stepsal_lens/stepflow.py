@@ -275,9 +275,9 @@ class SegmentTracker:
                 seg, seg_name = SEGMENT_CODES[name], name
                 break
         step, start = -1, False
-        if seg_name == "question":  # one step
-            step = 0 if anchored else -1
-            start = anchored and row.n_steps == 0
+        if seg_name == "question":  # one step; its region is stripped already
+            step = 0
+            start = row.n_steps == 0
             row.n_steps = max(row.n_steps, 1)
         elif seg_name is not None:
             a = regions[seg_name][0]
@@ -304,9 +304,10 @@ class SegmentTracker:
 
     def _drop_trailing_spaces(self, row: _Row) -> None:
         i = len(row.step) - 1
-        while i >= 0 and row.valid[i] and not row.anchored[i] and row.step[i] >= 0:
-            row.step[i] = -1
-            self._relabelled = True
+        while i >= 0 and row.valid[i] and not row.anchored[i]:
+            if row.step[i] >= 0:
+                row.step[i] = -1
+                self._relabelled = True
             i -= 1
 
     # ---- views -----------------------------------------------------------------------------
@@ -563,9 +564,10 @@ class StepFlow:
         bridge = visible & (k_seg[:, None, :] == bridge_seg[:, :, None])
         out, eligible, act, p_b, tau_b = _oeb(pattern, same[:, None], bridge[:, None],
                                               self.tau_max)
-        if self._count(layer, "oeb"):
+        if self._count(layer, "oeb"):  # on detached values: checkpointing must not see it
+            p_b, tau_b = p_b.detach(), tau_b.detach()
             after = torch.where(act, tau_b, p_b)
-            rows = lambda x: x.detach().double().sum((1, 2)).cpu()  # noqa: E731
+            rows = lambda x: x.double().sum((1, 2)).cpu()  # noqa: E731
             st = self.stats
             st.oeb_triggers[layer] += rows(act)
             st.oeb_eligible[layer] += rows(eligible)
@@ -582,10 +584,16 @@ class StepFlow:
         thinking = lab["segment"][:, pos] == _T
         steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
         starts = thinking & lab["step_start"][:, pos]
-        buf = self._buffers.get(layer)
-        if buf is None:  # last `window` vectors of the latest thinking step, per row
-            buf = {"vec": [[] for _ in range(act.shape[0])], "step": [-1] * act.shape[0]}
-            self._buffers[layer] = buf
+        # Per row: the last `window` vectors of the latest thinking step seen in earlier
+        # passes (KV-cached steps). A pass re-run by checkpointing starts from the same.
+        state = self._buffers.get(layer)
+        if state is None or state["pass"] != self._pass:
+            init = state["end"] if state else {"vec": [[] for _ in range(act.shape[0])],
+                                               "step": [-1] * act.shape[0]}
+            state = {"pass": self._pass, "init": init}
+            self._buffers[layer] = state
+        buf = {"vec": [list(v) for v in state["init"]["vec"]], "step": list(state["init"]["step"])}
+        state["end"] = buf
         out = act
         count = self._count(layer, "smi")
         steps_l, starts_l = steps.tolist(), starts.tolist()

@@ -45,3 +45,11 @@ def models(checkpoints):
 @pytest.fixture(params=list(ARCH_FORMATS))
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_lrm():
+    """The bundled trained model (it writes real thinking steps)."""
+    from stepsal_lens import load_lrm
+
+    return load_lrm("tiny-lrm", device="cpu")
