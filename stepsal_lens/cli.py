@@ -4,6 +4,12 @@
 
 ``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
 ``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
+``stepsal generate --model M --question Q --out FILE.json [--stepflow ...]`` writes one
+generation: prompt, text, token ids, segments and StepFlow's stats.
+
+``stepsal eval --model M --data FILE --out DIR [--stepflow ...]`` evaluates accuracy
+(resumable); ``stepsal compare RUN_A RUN_B`` runs a paired McNemar test on two runs.
+
 ``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
 gpt-oss) on the fly, for trying the tool without any weights.
 """
@@ -92,6 +98,93 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StepSalError(f"layers must be comma-separated integers like 0,1,2; got {text!r}") from None
+
+
+def _stepflow_settings(args: argparse.Namespace) -> dict | None:
+    given = {k: getattr(args, k) for k in ("tau_max", "alpha", "oeb_layers", "smi_layers",
+                                          "window", "smi_site") if getattr(args, k) is not None}
+    if not args.stepflow:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise StepSalError(f"{flags} set StepFlow options but StepFlow is off; add --stepflow")
+        return None
+    given["oeb_layers"] = _layers(given.get("oeb_layers"))
+    given["smi_layers"] = _layers(given.get("smi_layers"))
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def generate_cmd(args: argparse.Namespace) -> int:
+    from stepsal_lens.generation import generate
+
+    if (args.question is None) == (args.prompt_file is None):
+        raise StepSalError("pass exactly one of --question and --prompt-file")
+    settings = _stepflow_settings(args)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.exists():
+            raise StepSalError(f"prompt file {str(path)!r} does not exist")
+        kwargs = {"prompts": [path.read_text()]}
+    else:
+        kwargs = {"questions": [args.question]}
+    [gen] = generate(model, **kwargs, max_new_tokens=args.max_new_tokens, stepflow=settings,
+                     temperature=args.temperature, seed=args.seed, progress=False)
+    gen.save(args.out)
+    seg = gen.segments()
+    print(f"{len(gen.completion_ids)} tokens ({'finished' if gen.finished else 'budget reached'}"
+          f"); summary: {seg['summary']!r}; wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    from stepsal_lens.evaluate import evaluate, load_problems
+
+    settings = _stepflow_settings(args)
+    problems = load_problems(args.data, limit=args.limit)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
+    run = evaluate(model, problems, args.out, stepflow=settings, max_new_tokens=args.max_new_tokens,
+                   batch_size=args.batch_size, samples=args.samples, temperature=args.temperature,
+                   seed=args.seed, model_name=args.model, data_name=str(args.data))
+    s = run.summary
+    print(f"accuracy {100 * s['accuracy']:.1f}% ({s['correct']}/{s['n']}, 95% CI "
+          f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}); wrote {run.out}/results.jsonl, "
+          f"summary.json", file=sys.stderr)
+    return 0
+
+
+def compare_cmd(args: argparse.Namespace) -> int:
+    from stepsal_lens.evaluate import compare_runs
+
+    result = compare_runs(args.run_a, args.run_b)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None)
+    g = p.add_argument_group("StepFlow (paper defaults unless set)")
+    g.add_argument("--stepflow", action="store_true", help="turn StepFlow on")
+    g.add_argument("--tau-max", type=float, default=None, help="OEB bridge cap (0.15)")
+    g.add_argument("--alpha", type=float, default=None, help="SMI strength (0.06)")
+    g.add_argument("--oeb-layers", default=None, help="e.g. 0,1,2 (default: bottom quarter)")
+    g.add_argument("--smi-layers", default=None, help="e.g. 25,26,27 (default: top quarter)")
+    g.add_argument("--window", type=int, default=None, help="SMI window in tokens (4)")
+    g.add_argument("--smi-site", default=None, choices=["resid_post", "z"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +212,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--device", default=None)
     d.set_defaults(func=demo)
+
+    g = sub.add_parser("generate", help="generate one trace, with or without StepFlow")
+    g.add_argument("--model", required=True, help="tiny-lrm, a local folder, hub name, or random:ARCH")
+    g.add_argument("--question", default=None, help="question (wrapped in the model's format)")
+    g.add_argument("--prompt-file", default=None, help="file holding a raw prompt instead")
+    g.add_argument("--out", required=True, help="output JSON file")
+    _add_generation_options(g)
+    g.set_defaults(func=generate_cmd)
+
+    e = sub.add_parser("eval", help="accuracy on a benchmark file (resumable)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True,
+                   help="local .jsonl/.json/.parquet/.csv (MATH-500, AIME, AMC23, GPQA layouts) "
+                        "or tiny:SPLIT for the bundled task")
+    e.add_argument("--out", required=True, help="run folder (re-run to resume)")
+    e.add_argument("--limit", type=int, default=None, help="first N problems")
+    e.add_argument("--samples", type=int, default=1, help="generations per problem")
+    e.add_argument("--batch-size", type=int, default=8)
+    _add_generation_options(e)
+    e.set_defaults(func=eval_cmd)
+
+    c = sub.add_parser("compare", help="paired McNemar test of two eval runs")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.set_defaults(func=compare_cmd)
     return parser
 
 
