@@ -3,7 +3,8 @@
 Loads a model (default: the bundled ``tiny-lrm``), generates greedy traces for a held-out
 mix of the arithmetic task's splits (or a JSONL of questions with answers), grades them,
 runs Step-Saliency on each, and writes ``traces.jsonl``, ``metrics.csv``,
-``compare.csv``, PNG figures and a self-contained ``report.html``.
+``compare.csv``, PNG figures and a self-contained ``report.html``. Then it does the same
+with StepFlow on (``traces_stepflow.jsonl``, ``metrics_stepflow.csv``) and compares.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["DemoResult", "generate_traces", "load_questions", "run_demo"]
+__all__ = ["DemoResult", "load_questions", "run_demo"]
 
 
 @dataclass
@@ -28,6 +29,8 @@ class DemoResult:
     metrics: Any  # pandas DataFrame: one row per (trace, layer)
     comparison: Any | None  # pandas DataFrame from compare(), None with < 2 per group
     saliencies: list[Any] = field(default_factory=list)
+    #: StepFlow on the same questions: settings, records, metrics, paired McNemar test
+    stepflow: dict[str, Any] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -66,47 +69,72 @@ def task_questions(n: int, seed: int) -> list[dict[str, Any]]:
     return [{"question": p.question, "answer": str(p.answer), "split": p.split} for p in problems]
 
 
-def generate_traces(model, questions: list[str], *, max_new_tokens: int = 256,
-                    batch_size: int = 8, progress: bool = True) -> list[str]:
-    """Greedy, KV-cached generation; returns each full text (prompt + completion).
-
-    Each completion is cut after the first end-of-sequence marker of the format.
-    """
+def _analyse(model, rows, *, stepflow: dict | None, max_new_tokens: int, progress: bool,
+             label: str):
+    """Generate, grade and run Step-Saliency (with StepFlow on when given)."""
+    import pandas as pd
     from tqdm.auto import tqdm
 
-    fmt = model.stepsal_format
-    prompts = [fmt.prompt(q) for q in questions]
-    eos_ids = {model.tokenizer.eos_token_id}
-    texts: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch",
-                      disable=not progress):
-        batch = prompts[start:start + batch_size]
-        # Left padding puts every prompt in the batch's widest prompt width.
-        width = max(model.to_tokens(p).shape[1] for p in batch)
-        out = model.generate(batch if len(batch) > 1 else batch[0],
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             stop_at_eos=True, verbose=False, return_type="tokens",
-                             padding_side="left")
-        for prompt, row in zip(batch, out.reshape(len(batch), -1).tolist()):
-            gen = row[width:]
-            cut = next((i for i, t in enumerate(gen) if t in eos_ids), None)
-            gen = gen if cut is None else gen[:cut + 1]
-            texts.append(prompt + model.tokenizer.decode(gen, skip_special_tokens=False))
-    return texts
+    from stepsal_lens.generation import generate
+    from stepsal_lens.metrics import layer_metrics
+    from stepsal_lens.saliency import step_saliency
+    from stepsal_lens.stepflow import stepflow as stepflow_on
+    from stepsal_lens.zoo.task import extract_answer
+
+    gens = generate(model, [r["question"] for r in rows], max_new_tokens=max_new_tokens,
+                    stepflow=stepflow, progress=progress)
+    records, frames, saliencies = [], [], []
+    for i, (row, gen) in enumerate(tqdm(list(zip(rows, gens)), desc=f"step saliency ({label})",
+                                        unit="trace", disable=not progress)):
+        rec = {"index": i, **row, "text": gen.text, "prediction": None, "correct": False,
+               "truncated": None, "n_steps": None, "error": None, "stats": gen.stats}
+        try:
+            trace = gen.trace(model)
+        except StepSalError as err:
+            rec["error"] = str(err)
+            records.append(rec)
+            continue
+        rec["prediction"] = extract_answer(trace.summary)
+        rec["correct"] = rec["prediction"] is not None and rec["prediction"] == row["answer"]
+        rec["truncated"] = trace.truncated
+        rec["n_steps"] = trace.n_steps
+        if stepflow is None:
+            sal = step_saliency(model, trace)
+        else:
+            with stepflow_on(model, **stepflow):
+                sal = step_saliency(model, trace)
+        sal.meta.update(index=i, correct=rec["correct"], split=row["split"])
+        saliencies.append(sal)
+        df = layer_metrics(sal)
+        df.insert(0, "index", i)
+        df.insert(1, "split", row["split"])
+        df.insert(2, "correct", rec["correct"])
+        frames.append(df)
+        records.append(rec)
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return records, metrics, saliencies
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
              seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
-             device: str | None = None, progress: bool = True) -> DemoResult:
-    """The whole demo; see the module docstring. ``model`` is a name, a path or a model."""
-    import pandas as pd
+             device: str | None = None, stepflow: bool | dict[str, Any] = True,
+             progress: bool = True) -> DemoResult:
+    """The whole demo; see the module docstring. ``model`` is a name, a path or a model.
 
-    from stepsal_lens.metrics import compare, layer_metrics
+    ``stepflow``: also generate with StepFlow (True: paper defaults, or a dict of
+    settings) and compare accuracy and Step-Saliency with the baseline.
+    """
+    from stepsal_lens.evaluate import compare_runs
+    from stepsal_lens.metrics import compare
     from stepsal_lens.models import load_lrm
     from stepsal_lens.report import write_demo_report
-    from stepsal_lens.saliency import step_saliency
-    from stepsal_lens.trace import Trace
-    from stepsal_lens.zoo.task import extract_answer
+    from stepsal_lens.stepflow import StepFlow
 
     if n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
@@ -118,46 +146,34 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
             print(f"loading {model} ...", file=sys.stderr)
         model = load_lrm(model, device=device)
     rows = load_questions(data)[:n] if data is not None else task_questions(n, seed)
-    texts = generate_traces(model, [r["question"] for r in rows], max_new_tokens=max_new_tokens,
-                            progress=progress)
-    from tqdm.auto import tqdm
-
-    records, frames, saliencies = [], [], []
-    for i, (row, text) in enumerate(tqdm(list(zip(rows, texts)), desc="step saliency",
-                                         unit="trace", disable=not progress)):
-        rec = {"index": i, **row, "text": text, "prediction": None, "correct": False,
-               "truncated": None, "n_steps": None, "error": None}
-        try:
-            trace = Trace.from_text(text, model)
-        except StepSalError as err:
-            rec["error"] = str(err)
-            records.append(rec)
-            continue
-        rec["prediction"] = extract_answer(trace.summary)
-        rec["correct"] = rec["prediction"] is not None and rec["prediction"] == row["answer"]
-        rec["truncated"] = trace.truncated
-        rec["n_steps"] = trace.n_steps
-        sal = step_saliency(model, trace)
-        sal.meta.update(index=i, correct=rec["correct"], split=row["split"])
-        saliencies.append(sal)
-        df = layer_metrics(sal)
-        df.insert(0, "index", i)
-        df.insert(1, "split", row["split"])
-        df.insert(2, "correct", rec["correct"])
-        frames.append(df)
-        records.append(rec)
-    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    records, metrics, saliencies = _analyse(model, rows, stepflow=None, label="baseline",
+                                            max_new_tokens=max_new_tokens, progress=progress)
     right = [s for s in saliencies if s.meta["correct"]]
     wrong = [s for s in saliencies if not s.meta["correct"]]
     comparison = compare(right, wrong) if len(right) >= 2 and len(wrong) >= 2 else None
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "traces.jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _write_jsonl(out / "traces.jsonl", records)
     metrics.to_csv(out / "metrics.csv", index=False)
     if comparison is not None:
         comparison.to_csv(out / "compare.csv", index=False)
-    result = DemoResult(out, records, metrics, comparison, saliencies)
+    flow = None
+    if stepflow:
+        settings = {} if stepflow is True else dict(stepflow)
+        sf_records, sf_metrics, _ = _analyse(model, rows, stepflow=settings, label="StepFlow",
+                                             max_new_tokens=max_new_tokens, progress=progress)
+        _write_jsonl(out / "traces_stepflow.jsonl", sf_records)
+        sf_metrics.to_csv(out / "metrics_stepflow.csv", index=False)
+        flow = {"settings": StepFlow(model, **settings).config, "records": sf_records,
+                "metrics": sf_metrics,
+                "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
+    result = DemoResult(out, records, metrics, comparison, saliencies, flow)
     write_demo_report(result, model_name=model_name)
     return result
+
+
+def _as_run(records: list[dict[str, Any]]):
+    from stepsal_lens.evaluate import EvalRun
+
+    recs = [{"id": str(r["index"]), "sample": 0, "correct": bool(r["correct"])} for r in records]
+    return EvalRun(Path("."), recs, {})

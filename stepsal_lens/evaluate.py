@@ -415,7 +415,9 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     if not problems:
         raise StepSalError("no problems to evaluate")
     out = Path(out)
-    sf = ({} if stepflow is True else dict(stepflow)) if stepflow else None
+    from stepsal_lens.generation import _stepflow_kwargs
+
+    sf = _stepflow_kwargs(stepflow)
     if sf is not None:  # record the resolved layers, not None
         from stepsal_lens.stepflow import StepFlow
 

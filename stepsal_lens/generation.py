@@ -174,7 +174,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     fmt = model.stepsal_format
     if prompts is None:
         prompts = [fmt.prompt(q) for q in questions]
-    sf_kwargs = ({} if stepflow is True else dict(stepflow)) if stepflow else None
+    sf_kwargs = _stepflow_kwargs(stepflow)
     stops = stop_ids(model)
     pad = model.tokenizer.pad_token_id
     pad = stops[0] if pad is None else pad
@@ -218,3 +218,10 @@ def _empty_stats() -> dict[str, Any]:
                     "eligible_rows_per_layer": {}, "mean_bridge_mass_before": None,
                     "mean_bridge_mass_after": None},
             "smi": {"injections": 0, "injections_per_layer": {}}}
+
+
+def _stepflow_kwargs(stepflow: bool | dict[str, Any] | None) -> dict[str, Any] | None:
+    """None/False: off; True or a dict (even an empty one: paper defaults): on."""
+    if stepflow is None or stepflow is False:
+        return None
+    return {} if stepflow is True else dict(stepflow)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_group_curves", "write_demo_report"]
+__all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -34,8 +35,12 @@ def _img(png: bytes, alt: str) -> str:
             f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
-def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
-    """Per-layer means of two groups (correct / wrong) with 95% confidence bands."""
+def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_share"),
+                          colors: Sequence[str] = ("tab:green", "tab:red", "tab:blue")):
+    """Per-layer means of several groups of per-(trace, layer) metrics, with 95% t bands.
+
+    ``groups`` maps a label to a DataFrame with a ``layer`` column and the metric columns.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -45,8 +50,10 @@ def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.4), squeeze=False,
                              constrained_layout=True)
     for ax, name in zip(axes[0], names):
-        for correct, color, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
-            grp = metrics[metrics.correct == correct].groupby("layer")[name]
+        for (label, df), color in zip(groups.items(), colors):
+            if not len(df):
+                continue
+            grp = df.groupby("layer")[name]
             mean, sem, count = grp.mean(), grp.sem(), grp.count()
             if mean.isna().all():
                 continue
@@ -59,6 +66,48 @@ def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
         ax.set_xlabel("layer")
         ax.legend()
     return fig
+
+
+def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
+    """Per-layer means of correct and wrong traces with 95% confidence bands."""
+    return plot_condition_curves({"correct": metrics[metrics.correct == True],  # noqa: E712
+                                  "wrong": metrics[metrics.correct == False]}, names)  # noqa: E712
+
+
+def _stepflow_section(result: Any, flow: dict[str, Any], out: Path) -> str:
+    base, sf = result.records, flow["records"]
+    splits = sorted({r["split"] for r in base}, key=[r["split"] for r in base].index)
+    rows = []
+    for split in [*splits, "all"]:
+        pick = lambda recs: [r["correct"] for r in recs if split in ("all", r["split"])]  # noqa: E731
+        b, s = pick(base), pick(sf)
+        rows.append(f"<tr><td>{html.escape(split)}</td><td>{sum(b)}/{len(b)}</td>"
+                    f"<td>{sum(s)}/{len(s)}</td></tr>")
+    m = flow["mcnemar"]
+    n_sf = max(1, len(sf))
+    oeb = sum(r["stats"]["oeb"]["triggers"] for r in sf) / n_sf
+    smi = sum(r["stats"]["smi"]["injections"] for r in sf) / n_sf
+    changed = sum(a["text"] != b["text"] for a, b in zip(base, sf))
+    parts = [
+        "<h2>StepFlow</h2>",
+        f"<p>The same questions generated again with StepFlow on "
+        f"(<code>{html.escape(str(flow['settings']))}</code>). Per trace on average: "
+        f"{oeb:.1f} OEB row rescales, {smi:.1f} SMI injections; {changed} of {len(base)} "
+        f"generations changed.</p>",
+        "<table><tr><th>split</th><th>baseline</th><th>StepFlow</th></tr>" + "".join(rows)
+        + "</table>",
+        f"<p>Paired exact McNemar test: {m['a_only']} right only without StepFlow, "
+        f"{m['b_only']} right only with it, p = {m['mcnemar_p']:.3g}.</p>",
+    ]
+    if len(result.metrics) and len(flow["metrics"]):
+        png = _png(plot_condition_curves({"baseline": result.metrics,
+                                          "StepFlow": flow["metrics"]},
+                                         colors=("tab:gray", "tab:blue")))
+        (out / "stepflow_curves.png").write_bytes(png)
+        parts.append("<p>Step-Saliency per layer, baseline traces vs StepFlow's traces "
+                     "(measured with StepFlow on); 95% t bands.</p>"
+                     + _img(png, "StepFlow curves"))
+    return "".join(parts)
 
 
 def _table(df, floats: str = "{:.4g}") -> str:
@@ -119,6 +168,8 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     else:
         parts.append("<h2>Correct vs wrong</h2><p>Fewer than two traces in a group: no "
                      "comparison.</p>")
+    if getattr(result, "stepflow", None):
+        parts.append(_stepflow_section(result, result.stepflow, out))
     rows = "".join(
         f"<tr><td>{r['index']}</td><td>{html.escape(r['split'])}</td>"
         f"<td class='{'ok' if r['correct'] else 'bad'}'>{'yes' if r['correct'] else 'no'}</td>"

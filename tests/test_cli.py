@@ -69,3 +69,44 @@ def test_analyze_missing_model(tmp_path, capsys):
     rc = main(["analyze", "--model", str(tmp_path / "nope"), "--trace", str(tmp_path / "t.json"),
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "neither a local folder" in capsys.readouterr().err
+
+
+def test_generate_writes_the_contract(tmp_path, tiny_lrm):
+    q = "Start with 3. Add 4, then multiply by 2. What is the result?"
+    out = tmp_path / "gen.json"
+    assert main(["generate", "--model", "tiny-lrm", "--question", q, "--out", str(out),
+                 "--stepflow", "--alpha", "0.1", "--oeb-layers", "0", "--max-new-tokens", "96"]) == 0
+    doc = json.loads(out.read_text())
+    assert {"prompt", "text", "token_ids", "prompt_len", "segments", "stats"} <= set(doc)
+    assert doc["text"] == tiny_lrm.tokenizer.decode(doc["token_ids"])
+    assert doc["text"].startswith(doc["prompt"]) and doc["segments"]["question"] == q
+    assert doc["stats"]["smi"]["injections"] >= 1
+    assert set(doc["stats"]["oeb"]["triggers_per_layer"]) == {"0"}
+    off = tmp_path / "off.json"
+    assert main(["generate", "--model", "tiny-lrm", "--question", q, "--out", str(off),
+                 "--max-new-tokens", "96"]) == 0
+    stats = json.loads(off.read_text())["stats"]
+    assert stats["oeb"]["triggers"] == 0 and stats["smi"]["injections"] == 0
+
+
+def test_generate_and_eval_errors(tmp_path, capsys):
+    assert main(["generate", "--model", "tiny-lrm", "--question", "x", "--out",
+                 str(tmp_path / "g.json"), "--tau-max", "0.2"]) == 2
+    assert "add --stepflow" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-lrm", "--out", str(tmp_path / "g.json")]) == 2
+    assert main(["eval", "--model", "tiny-lrm", "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_and_compare(tmp_path, capsys):
+    base, sf = tmp_path / "base", tmp_path / "sf"
+    common = ["--model", "tiny-lrm", "--data", "tiny:id", "--limit", "3", "--max-new-tokens", "96"]
+    assert main(["eval", *common, "--out", str(base)]) == 0
+    assert main(["eval", *common, "--out", str(sf), "--stepflow"]) == 0
+    summary = json.loads((sf / "summary.json").read_text())
+    assert summary["n"] == 3 and summary["config"]["stepflow"]["oeb_layers"] == [0]
+    capsys.readouterr()
+    assert main(["compare", str(base), str(sf)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 3 and 0 <= result["mcnemar_p"] <= 1

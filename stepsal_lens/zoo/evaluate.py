@@ -31,11 +31,12 @@ def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
              max_new_tokens: int = 256, progress: bool = False) -> dict[str, Any]:
     """Greedy accuracy on ``n`` problems of ``split``; returns counts and per-op-count
     accuracy."""
-    from stepsal_lens.demo import generate_traces
+    from stepsal_lens.generation import generate as generate_text
 
     problems = generate(n, split=split, seed=seed)
-    texts = generate_traces(model, [p.question for p in problems], max_new_tokens=max_new_tokens,
-                            batch_size=16, progress=progress)
+    texts = [g.text for g in generate_text(model, [p.question for p in problems],
+                                           max_new_tokens=max_new_tokens, batch_size=16,
+                                           progress=progress)]
     fmt = model.stepsal_format
     correct, by_ops = [], {}
     for p, text in zip(problems, texts):
