@@ -120,6 +120,13 @@ def test_demo_end_to_end(tmp_path):
     assert "<think>" in text and "&lt;think&gt;" in raw and "<think>" not in raw
     assert text.split("\n")[0] in "".join(parser.text)
     assert "src=\"http" not in raw  # self-contained
+    # StepFlow on the same questions: its own traces, stats and a section in the report
+    flow = [json.loads(x) for x in (out / "traces_stepflow.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in flow] == [r["question"] for r in records]
+    assert all(r["stats"]["oeb"]["eligible_rows"] > 0 for r in flow if r["error"] is None)
+    assert all(r["stats"]["oeb"]["triggers"] == 0 for r in records)
+    assert "StepFlow" in parser.text and "McNemar" in "".join(parser.text)
+    assert (out / "stepflow_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_with_a_jsonl_file(tmp_path):
