@@ -310,3 +310,21 @@ def test_bad_settings_are_named(models):
     with pytest.raises(StepSalError, match="token ids"):
         with stepflow(model):
             model(torch.randn(1, 3, 4))
+
+
+def test_batched_equals_one_by_one_with_stepflow(models, arch):
+    """Prompts of different lengths, left-padded in one batch, StepFlow on."""
+    model = models[arch]
+    fmt = model.stepsal_format
+    opener = "" if fmt.prompt_opens_thinking else fmt.think_open
+    prompts = [fmt.prompt(QUESTION) + opener + THINKING,
+               fmt.prompt("Start with 2. Add 1.") + opener + "We begin with the number two. "]
+    cfg = {"tau_max": 0.5, "alpha": 2.0, "oeb_layers": [0, 1]}
+    batched = generate(model, prompts=prompts, stepflow=cfg, max_new_tokens=8, batch_size=2,
+                       progress=False)
+    for prompt, b in zip(prompts, batched):
+        [s] = generate(model, prompts=[prompt], stepflow=cfg, max_new_tokens=8, progress=False)
+        assert b.token_ids == s.token_ids
+        assert b.stats["smi"] == s.stats["smi"]
+        assert b.stats["oeb"]["triggers_per_layer"] == s.stats["oeb"]["triggers_per_layer"]
+    assert batched[0].stats["oeb"]["triggers"] > 0
