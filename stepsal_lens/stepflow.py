@@ -75,9 +75,8 @@ _BOUNDARY = {"thinking": r"\.\s+", "summary": r"\n[ \t]*\n\s*"}
 # ---- pure cores ----------------------------------------------------------------------------
 
 def _oeb(pattern: Tensor, same: Tensor, bridge: Tensor, tau_max: float):
-    """OEB plus what it did: (new pattern, eligible rows, triggered rows, p_B, tau_B)."""
-    if (same & bridge).any():
-        raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
+    """OEB plus what it did: (new pattern, eligible rows, triggered rows, p_B, tau_B).
+    ``same`` and ``bridge`` must be disjoint (checked by :func:`odds_equal_bridge`)."""
     p = pattern.float()
     same_f, bridge_f = same.to(p.dtype), bridge.to(p.dtype)
     row = p.sum(-1)
@@ -133,6 +132,8 @@ def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
     """
     if not 0 <= tau_max <= 1:
         raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
+    if (same & bridge).any():
+        raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
     return _oeb(pattern, same, bridge, tau_max)[0]
 
 
@@ -547,32 +548,39 @@ class StepFlow:
         lab = self._check_batch(pattern)
         total = lab["segment"].shape[1]
         n_q, n_k = pattern.shape[-2:]
-        dev = pattern.device
-        q_pos = torch.arange(total - n_q, total, device=dev)
-        k_pos = torch.arange(total - n_k, total, device=dev)
-        q_seg = lab["segment"][:, q_pos]
+        # queries are the last n_q known positions, keys the last n_k (a sliding-window
+        # cache may hold fewer than all)
+        q_seg = lab["segment"][:, total - n_q:]
         targeted = (q_seg == _T) | (q_seg == _S)
         if not bool(targeted.any()):
             return pattern
-        k_seg = lab["segment"][:, k_pos]
-        visible = (k_pos[None, :] <= q_pos[:, None])[None] & lab["valid"][:, k_pos][:, None, :]
+        k_seg = lab["segment"][:, total - n_k:]
+        visible = lab["valid"][:, None, total - n_k:]
         width = self._windows.get(layer)
-        if width is not None:
-            visible &= (k_pos[None, :] > q_pos[:, None] - width)[None]
-        same = visible & (k_seg[:, None, :] == q_seg[:, :, None]) & targeted[:, :, None]
+        if n_q > 1 or width is not None:
+            dev = pattern.device
+            q_pos = torch.arange(total - n_q, total, device=dev)[:, None]
+            k_pos = torch.arange(total - n_k, total, device=dev)[None, :]
+            sight = k_pos <= q_pos
+            if width is not None:
+                sight = sight & (k_pos > q_pos - width)
+            visible = visible & sight
+        # question -> thinking queries' bridge; thinking -> summary queries' bridge
         bridge_seg = torch.where(q_seg == _T, _Q, torch.where(q_seg == _S, _T, -9))
+        same = visible & (k_seg[:, None, :] == torch.where(targeted, q_seg, -9)[:, :, None])
         bridge = visible & (k_seg[:, None, :] == bridge_seg[:, :, None])
         out, eligible, act, p_b, tau_b = _oeb(pattern, same[:, None], bridge[:, None],
                                               self.tau_max)
         if self._count(layer, "oeb"):  # on detached values: checkpointing must not see it
             p_b, tau_b = p_b.detach(), tau_b.detach()
             after = torch.where(act, tau_b, p_b)
-            rows = lambda x: x.double().sum((1, 2)).cpu()  # noqa: E731
+            sums = torch.stack([act.to(p_b.dtype), eligible.to(p_b.dtype), p_b * eligible,
+                                after * eligible]).double().sum((2, 3)).cpu()  # [4, batch]
             st = self.stats
-            st.oeb_triggers[layer] += rows(act)
-            st.oeb_eligible[layer] += rows(eligible)
-            st.bridge_before[layer] += rows(p_b * eligible)
-            st.bridge_after[layer] += rows(after * eligible)
+            st.oeb_triggers[layer] += sums[0]
+            st.oeb_eligible[layer] += sums[1]
+            st.bridge_before[layer] += sums[2]
+            st.bridge_after[layer] += sums[3]
         return out
 
     def _smi_hook(self, act: Tensor, hook) -> Tensor:
@@ -584,37 +592,76 @@ class StepFlow:
         thinking = lab["segment"][:, pos] == _T
         steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
         starts = thinking & lab["step_start"][:, pos]
-        # Per row: the last `window` vectors of the latest thinking step seen in earlier
-        # passes (KV-cached steps). A pass re-run by checkpointing starts from the same.
+        # Per row: the last `window` activations of the latest thinking step seen so far
+        # (right-aligned in `vec`, `count` of them valid). Each pass starts from the state
+        # the previous pass left, so a pass re-run by checkpointing starts the same way.
         state = self._buffers.get(layer)
         if state is None or state["pass"] != self._pass:
-            init = state["end"] if state else {"vec": [[] for _ in range(act.shape[0])],
-                                               "step": [-1] * act.shape[0]}
+            b, w = act.shape[0], self.window
+            init = state["end"] if state else {
+                "vec": act.new_zeros((b, w, *act.shape[2:])).detach(),
+                "count": torch.zeros(b, dtype=torch.long, device=act.device),
+                "step": torch.full((b,), -1, dtype=torch.long, device=act.device)}
             state = {"pass": self._pass, "init": init}
             self._buffers[layer] = state
-        buf = {"vec": [list(v) for v in state["init"]["vec"]], "step": list(state["init"]["step"])}
-        state["end"] = buf
-        out = act
         count = self._count(layer, "smi")
+        if n_q == 1:
+            out, state["end"] = self._smi_one(act, steps[:, 0], starts[:, 0], state["init"],
+                                              layer, count)
+        else:
+            out, state["end"] = self._smi_block(act, steps, starts, state["init"], layer, count)
+        return out
+
+    def _inject(self, out: Tensor, act: Tensor, b: int, i: int, window: Tensor, layer: int,
+                count: bool) -> Tensor:
+        if out is act:
+            out = act.clone()
+        out[b, i] = step_momentum(act[b, i], window, self.alpha)
+        if count:
+            self.stats.smi_injections[layer][b] += 1
+        return out
+
+    def _smi_one(self, act, steps, starts, buf, layer, count):
+        """One new position per row (a KV-cached step), vectorised over rows."""
+        vec, n, step = buf["vec"], buf["count"], buf["step"]
+        out = act
+        inject = starts & (steps >= 0) & (step == steps - 1) & (n > 0)
+        for b in inject.nonzero().flatten().tolist():
+            out = self._inject(out, act, b, 0, vec[b, self.window - int(n[b]):], layer, count)
+        live = steps >= 0
+        fresh = live & (steps != step)
+        n = torch.where(fresh, 0, n)
+        shifted = torch.cat([vec[:, 1:], act[:, :1].detach().to(vec.dtype)], dim=1)
+        keep = live.view(-1, *([1] * (vec.dim() - 1)))
+        vec = torch.where(keep, shifted, vec)
+        n = torch.where(live, (n + 1).clamp(max=self.window), n)
+        step = torch.where(live, steps, step)
+        return out, {"vec": vec, "count": n, "step": step}
+
+    def _smi_block(self, act, steps, starts, buf, layer, count):
+        """Many positions per row (prompt, teacher-forced trace, uncached step)."""
+        w = self.window
+        out = act
+        vec, n, step = buf["vec"].clone(), buf["count"].clone(), buf["step"].clone()
         steps_l, starts_l = steps.tolist(), starts.tolist()
         for b in range(act.shape[0]):
-            if not any(starts_l[b]) and all(s < 0 for s in steps_l[b]):
+            if all(s < 0 for s in steps_l[b]):
                 continue
+            cur = int(step[b])
+            win = [vec[b, j] for j in range(w - int(n[b]), w)]
             for i, (s, is_start) in enumerate(zip(steps_l[b], starts_l[b])):
                 if s < 0:
                     continue
-                if is_start and buf["step"][b] == s - 1 and buf["vec"][b]:
-                    if out is act:
-                        out = act.clone()
-                    out[b, i] = step_momentum(act[b, i], torch.stack(buf["vec"][b]), self.alpha)
-                    if count:
-                        self.stats.smi_injections[layer][b] += 1
-                if buf["step"][b] != s:
-                    buf["step"][b], buf["vec"][b] = s, []
-                buf["vec"][b] = (buf["vec"][b] + [act[b, i]])[-self.window:]
-            # Keep copies: later hooks may edit the activation in place.
-            buf["vec"][b] = [v.detach().clone() for v in buf["vec"][b]]
-        return out
+                if is_start and cur == s - 1 and win:
+                    out = self._inject(out, act, b, i, torch.stack(win), layer, count)
+                if cur != s:
+                    cur, win = s, []
+                win = (win + [act[b, i]])[-w:]
+            step[b], n[b] = cur, len(win)
+            vec[b] = 0
+            if win:  # copies: later hooks may edit the activation in place
+                vec[b, w - len(win):] = torch.stack(win).detach().to(vec.dtype)
+        return out, {"vec": vec, "count": n, "step": step}
 
     def _check_batch(self, act: Tensor) -> dict[str, Tensor]:
         lab = getattr(self, "_labels", None)
