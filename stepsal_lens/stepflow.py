@@ -317,8 +317,9 @@ class SegmentTracker:
                ("valid", "valid", torch.bool))
 
     def _build(self, cut=lambda values: values) -> dict[str, Tensor]:
-        return {name: torch.tensor([cut(getattr(r, attr)) for r in self.rows], dtype=dtype)
-                for name, attr, dtype in self._FIELDS}
+        data = torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
+                             for _, attr, _ in self._FIELDS], dtype=torch.long)
+        return {name: data[i].to(dtype) for i, (name, _, dtype) in enumerate(self._FIELDS)}
 
     def _tensors(self) -> dict[str, Tensor]:
         if self._cache is None:

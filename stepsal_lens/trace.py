@@ -230,6 +230,7 @@ class Detokenizer:
         self.text = ""
         self._prefix = 0  # start of the decoding context
         self._read = 0  # tokens before this are already in self.text
+        self._before: str | None = ""  # decode(ids[_prefix:_read]) when known
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False,
@@ -238,13 +239,17 @@ class Detokenizer:
     def push(self, token_id: int) -> Span:
         """Append one token; returns its ``(start, end)`` span in :attr:`text`."""
         self.ids.append(int(token_id))
-        before = self._decode(self.ids[self._prefix:self._read])
+        if self._before is None:
+            self._before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
         start = len(self.text)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+        if len(after) > len(self._before) and not after.endswith("\ufffd"):
+            self.text += after[len(self._before):]
             self._read = len(self.ids)
-            self._prefix = max(0, self._read - self._CONTEXT)
+            if self._read - self._prefix > 2 * self._CONTEXT:  # slide the context
+                self._prefix, self._before = self._read - self._CONTEXT, None
+            else:
+                self._before = after
         return start, len(self.text)
 
 
