@@ -92,7 +92,8 @@ def demo(args: argparse.Namespace) -> int:
     if model.startswith("random:"):
         model = _load_model(model, device=args.device, dtype=None, format=None)
     result = run_demo(model, n=args.n, out=args.out, seed=args.seed, data=args.data,
-                      max_new_tokens=args.max_new_tokens, device=args.device)
+                      max_new_tokens=args.max_new_tokens, device=args.device,
+                      stepflow=not args.no_stepflow)
     print(f"accuracy {100 * result.accuracy:.1f}% on {len(result.records)} problems; "
           f"wrote {result.out}/report.html", file=sys.stderr)
     return 0
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSONL of {"question", "answer"} instead of the built-in task')
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--device", default=None)
+    d.add_argument("--no-stepflow", action="store_true",
+                   help="skip the second pass with StepFlow on")
     d.set_defaults(func=demo)
 
     g = sub.add_parser("generate", help="generate one trace, with or without StepFlow")

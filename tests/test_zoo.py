@@ -133,7 +133,9 @@ def test_demo_with_a_jsonl_file(tmp_path):
     data = tmp_path / "q.jsonl"
     rows = [{"question": p.question, "answer": p.answer} for p in generate(3, seed=5)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    assert main(["demo", "--n", "3", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
+    assert main(["demo", "--n", "3", "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--no-stepflow"]) == 0
+    assert not (tmp_path / "o" / "traces_stepflow.jsonl").exists()
     records = [json.loads(x) for x in (tmp_path / "o" / "traces.jsonl").read_text().splitlines()]
     assert [r["question"] for r in records] == [r["question"] for r in rows]
     (tmp_path / "bad.jsonl").write_text('{"q": 1}\n')
