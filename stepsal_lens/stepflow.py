@@ -391,6 +391,8 @@ class StepFlowStats:
     bridge_before: dict[int, Tensor] = field(default_factory=dict)
     bridge_after: dict[int, Tensor] = field(default_factory=dict)
     smi_injections: dict[int, Tensor] = field(default_factory=dict)
+    #: summaries of earlier batches inside the same ``stepflow`` block
+    archive: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def start_batch(self, batch: int) -> None:
         """Zero the per-row counters for a new batch of sequences."""
@@ -428,7 +430,7 @@ class StepFlowStats:
     def to_dict(self) -> dict[str, Any]:
         """Totals over every sequence seen inside the ``stepflow`` block."""
         out = self._summary(slice(None))
-        for old in getattr(self, "_archive", []):
+        for old in self.archive:
             out = _add_summaries(out, old)
         return out
 
@@ -438,7 +440,7 @@ class StepFlowStats:
 
     def _archive_batch(self) -> None:
         if self.batch:
-            self.__dict__.setdefault("_archive", []).append(self._summary(slice(None)))
+            self.archive.append(self._summary(slice(None)))
 
 
 def _add_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
