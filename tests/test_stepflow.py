@@ -328,3 +328,19 @@ def test_batched_equals_one_by_one_with_stepflow(models, arch):
         assert b.stats["smi"] == s.stats["smi"]
         assert b.stats["oeb"]["triggers_per_layer"] == s.stats["oeb"]["triggers_per_layer"]
     assert batched[0].stats["oeb"]["triggers"] > 0
+
+
+def test_stats_sum_over_passes(models):
+    model = models["qwen2"]
+    trace = Trace.from_segments(QUESTION, THINKING, SUMMARY, model)
+    with stepflow(model, tau_max=0.5, alpha=1.0) as sf:
+        model(trace.token_ids[None])
+        once = sf.stats.to_dict()
+        model(trace.token_ids[None])
+    twice = sf.stats.to_dict()
+    assert once["smi"]["injections"] == len(trace.steps_in("thinking")) - 1
+    assert twice["smi"]["injections"] == 2 * once["smi"]["injections"]
+    assert twice["oeb"]["triggers"] == 2 * once["oeb"]["triggers"] > 0
+    assert twice["oeb"]["mean_bridge_mass_after"] == pytest.approx(
+        once["oeb"]["mean_bridge_mass_after"])
+    assert len(sf.stats.per_row()) == 1  # the last batch only
