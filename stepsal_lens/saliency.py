@@ -52,6 +52,7 @@ __all__ = [
     "pool_saliency",
     "register_target",
     "step_saliency",
+    "token_saliency",
 ]
 
 
@@ -375,6 +376,35 @@ def _checkpointed(model, enabled: bool):
 
 def _require_grad(x, hook):
     return x.detach().requires_grad_(True)
+
+
+def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "lm",
+                   **target_kwargs: Any) -> tuple[Float[Tensor, "head query key"],
+                                                  Float[Tensor, "head query key"]]:
+    """Token-level saliency ``|A * dL/dA|`` and attention ``A`` of one layer, unpooled.
+
+    What :func:`step_saliency` pools into its maps, for drilling from a step pair down to
+    tokens; ``[n_heads, n_tokens, n_tokens]`` float32 each, so keep traces short.
+    """
+    fn = get_target(target)
+    if not 0 <= layer < model.cfg.n_layers:
+        raise StepSalError(f"layer {layer} is not valid for a model with {model.cfg.n_layers} "
+                           f"layers")
+    tokens = trace.token_ids[None].to(next(model.parameters()).device)
+    kept: dict[str, Tensor] = {}
+    name = f"blocks.{layer}.attn.hook_pattern"
+
+    def keep(pattern, hook):
+        kept["pattern"] = pattern.detach()
+
+    def saliency(grad, hook):
+        kept["saliency"] = (kept["pattern"].float() * grad.float()).abs()[0].cpu()
+
+    with _activation_grads_only(model), torch.enable_grad():
+        with model.hooks(fwd_hooks=[(name, keep), ("hook_embed", _require_grad)],
+                         bwd_hooks=[(name, saliency)]):
+            fn(model(tokens).float(), trace, **target_kwargs).backward()
+    return kept["saliency"], kept["pattern"][0].float().cpu()
 
 
 def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
