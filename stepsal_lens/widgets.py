@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,8 @@ import torch
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.plots import segment_boundaries
 
-__all__ = ["StepExplorer", "explore"]
+__all__ = ["BINS", "GroupComparison", "StepExplorer", "StepFlowComparison", "binned_map",
+           "compare", "compare_stepflow", "explore", "step_map"]
 
 SCALES = ("raw", "row-normalised", "log")
 _SEG_COLOR = {"question": "#1f77b4", "thinking": "#2ca02c", "summary": "#d62728"}
@@ -252,3 +254,231 @@ def explore(result: Any, *, model: Any = None, trace: Any = None) -> StepExplore
         pair's token-level saliency and attention (circuitsvis).
     """
     return StepExplorer(result, model=model, trace=trace)
+
+
+# ---- groups of traces ------------------------------------------------------------------------
+
+#: Bins per segment when maps of traces with different step counts are averaged.
+BINS = {"question": 1, "thinking": 6, "summary": 2}
+
+
+def binned_map(result: Any, layer_index: int, bins: dict[str, int] | None = None) -> np.ndarray:
+    """A head-mean, row-normalised map resampled to fixed segment-relative bins, so traces
+    with different numbers of steps can be averaged: the question is one bin, the
+    thinking and summary steps are spread evenly over their bins (``BINS``). Bins no
+    step falls in are NaN."""
+    bins = dict(BINS if bins is None else bins)
+    m = step_map(result, layer_index)
+    segs = list(result.segments)
+    offsets, index = {}, 0
+    for seg in ("question", "thinking", "summary"):
+        offsets[seg], index = index, index + bins[seg]
+    where = []
+    for seg in ("question", "thinking", "summary"):
+        members = [i for i, s in enumerate(segs) if s == seg]
+        for k, _ in enumerate(members):
+            where.append(offsets[seg] + k * bins[seg] // len(members))
+    order = [i for seg in ("question", "thinking", "summary")
+             for i, s in enumerate(segs) if s == seg]
+    bin_of = np.empty(len(segs), dtype=int)
+    bin_of[order] = where
+    total = np.zeros((index, index))
+    count = np.zeros((index, index))
+    np.add.at(total, (bin_of[:, None], bin_of[None, :]), m)
+    np.add.at(count, (bin_of[:, None], bin_of[None, :]), 1)
+    with np.errstate(invalid="ignore"):
+        return total / np.where(count == 0, np.nan, count)
+
+
+def _png_of(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _show(out, *items) -> None:
+    from IPython.display import Image
+
+    out.outputs = ()
+    for item in items:
+        out.append_display_data(Image(item) if isinstance(item, bytes) else item)
+
+
+class _Panel:
+    """Shared layout: a layer slider redrawing matplotlib views into Output widgets."""
+
+    def __init__(self, n_layers: int, layers: list[int]):
+        import ipywidgets as w
+
+        self.layers = layers
+        self.layer = w.IntSlider(value=0, min=0, max=n_layers - 1, description="layer",
+                                 readout=False, continuous_update=False)
+        self.layer_label = w.Label(f"layer {layers[0]}")
+        self.maps = w.Output()
+        self.curves = w.Output()
+        self.layer.observe(lambda _c: self._redraw(), names="value")
+
+    def _redraw(self) -> None:
+        self.layer_label.value = f"layer {self.layers[self.layer.value]}"
+        _show(self.maps, self.maps_png())
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        png = base64.b64encode(self.maps_png()).decode()
+        data["image/png"] = png
+        data["text/html"] = f'<img alt="maps" src="data:image/png;base64,{png}">'
+        return bundle
+
+
+def _check_group(results: Any, what: str) -> list[Any]:
+    results = list(results)
+    if not results:
+        raise StepSalError(f"{what} is empty; pass a list of StepSaliency results")
+    layers = list(results[0].layers)
+    if any(list(r.layers) != layers for r in results):
+        raise StepSalError(f"the results in {what} cover different layers; compute them with "
+                           f"the same layers=")
+    return results
+
+
+def _group_metrics(results: list[Any]):
+    import pandas as pd
+
+    from stepsal_lens.metrics import layer_metrics
+
+    return pd.concat([layer_metrics(r) for r in results], ignore_index=True)
+
+
+class GroupComparison(_Panel):
+    """Correct vs wrong traces (made by :func:`compare`)."""
+
+    def __init__(self, correct: Any, wrong: Any, *, bins: dict[str, int] | None = None):
+        import ipywidgets as w
+
+        from stepsal_lens.report import plot_condition_curves
+
+        self.correct = _check_group(correct, "correct_results")
+        self.wrong = _check_group(wrong, "wrong_results")
+        if list(self.correct[0].layers) != list(self.wrong[0].layers):
+            raise StepSalError("the two groups cover different layers")
+        self.bins = dict(BINS if bins is None else bins)
+        super().__init__(len(self.correct[0].layers), list(self.correct[0].layers))
+        self.metrics = {"correct": _group_metrics(self.correct),
+                        "wrong": _group_metrics(self.wrong)}
+        _show(self.curves, _png_of(plot_condition_curves(self.metrics)))
+        self._redraw()
+        self.widget = w.VBox([w.HBox([self.layer, self.layer_label]), self.maps, self.curves])
+
+    def group_map(self, group: str) -> np.ndarray:
+        """Mean binned map of one group (``"correct"`` or ``"wrong"``) at the current layer."""
+        results = self.correct if group == "correct" else self.wrong
+        stack = np.stack([binned_map(r, self.layer.value, self.bins) for r in results])
+        with warnings.catch_warnings():  # a bin empty in every trace stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(stack, axis=0)
+
+    def maps_png(self) -> bytes:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        right, wrong = self.group_map("correct"), self.group_map("wrong")
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), constrained_layout=True)
+        vmax = float(np.nanmax([right, wrong])) or 1.0
+        for ax, m, title in ((axes[0], right, f"correct (n={len(self.correct)})"),
+                             (axes[1], wrong, f"wrong (n={len(self.wrong)})")):
+            im = ax.imshow(m, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_title(title)
+        fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8)
+        diff = right - wrong
+        lim = float(np.nanmax(np.abs(diff))) or 1.0
+        im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[2].set_title("correct - wrong")
+        fig.colorbar(im, ax=axes[2], shrink=0.8)
+        edges = np.cumsum([self.bins["question"], self.bins["thinking"]]) - 0.5
+        for ax in axes:
+            for e in edges:
+                ax.axhline(e, color="cyan", lw=0.8)
+                ax.axvline(e, color="cyan", lw=0.8)
+            ax.set_xlabel("key (Q | thinking bins | summary bins)")
+        fig.suptitle(f"layer {self.layers[self.layer.value]}: head-mean, row-normalised, binned")
+        return _png_of(fig)
+
+
+def compare(correct_results: Any, wrong_results: Any, *,
+            bins: dict[str, int] | None = None) -> GroupComparison:
+    """Group-mean maps of correct and wrong traces side by side (with their difference)
+    and the per-layer lock-in / thinking-share curves with 95% bands. Maps of traces
+    with different step counts are averaged on segment-relative bins
+    (:func:`binned_map`)."""
+    return GroupComparison(correct_results, wrong_results, bins=bins)
+
+
+class StepFlowComparison(_Panel):
+    """One question with and without StepFlow (made by :func:`compare_stepflow`)."""
+
+    def __init__(self, off: Any, on: Any, *, text_off: str | None = None,
+                 text_on: str | None = None):
+        import ipywidgets as w
+        import pandas as pd
+
+        from stepsal_lens.metrics import layer_metrics
+
+        if list(off.layers) != list(on.layers):
+            raise StepSalError("the two results cover different layers")
+        self.off, self.on = off, on
+        super().__init__(len(off.layers), list(off.layers))
+        m_off, m_on = layer_metrics(off), layer_metrics(on)
+        cols = [c for c in ("lock_in", "context_share", "thinking_share") if c in m_off]
+        table = pd.DataFrame({"layer": m_off["layer"]})
+        for c in cols:
+            table[f"{c} off"], table[f"{c} on"] = m_off[c], m_on[c]
+        self.table = table
+        self.texts = w.HTML(
+            "<div style='display:flex;gap:1em'>" + "".join(
+                f"<div style='flex:1'><b>{label}</b><pre style='white-space:pre-wrap'>"
+                f"{html.escape(t or '')}</pre></div>"
+                for label, t in (("StepFlow off", text_off or off.meta.get("text", "")),
+                                 ("StepFlow on", text_on or on.meta.get("text", "")))) + "</div>")
+        _show(self.curves, w.HTML(table.round(4).to_html(index=False)))
+        self._redraw()
+        self.widget = w.VBox([w.HBox([self.layer, self.layer_label]), self.maps, self.curves,
+                              self.texts])
+
+    def maps_png(self) -> bytes:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        i = self.layer.value
+        same = [s.text for s in self.off.steps] == [s.text for s in self.on.steps]
+        a, b = ((step_map(self.off, i), step_map(self.on, i)) if same
+                else (binned_map(self.off, i), binned_map(self.on, i)))
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), constrained_layout=True)
+        vmax = float(np.nanmax([a, b])) or 1.0
+        for ax, m, title in ((axes[0], a, "StepFlow off"), (axes[1], b, "StepFlow on")):
+            im = ax.imshow(m, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_title(title)
+        fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8)
+        diff = b - a
+        lim = float(np.nanmax(np.abs(diff))) or 1.0
+        im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[2].set_title("on - off")
+        fig.colorbar(im, ax=axes[2], shrink=0.8)
+        fig.suptitle(f"layer {self.layers[i]}: head-mean, row-normalised"
+                     + ("" if same else " (different texts: binned)"))
+        return _png_of(fig)
+
+
+def compare_stepflow(off: Any, on: Any, *, text_off: str | None = None,
+                     text_on: str | None = None) -> StepFlowComparison:
+    """The same question (or the same trace teacher-forced) without and with StepFlow:
+    maps side by side with their difference, per-layer metrics, and the two texts
+    (escaped). ``off`` / ``on`` are :class:`~stepsal_lens.StepSaliency` results."""
+    return StepFlowComparison(off, on, text_off=text_off, text_on=text_on)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import warnings
 
 import numpy as np
 import pytest
@@ -81,3 +82,69 @@ def test_static_fallback_and_errors(case):
         explore(sal, model=model)
     with pytest.raises(StepSalError, match="scale"):
         step_map(sal, 0, scale="sqrt")
+
+
+def _result_with_segments(segments, seed=0):
+    """A StepSaliency with hand-made maps (the widgets only read maps and steps)."""
+    from stepsal_lens import StepSaliency
+    from stepsal_lens.trace import Step
+
+    gen = torch.Generator().manual_seed(seed)
+    n = len(segments)
+    maps = torch.rand(2, 3, n, n, generator=gen).tril()
+    steps = [Step(i, seg, f"step {i} <i>x</i>", (i, i + 1), (i, i + 1))
+             for i, seg in enumerate(segments)]
+    return StepSaliency(maps, [0, 1], steps, torch.arange(n), {"target": "lm"})
+
+
+def test_binned_map():
+    from stepsal_lens.widgets import binned_map
+
+    exact = _result_with_segments(["question"] + ["thinking"] * 6 + ["summary"] * 2)
+    np.testing.assert_allclose(binned_map(exact, 1), step_map(exact, 1))
+    few = _result_with_segments(["question", "thinking", "thinking", "summary"])
+    b = binned_map(few, 0)
+    m = step_map(few, 0)
+    assert b.shape == (9, 9)
+    assert b[1, 1] == pytest.approx(m[1, 1]) and b[4, 4] == pytest.approx(m[2, 2])
+    assert np.isnan(b[2, 2]) and b[7, 0] == pytest.approx(m[3, 0])
+    many = _result_with_segments(["question"] + ["thinking"] * 12 + ["summary"])
+    mm = step_map(many, 0)
+    assert binned_map(many, 0)[1, 0] == pytest.approx(mm[1:3, 0].mean())
+
+
+def test_compare_groups():
+    from stepsal_lens.widgets import binned_map, compare
+
+    right = [_result_with_segments(["question"] + ["thinking"] * k + ["summary"], seed=k)
+             for k in (3, 4, 5)]
+    wrong = [_result_with_segments(["question"] + ["thinking"] * k + ["summary"] * 2, seed=9 + k)
+             for k in (2, 6)]
+    cmp = compare(right, wrong)
+    with warnings.catch_warnings():  # bins empty in every trace
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmean(np.stack([binned_map(r, 0) for r in right]), axis=0)
+    np.testing.assert_allclose(cmp.group_map("correct"), expected)
+    first = cmp.maps.outputs[0]["data"]["image/png"]
+    cmp.layer.value = 1
+    assert cmp.maps.outputs[0]["data"]["image/png"] != first and cmp.layer_label.value == "layer 1"
+    assert set(cmp.metrics) == {"correct", "wrong"} and len(cmp.curves.outputs) == 1
+    assert "image/png" in cmp._repr_mimebundle_()
+    with pytest.raises(StepSalError, match="empty"):
+        compare([], wrong)
+
+
+def test_compare_stepflow_on_one_trace(case):
+    from stepsal_lens import stepflow
+    from stepsal_lens.widgets import compare_stepflow
+
+    model, trace, off = case
+    with stepflow(model, tau_max=0.5, alpha=1.0):
+        on = step_saliency(model, trace)
+    cmp = compare_stepflow(off, on)
+    assert len(cmp.table) == model.cfg.n_layers
+    assert not np.allclose(cmp.table["lock_in on"], cmp.table["lock_in off"])
+    assert html.escape("<b>the</b>") in cmp.texts.value and "<b>the</b>" not in cmp.texts.value
+    first = cmp.maps.outputs[0]["data"]["image/png"]
+    cmp.layer.value = 1
+    assert cmp.maps.outputs[0]["data"]["image/png"] != first
