@@ -29,6 +29,7 @@ import base64
 import html
 import io
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -307,6 +308,33 @@ def _show(out, *items) -> None:
         out.append_display_data(Image(item) if isinstance(item, bytes) else item)
 
 
+def _pair_png(a: np.ndarray, b: np.ndarray, titles: tuple[str, str, str], suptitle: str,
+              edges: Sequence[float] = ()) -> bytes:
+    """Two maps on one colour scale and their difference ``b - a`` (or as titled)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), constrained_layout=True)
+    vmax = float(np.nanmax([a, b])) or 1.0
+    for ax, m, title in zip(axes[:2], (a, b), titles):
+        im = ax.imshow(m, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(title)
+    fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8)
+    diff = b - a
+    lim = float(np.nanmax(np.abs(diff))) or 1.0
+    im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[2].set_title(titles[2])
+    fig.colorbar(im, ax=axes[2], shrink=0.8)
+    for ax in axes:
+        for e in edges:
+            ax.axhline(e, color="cyan", lw=0.8)
+            ax.axvline(e, color="cyan", lw=0.8)
+    fig.suptitle(suptitle)
+    return _png_of(fig)
+
+
 class _Panel:
     """Shared layout: a layer slider redrawing matplotlib views into Output widgets."""
 
@@ -382,32 +410,12 @@ class GroupComparison(_Panel):
             return np.nanmean(stack, axis=0)
 
     def maps_png(self) -> bytes:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        right, wrong = self.group_map("correct"), self.group_map("wrong")
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), constrained_layout=True)
-        vmax = float(np.nanmax([right, wrong])) or 1.0
-        for ax, m, title in ((axes[0], right, f"correct (n={len(self.correct)})"),
-                             (axes[1], wrong, f"wrong (n={len(self.wrong)})")):
-            im = ax.imshow(m, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(title)
-        fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8)
-        diff = right - wrong
-        lim = float(np.nanmax(np.abs(diff))) or 1.0
-        im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        axes[2].set_title("correct - wrong")
-        fig.colorbar(im, ax=axes[2], shrink=0.8)
-        edges = np.cumsum([self.bins["question"], self.bins["thinking"]]) - 0.5
-        for ax in axes:
-            for e in edges:
-                ax.axhline(e, color="cyan", lw=0.8)
-                ax.axvline(e, color="cyan", lw=0.8)
-            ax.set_xlabel("key (Q | thinking bins | summary bins)")
-        fig.suptitle(f"layer {self.layers[self.layer.value]}: head-mean, row-normalised, binned")
-        return _png_of(fig)
+        edges = (self.bins["question"] - 0.5, self.bins["question"] + self.bins["thinking"] - 0.5)
+        return _pair_png(self.group_map("wrong"), self.group_map("correct"),
+                         (f"wrong (n={len(self.wrong)})", f"correct (n={len(self.correct)})",
+                          "correct - wrong"),
+                         f"layer {self.layers[self.layer.value]}: head-mean, row-normalised, "
+                         f"binned (Q | thinking | summary)", edges)
 
 
 def compare(correct_results: Any, wrong_results: Any, *,
@@ -451,29 +459,13 @@ class StepFlowComparison(_Panel):
                               self.texts])
 
     def maps_png(self) -> bytes:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         i = self.layer.value
         same = [s.text for s in self.off.steps] == [s.text for s in self.on.steps]
-        a, b = ((step_map(self.off, i), step_map(self.on, i)) if same
-                else (binned_map(self.off, i), binned_map(self.on, i)))
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), constrained_layout=True)
-        vmax = float(np.nanmax([a, b])) or 1.0
-        for ax, m, title in ((axes[0], a, "StepFlow off"), (axes[1], b, "StepFlow on")):
-            im = ax.imshow(m, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(title)
-        fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8)
-        diff = b - a
-        lim = float(np.nanmax(np.abs(diff))) or 1.0
-        im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        axes[2].set_title("on - off")
-        fig.colorbar(im, ax=axes[2], shrink=0.8)
-        fig.suptitle(f"layer {self.layers[i]}: head-mean, row-normalised"
-                     + ("" if same else " (different texts: binned)"))
-        return _png_of(fig)
+        off, on = ((step_map(self.off, i), step_map(self.on, i)) if same
+                   else (binned_map(self.off, i), binned_map(self.on, i)))
+        return _pair_png(off, on, ("StepFlow off", "StepFlow on", "on - off"),
+                         f"layer {self.layers[i]}: head-mean, row-normalised"
+                         + ("" if same else " (different texts: binned)"))
 
 
 def compare_stepflow(off: Any, on: Any, *, text_off: str | None = None,
