@@ -1,5 +1,6 @@
 # Two jobs on a fresh machine: `make demo` (install + main job) and `make test`.
-# `make analyze` runs `stepsal analyze` on examples/trace.json with the bundled model.
+# `make analyze` runs `stepsal analyze` on examples/trace.json with the bundled model;
+# `make docs` builds the documentation site.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,4 +20,9 @@ analyze: install
 test: install
 	$(BIN)/python -m pytest
 
-.PHONY: install demo analyze test
+# The documentation site (mkdocs-material + mkdocstrings), built strictly into site/.
+docs: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+.PHONY: install demo analyze test docs

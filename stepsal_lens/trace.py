@@ -212,6 +212,8 @@ class Detokenizer:
     token that ends inside a multi-byte character gets an empty span; the token that
     completes the character gets it.
 
+    Examples
+    --------
     >>> from stepsal_lens.zoo.tiny_random import train_tokenizer
     >>> tok = train_tokenizer()
     >>> d = Detokenizer(tok)
