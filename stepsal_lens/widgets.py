@@ -165,9 +165,12 @@ class StepExplorer:
             self.select_cell(int(i), int(j))
 
     def token_view(self, query_step: int, key_step: int):
-        """circuitsvis views of one step pair: key tokens coloured by the saliency and the
-        attention they receive from the query step's tokens (mean over those tokens)."""
+        """A circuitsvis view of one step pair: the key step's tokens coloured by the
+        saliency and by the attention they receive from the query step's tokens (mean
+        over those tokens); choose the colouring in the view. Its JavaScript is inlined
+        (no CDN), so it renders offline."""
         import circuitsvis as cv
+        from IPython.display import HTML
 
         if self.model is None:
             raise StepSalError("this explorer has no model; explore(result, model=..., "
@@ -187,10 +190,10 @@ class StepExplorer:
         qa, qb = self.trace.steps[query_step].token_span
         ka, kb = self.trace.steps[key_step].token_span
         tokens = self.trace.str_tokens()[ka:kb]
-        sal_keys = pick(sal)[qa:qb, ka:kb].mean(0).tolist()
-        att_keys = pick(att)[qa:qb, ka:kb].mean(0).tolist()
-        return (cv.tokens.colored_tokens(tokens=tokens, values=sal_keys),
-                cv.tokens.colored_tokens(tokens=tokens, values=att_keys))
+        values = torch.stack([pick(sal)[qa:qb, ka:kb].mean(0), pick(att)[qa:qb, ka:kb].mean(0)], -1)
+        view = cv.tokens.colored_tokens_multi(tokens=tokens, values=values,
+                                              labels=["saliency", "attention"])
+        return HTML(view.local_src)
 
     def select_cell(self, query_step: int, key_step: int) -> None:
         """Show the token view of one step pair in :attr:`detail`."""
@@ -204,9 +207,9 @@ class StepExplorer:
                       f"{_short(steps[query_step].text, 300)}<br><b>key step {key_step}</b>"
                       f" ({steps[key_step].segment}): {_short(steps[key_step].text, 300)}")]
         if self.model is not None:
-            sal, att = self.token_view(query_step, key_step)
-            views += [HTML("<p>saliency each key token receives from the query step</p>"), sal,
-                      HTML("<p>attention each key token receives from the query step</p>"), att]
+            views += [HTML("<p>saliency and attention each key token receives from the query "
+                           "step (pick one in the view)</p>"),
+                      self.token_view(query_step, key_step)]
         self.detail.outputs = ()
         for view in views:
             self.detail.append_display_data(view)

@@ -59,7 +59,9 @@ def test_step_text_is_escaped(case):
     assert "&lt;b&gt;the&lt;/b&gt;" in hover[0][0][0] and "<b>the" not in hover[0][0][0]
     ex.select_cell(1, 0)
     shown = ex.detail.outputs
-    assert len(shown) == 5  # header, two captions, two circuitsvis token views
+    assert len(shown) == 3  # header, caption, the circuitsvis token view
+    view = shown[2]["data"]["text/html"]
+    assert "ColoredTokensMulti" in view and "unpkg.com" not in view  # inlined: works offline
     header = shown[0]["data"]["text/html"]
     assert html.escape("<b>the</b>") in header and "<b>the</b>" not in header
     assert all("text/html" in o["data"] for o in shown)

@@ -136,6 +136,26 @@ def test_explorer_in_jupyterlab(browser, lab):
     page.screenshot(path=str(ARTIFACTS / "explorer_layer1.png"))
     shot = heatmap.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea-output')]").first
     shot.screenshot(path=str(ARTIFACTS / "explorer.png"))
+
+    # hover a cell: both steps' text; click it: the step pair's tokens (circuitsvis)
+    x, y = page.evaluate("""() => {
+        const el = [...document.querySelectorAll('.js-plotly-plot')]
+            .find(e => e.data && e.data[0] && e.data[0].type === 'heatmap');
+        const fl = el._fullLayout, box = el.getBoundingClientRect();
+        return [box.left + fl.xaxis._offset + fl.xaxis.l2p(0),
+                box.top + fl.yaxis._offset + fl.yaxis.l2p(2)];
+    }""")
+    page.mouse.move(x, y)
+    page.wait_for_selector(".hoverlayer .hovertext", timeout=10_000)
+    hover = page.locator(".hoverlayer .hovertext").first.text_content()
+    assert "query step 2" in hover and "key step 0" in hover and "Start with" in hover
+    page.mouse.click(x, y)
+    page.wait_for_selector("text=saliency and attention each key token receives",
+                           timeout=60_000)
+    # the circuitsvis view renders offline (inlined JavaScript): the question's tokens
+    page.wait_for_function("""() => [...document.querySelectorAll('[id^="circuits-vis-"]')]
+        .some(e => e.innerText.includes('Start'))""", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "explorer_tokens.png"))
     cell_errors = page.locator(".jp-OutputArea-output[data-mime-type="
                                "'application/vnd.jupyter.stderr'] >> text=Traceback").count()
     assert cell_errors == 0
