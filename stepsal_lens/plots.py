@@ -11,6 +11,9 @@ Examples
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +22,25 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["plot_step_maps", "segment_boundaries"]
+__all__ = ["figure_png", "img_tag", "plot_step_maps", "segment_boundaries"]
 
 _SEG_LETTER = {"question": "Q", "thinking": "T", "summary": "S"}
+
+
+def figure_png(fig: Any, *, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    """A self-contained ``<img>`` tag (PNG inlined as base64, ``alt`` escaped)."""
+    return (f'<img alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
 def segment_boundaries(segments: Sequence[str]) -> list[tuple[str, int, int]]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stepsal_lens.plots import figure_png, img_tag
 
 __all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
 
@@ -19,20 +19,6 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 th{background:#f3f3f3}pre{white-space:pre-wrap;background:#f7f7f7;padding:.7em;font-size:13px}
 img{max-width:100%}.ok{color:#1a7f37}.bad{color:#c4302b}
 """
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _img(png: bytes, alt: str) -> str:
-    return (f'<img alt="{html.escape(alt)}" '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
 def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_share"),
@@ -100,13 +86,13 @@ def _stepflow_section(result: Any, flow: dict[str, Any], out: Path) -> str:
         f"{m['b_only']} right only with it, p = {m['mcnemar_p']:.3g}.</p>",
     ]
     if len(result.metrics) and len(flow["metrics"]):
-        png = _png(plot_condition_curves({"baseline": result.metrics,
+        png = figure_png(plot_condition_curves({"baseline": result.metrics,
                                           "StepFlow": flow["metrics"]},
                                          colors=("tab:gray", "tab:blue")))
         (out / "stepflow_curves.png").write_bytes(png)
         parts.append("<p>Step-Saliency per layer, baseline traces vs StepFlow's traces "
                      "(measured with StepFlow on); 95% t bands.</p>"
-                     + _img(png, "StepFlow curves"))
+                     + img_tag(png, "StepFlow curves"))
     return "".join(parts)
 
 
@@ -143,22 +129,22 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
         if sal is None:
             parts.append(f"<h2>A {label} trace</h2><p>No {label} trace in this run.</p>")
             continue
-        png = _png(plot_step_maps(sal.head_mean(), sal.segments, layers=sal.layers,
+        png = figure_png(plot_step_maps(sal.head_mean(), sal.segments, layers=sal.layers,
                                   title=f"{label} trace #{sal.meta['index']}"))
         (out / f"maps_{label}.png").write_bytes(png)
         rec = recs[sal.meta["index"]]
         parts.append(f"<h2>A {label} trace (#{rec['index']}, {html.escape(rec['split'])})</h2>"
                      f"<p>Head-mean, row-normalised step maps; Q/T/S = question / thinking / "
-                     f"summary.</p>{_img(png, f'{label} maps')}"
+                     f"summary.</p>{img_tag(png, f'{label} maps')}"
                      f"<p>answer {html.escape(str(rec['answer']))}, prediction "
                      f"{html.escape(str(rec['prediction']))}</p>"
                      f"<pre>{html.escape(rec['text'])}</pre>")
 
     if len(result.metrics):
-        png = _png(plot_group_curves(result.metrics))
+        png = figure_png(plot_group_curves(result.metrics))
         (out / "curves.png").write_bytes(png)
         parts.append("<h2>Lock-in and thinking share by layer</h2><p>Means with 95% "
-                     "confidence bands (t interval over traces).</p>" + _img(png, "curves"))
+                     "confidence bands (t interval over traces).</p>" + img_tag(png, "curves"))
     if result.comparison is not None:
         cmp = result.comparison[result.comparison.metric.isin(
             ["lock_in", "context_share", "thinking_share", "last_k_share"])]

@@ -162,7 +162,6 @@ class _Row:
 
     detok: Detokenizer
     valid: list[bool] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)
     segment: list[int] = field(default_factory=list)
     step: list[int] = field(default_factory=list)
     start: list[bool] = field(default_factory=list)
@@ -253,7 +252,6 @@ class SegmentTracker:
 
     def _pad(self, row: _Row) -> None:
         row.valid.append(False)
-        row.spans.append((len(row.detok.text),) * 2)
         row.segment.append(-1)
         row.step.append(-1)
         row.start.append(False)
@@ -297,7 +295,6 @@ class SegmentTracker:
         if seg != (row.segment[-1] if row.segment else -1) or start:
             self._drop_trailing_spaces(row)
         row.valid.append(True)
-        row.spans.append(span)
         row.segment.append(seg)
         row.step.append(step)
         row.start.append(start)
@@ -345,10 +342,6 @@ class SegmentTracker:
     @property
     def valid(self) -> Tensor:
         return self._tensors()["valid"]
-
-    @property
-    def length(self) -> int:
-        return len(self.rows[0].valid) if self.rows else 0
 
     def text(self, row: int = 0) -> str:
         """The decoded text of one row so far (padding left out)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.plots import segment_boundaries
+from stepsal_lens.plots import figure_png, img_tag, segment_boundaries
 
 __all__ = ["BINS", "GroupComparison", "StepExplorer", "StepFlowComparison", "binned_map",
            "compare", "compare_stepflow", "explore", "step_map"]
@@ -231,19 +230,10 @@ class StepExplorer:
         ax.set_xlabel("key step")
         ax.set_ylabel("query step")
         fig.colorbar(im, ax=ax, shrink=0.8)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        return buf.getvalue()
+        return figure_png(fig, dpi=90)
 
     def _repr_mimebundle_(self, **kwargs):
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        data = bundle[0] if isinstance(bundle, tuple) else bundle
-        png = self.static_png()
-        data["image/png"] = base64.b64encode(png).decode()
-        data["text/html"] = (f'<img alt="{html.escape(self._title())}" src="data:image/png;'
-                             f'base64,{data["image/png"]}">')
-        return bundle
+        return _with_static_image(self.widget, self.static_png(), self._title(), **kwargs)
 
 
 def explore(result: Any, *, model: Any = None, trace: Any = None) -> StepExplorer:
@@ -294,13 +284,14 @@ def binned_map(result: Any, layer_index: int, bins: dict[str, int] | None = None
         return total / np.where(count == 0, np.nan, count)
 
 
-def _png_of(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+def _with_static_image(widget: Any, png: bytes, alt: str, **kwargs: Any):
+    """The widget's display data plus a PNG and an ``<img>`` fallback, which an HTML
+    export shows when it has no widget state."""
+    bundle = widget._repr_mimebundle_(**kwargs)
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    data["image/png"] = base64.b64encode(png).decode()
+    data["text/html"] = img_tag(png, alt)
+    return bundle
 
 
 def _show(out, *items) -> None:
@@ -335,7 +326,7 @@ def _pair_png(a: np.ndarray, b: np.ndarray, titles: tuple[str, str, str], suptit
             ax.axhline(e, color="cyan", lw=0.8)
             ax.axvline(e, color="cyan", lw=0.8)
     fig.suptitle(suptitle)
-    return _png_of(fig)
+    return figure_png(fig, dpi=90)
 
 
 class _Panel:
@@ -357,12 +348,7 @@ class _Panel:
         _show(self.maps, self.maps_png())
 
     def _repr_mimebundle_(self, **kwargs):
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        data = bundle[0] if isinstance(bundle, tuple) else bundle
-        png = base64.b64encode(self.maps_png()).decode()
-        data["image/png"] = png
-        data["text/html"] = f'<img alt="maps" src="data:image/png;base64,{png}">'
-        return bundle
+        return _with_static_image(self.widget, self.maps_png(), "maps", **kwargs)
 
 
 def _check_group(results: Any, what: str) -> list[Any]:
@@ -400,7 +386,7 @@ class GroupComparison(_Panel):
         super().__init__(len(self.correct[0].layers), list(self.correct[0].layers))
         self.metrics = {"correct": _group_metrics(self.correct),
                         "wrong": _group_metrics(self.wrong)}
-        _show(self.curves, _png_of(plot_condition_curves(self.metrics)))
+        _show(self.curves, figure_png(plot_condition_curves(self.metrics), dpi=90))
         self._redraw()
         self.widget = w.VBox([w.HBox([self.layer, self.layer_label]), self.maps, self.curves])
 
