@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
@@ -105,8 +106,16 @@ class ReasoningFormat:
     prompt_opens_thinking
         Whether the generation prompt already contains ``think_open`` (DeepSeek-R1 and
         QwQ templates do; Qwen3 lets the model write it).
+    special_tokens
+        Markers that must each be one token of the model's tokenizer
+        (:meth:`check_tokenizer`); a format whose markers a tokenizer splits does not
+        describe that model.
     description
         One line for :func:`list_formats`.
+
+    Where the model's tokenizer carries a chat template, the template is the truth
+    for the prompt (:meth:`chat_prompt`); these markers are the fallback and equal it
+    where both exist (tested on the real tokenizers).
     """
 
     name: str
@@ -119,6 +128,7 @@ class ReasoningFormat:
     eos: tuple[str, ...] = ()
     prefix: str = ""
     prompt_opens_thinking: bool = True
+    special_tokens: tuple[str, ...] = ()
     description: str = ""
 
     # ---- building text -------------------------------------------------------------
@@ -129,19 +139,49 @@ class ReasoningFormat:
             text += self.think_open
         return text
 
-    def render(self, question: str, thinking: str, summary: str, *, eos: bool = True) -> str:
-        """A full trace as the model would see it, from its three segments."""
+    def chat_prompt(self, question: str, tokenizer: Any = None) -> str:
+        """The generation prompt the model really gets: the tokenizer's chat template
+        (``apply_chat_template(..., add_generation_prompt=True)``) where it has one,
+        else :meth:`prompt`."""
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True,
+                tokenize=False)
+        return self.prompt(question)
+
+    def render(self, question: str, thinking: str, summary: str, *, eos: bool = True,
+               tokenizer: Any = None) -> str:
+        """A full trace as the model would see it, from its three segments.
+
+        The prompt is :meth:`chat_prompt` (the tokenizer's chat template where it has
+        one); ``think_open`` follows unless the prompt already ends with it.
+        """
         for label, value in (("question", question), ("thinking", thinking)):
             if not value or not value.strip():
                 raise StepSalError(
                     f"the {label} segment is empty ({value!r}); a trace needs a non-empty "
                     f"question and thinking segment"
                 )
-        text = self.prefix + self.user_open + question + self.user_close + self.assistant_open
+        text = self.chat_prompt(question, tokenizer)
+        if self.prompt_opens_thinking and text.endswith(self.think_open):
+            text = text[: -len(self.think_open)]
         text += self.think_open + thinking + self.think_close + self.summary_open + summary
         if eos and self.eos:
             text += self.eos[0]
         return text
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer that splits one of :attr:`special_tokens`."""
+        split = {m: len(tokenizer(m, add_special_tokens=False)["input_ids"])
+                 for m in self.special_tokens}
+        split = {m: n for m, n in split.items() if n != 1}
+        if split:
+            raise StepSalError(
+                f"format {self.name!r} does not fit this tokenizer: its markers "
+                f"{sorted(split)} are not single tokens (they split into {sorted(split.values())} "
+                f"tokens), so the model never wrote them; choose the model's own format "
+                f"(one of {list_formats()}) or leave format= unset to detect it"
+            )
 
     # ---- parsing -------------------------------------------------------------------
     def parse(self, text: str) -> ParsedText:
@@ -263,6 +303,7 @@ def list_formats() -> list[str]:
 
 
 _CHATML = dict(
+    special_tokens=("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
     user_open="<|im_start|>user\n",
     user_close="<|im_end|>\n",
     assistant_open="<|im_start|>assistant\n",
@@ -280,6 +321,8 @@ register_format(ReasoningFormat(
     think_open="<think>\n",
     think_close="\n</think>",
     eos=("<｜end▁of▁sentence｜>",),
+    special_tokens=("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>",
+                    "<｜end▁of▁sentence｜>"),
     description="DeepSeek-R1 and its distills (Qwen, Llama)",
 ))
 register_format(ReasoningFormat(name="qwq", description="QwQ-32B (chatml, prompt opens <think>)",
@@ -297,6 +340,7 @@ register_format(ReasoningFormat(
     think_close="<|end|>",
     summary_open="<|start|>assistant<|channel|>final<|message|>",
     eos=("<|return|>", "<|end|>"),
+    special_tokens=("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"),
     description="gpt-oss harmony (analysis channel = thinking, final channel = summary)",
 ))
 register_format(ReasoningFormat(
@@ -307,5 +351,6 @@ register_format(ReasoningFormat(
     think_open="<think>\n",
     think_close="\n</think>",
     eos=("<|endoftext|>",),
+    special_tokens=("<think>", "</think>"),
     description="any model that writes <think>...</think> after a plain question line",
 ))

@@ -101,12 +101,15 @@ class Generation:
 
 
 def prompt_ids(model: Any, prompt: str) -> list[int]:
-    """Token ids of a prompt exactly as :class:`~stepsal_lens.Trace` would cut them."""
+    """Token ids of a prompt exactly as :class:`~stepsal_lens.Trace` would cut them: the
+    text as is, plus the template's BOS where the text lacks it."""
+    from stepsal_lens.trace import template_bos
+
     tok = model.tokenizer
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
-    bos = tok.bos_token_id
-    if getattr(model.cfg, "default_prepend_bos", False) and bos is not None and ids[:1] != [bos]:
-        ids = [bos, *ids]
+    bos = template_bos(tok, model.stepsal_format)
+    if bos is not None and not prompt.startswith(bos):
+        ids = [tok.bos_token_id, *ids]
     return ids
 
 
@@ -173,7 +176,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
         raise StepSalError("max_new_tokens and batch_size must be at least 1")
     fmt = model.stepsal_format
     if prompts is None:
-        prompts = [fmt.prompt(q) for q in questions]
+        prompts = [fmt.chat_prompt(q, model.tokenizer) for q in questions]
     sf_kwargs = _stepflow_kwargs(stepflow)
     stops = stop_ids(model)
     pad = model.tokenizer.pad_token_id

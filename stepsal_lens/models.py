@@ -201,6 +201,25 @@ def _resolve_hub(name: str) -> str:
         return name
 
 
+def _keep_own_tokenizer(model: Any, source: str) -> None:
+    """Undo TransformerLens's tokenizer edits at boot (gpt-oss gains ``add_bos_token``,
+    Qwen's BOS becomes ``<|im_end|>``): reload the checkpoint's tokenizer, and let
+    ``to_tokens`` prepend BOS exactly when the tokenizer itself adds one."""
+    from transformers import AutoTokenizer
+
+    if not Path(source).is_dir():
+        return
+    booted = model.tokenizer
+    own = AutoTokenizer.from_pretrained(source)
+    if own.pad_token is None:
+        own.pad_token = booted.pad_token
+    own.padding_side = booted.padding_side
+    probe = own("a")["input_ids"]
+    model.tokenizer = own
+    model.cfg.default_prepend_bos = bool(own.bos_token_id is not None and probe
+                                         and probe[0] == own.bos_token_id)
+
+
 def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
              dtype: str | torch.dtype | None = None,
              format: str | ReasoningFormat | None = None, **boot_kwargs: Any):
@@ -224,7 +243,9 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     Returns
     -------
     transformer_lens.model_bridge.TransformerBridge
-        With ``enable_compatibility_mode()`` applied and ``stepsal_format`` /
+        In the model's own parameterisation (``enable_compatibility_mode(no_processing=True)``:
+        patterns, gradients, activations and logits equal Hugging Face's), with
+        ``stepsal_format`` /
         ``stepsal_spec`` attributes.
     """
     from transformer_lens.model_bridge import TransformerBridge
@@ -258,6 +279,7 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     except OSError as err:
         raise StepSalError(f"could not load {name!r}: {err}. Without network, pass a local "
                            f"checkpoint folder") from err
+    _keep_own_tokenizer(model, source)
     if fmt is None:
         detected = detect_format(model.tokenizer, arch)
         if detected is None:
@@ -266,7 +288,11 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
                 f"<think> or harmony markers); pass format=... (one of {list_formats()})"
             )
         fmt = get_format(detected)
-    model.enable_compatibility_mode()
+    fmt.check_tokenizer(model.tokenizer)
+    # no_processing: the model's own parameterisation. The default folds value biases
+    # (changing V, hence dL/dA), LayerNorm and centres the unembedding; patterns,
+    # gradients, z, resid_post and logits then differ from Hugging Face's.
+    model.enable_compatibility_mode(no_processing=True)
     model.eval()
     model.stepsal_format = fmt
     model.stepsal_spec = spec

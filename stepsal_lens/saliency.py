@@ -422,8 +422,8 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         ``"lm"`` (mean next-token loss over the whole trace, as Hugging Face computes
         it for ``labels=input_ids``), ``"summary"`` (the same restricted to summary
         tokens), ``"answer"`` (log-prob of the answer's tokens; ``answer=`` or the last
-        ``\\boxed{}``), ``"logit"`` (``position=``, ``token=``; the compatibility-mode
-        logit, which is centred over the vocabulary), or a registered/callable target.
+        ``\\boxed{}``), ``"logit"`` (``position=``, ``token=``; the model's own logit, as
+        Hugging Face computes it), or a registered/callable target.
     layers
         Layers to measure (default: all).
     low_memory

@@ -270,7 +270,10 @@ class SegmentTracker:
             regions = {**regions, "question": row.question}
         seg, seg_name = -1, None
         for name, (a, b) in regions.items():
-            if a <= p < b:
+            # A token that decodes to nothing yet (the first bytes of a multi-byte
+            # character) sits at the end of a still open region: it belongs there, as it
+            # will once the character completes.
+            if a <= p < b or a <= p == b == len(text) > a:
                 seg, seg_name = SEGMENT_CODES[name], name
                 break
         step, start = -1, False

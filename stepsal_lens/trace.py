@@ -333,14 +333,18 @@ class Trace:
             Reasoning format name; defaults to the model's.
         splitter
             Step splitter name (:func:`list_splitters`) or callable.
-        prepend_bos, n_ctx
-            Override what the model says.
+        prepend_bos
+            Prepend the tokenizer's BOS id. By default only where the model's chat
+            template starts with BOS and the text does not (:func:`template_bos`).
+        n_ctx
+            Context length to check against (default: the model's).
         step_spans
             Caller-given step character spans into ``text`` instead of a splitter.
         """
-        fmt, tok, bos, ctx = _resolve(model_or_tokenizer, format, prepend_bos, n_ctx)
-        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter, prepend_bos=bos,
-                   n_ctx=ctx, step_spans=step_spans)
+        fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
+        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter,
+                   prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx,
+                   step_spans=step_spans)
 
     @classmethod
     def from_token_ids(cls, token_ids: Sequence[int] | torch.Tensor, model_or_tokenizer: Any, *,
@@ -352,7 +356,7 @@ class Trace:
         to, so a non-canonical tokenisation (which sampling can produce) is kept as is.
         A leading BOS id decodes to its string and is part of the text.
         """
-        fmt, tok, _bos, ctx = _resolve(model_or_tokenizer, format, None, n_ctx)
+        fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
         detok = Detokenizer(tok)
         offsets = [detok.push(i) for i in ids]
@@ -364,10 +368,24 @@ class Trace:
                       *, format: str | ReasoningFormat | None = None,
                       splitter: str | Splitter = "paper", prepend_bos: bool | None = None,
                       n_ctx: int | None = None) -> Trace:
-        """Render (question, thinking, summary) with the format, then align."""
-        fmt, tok, bos, ctx = _resolve(model_or_tokenizer, format, prepend_bos, n_ctx)
-        text = fmt.render(question, thinking, summary)
-        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter, prepend_bos=bos, n_ctx=ctx)
+        """Render (question, thinking, summary) after the model's chat prompt, then align.
+
+        The prompt is the tokenizer's chat template where it has one
+        (:meth:`~stepsal_lens.formats.ReasoningFormat.chat_prompt`).
+        """
+        fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
+        for label, value in (("question", question), ("thinking", thinking), ("summary", summary)):
+            found = [m for m in (*fmt.special_tokens, fmt.think_open.strip(),
+                                 fmt.think_close.strip()) if m and m in value]
+            if found:
+                raise StepSalError(
+                    f"the {label} contains the {fmt.name!r} marker(s) {found}, which the "
+                    f"tokenizer turns into control tokens, so the segments would not be the "
+                    f"ones you passed; remove them, or pass the full text to Trace.from_text"
+                )
+        text = fmt.render(question, thinking, summary, tokenizer=tok)
+        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter,
+                   prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx)
 
     # ---- alignment ------------------------------------------------------------------------
     def _spans_from_splitter(self, split: Splitter) -> list[tuple[str, Span]]:
@@ -508,7 +526,16 @@ class Trace:
                 f"{counts['summary']} summary{flag})")
 
 
-def _resolve(model_or_tokenizer: Any, format, prepend_bos, n_ctx):
+def template_bos(tokenizer: Any, fmt: ReasoningFormat) -> str | None:
+    """The BOS string the model's prompt starts with (R1's template writes one; Qwen's,
+    QwQ's and harmony's do not), or None. This, not the architecture, decides BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return None
+    return bos if fmt.chat_prompt("?", tokenizer).startswith(bos) else None
+
+
+def _resolve(model_or_tokenizer: Any, format, n_ctx):
     from stepsal_lens.models import format_of
 
     model_fmt = format_of(model_or_tokenizer)
@@ -517,8 +544,14 @@ def _resolve(model_or_tokenizer: Any, format, prepend_bos, n_ctx):
                            "or a model loaded with load_lrm")
     fmt = get_format(format if format is not None else model_fmt)
     cfg = getattr(model_or_tokenizer, "cfg", None)
-    if prepend_bos is None:
-        prepend_bos = bool(getattr(cfg, "default_prepend_bos", False))
     if n_ctx is None:
         n_ctx = getattr(cfg, "n_ctx", None)
-    return fmt, _tokenizer_of(model_or_tokenizer), prepend_bos, n_ctx
+    return fmt, _tokenizer_of(model_or_tokenizer), n_ctx
+
+
+def _bos_for(text: str, tok: Any, fmt: ReasoningFormat, prepend_bos: bool | None) -> bool:
+    """Prepend a BOS id? By default when the template starts with one the text lacks."""
+    if prepend_bos is not None:
+        return prepend_bos
+    bos = template_bos(tok, fmt)
+    return bos is not None and not text.startswith(bos)

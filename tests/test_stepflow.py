@@ -123,6 +123,25 @@ def test_tracker_matches_offline_trace(tokenizer, name):
     assert tracker.trace().step_of_token.tolist() == trace.step_of_token.tolist()
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_tracker_segment_of_the_newest_token_is_final(tokenizer, name):
+    """The segment a token gets when it is the newest is its segment for good, so a
+    generated token is edited as teacher forcing edits it - also the first bytes of a
+    multi-byte character, which decode to nothing until the character completes."""
+    fmt = get_format(name)
+    text = fmt.render(QUESTION, "Half of 12 is 6 漢字 🎉 so ∫ holds. Then 🦜 we add 2.", SUMMARY)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    whole = SegmentTracker(tokenizer, fmt)
+    whole.reset(torch.tensor([ids]))
+    prompt = tokenizer(fmt.prompt(QUESTION), add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt)] == prompt
+    tracker = SegmentTracker(tokenizer, fmt)
+    tracker.reset(torch.tensor([prompt]))  # the question is read from a whole prompt
+    for t in range(len(prompt), len(ids)):
+        tracker.extend(torch.tensor([[ids[t]]]))
+        assert tracker.segment[0, t] == whole.segment[0, t], (t, tokenizer.decode(ids[t]))
+
+
 def test_tracker_short_piece_is_a_step_online_only(tokenizer):
     fmt = get_format("think-tags")
     thinking = "We start with the number seven. So 12. Twelve times two makes twenty four."

@@ -24,7 +24,8 @@ import torch
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["ARCHITECTURES", "MARKER_TOKENS", "make_random_checkpoint", "train_tokenizer"]
+__all__ = ["ARCHITECTURES", "MARKER_TOKENS", "REAL_FEATURES", "make_random_checkpoint",
+           "train_tokenizer"]
 
 #: Every marker string of every reasoning format; each becomes one special token.
 MARKER_TOKENS: tuple[str, ...] = (
@@ -122,7 +123,8 @@ def train_tokenizer(vocab_size: int = 600, *, seed: int = 0,
 
 
 def _config(arch: str, *, vocab_size: int, n_layers: int, d_model: int, n_heads: int,
-            n_kv_heads: int, n_ctx: int, bos: int, eos: int):
+            n_kv_heads: int, n_ctx: int, bos: int, eos: int, pad: int):
+    """A config with the real family's features (see :data:`REAL_FEATURES`)."""
     import transformers
 
     common = dict(
@@ -135,13 +137,18 @@ def _config(arch: str, *, vocab_size: int, n_layers: int, d_model: int, n_heads:
         max_position_embeddings=n_ctx,
         bos_token_id=bos,
         eos_token_id=eos,
-        pad_token_id=eos,
-        tie_word_embeddings=False,
+        pad_token_id=pad,
+        tie_word_embeddings=arch == "qwen3",
     )
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
     if arch == "llama":
-        return transformers.LlamaConfig(**common)
+        # Llama 3.1's RoPE scaling, as in R1-Distill-Llama-8B (with a short original context
+        # so that the scaling acts on the short test sequences).
+        return transformers.LlamaConfig(rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, **common)
     if arch == "qwen3":
         return transformers.Qwen3Config(head_dim=d_model // n_heads, **common)
     if arch == "gpt-oss":
@@ -150,13 +157,47 @@ def _config(arch: str, *, vocab_size: int, n_layers: int, d_model: int, n_heads:
             num_local_experts=4,
             num_experts_per_tok=2,
             sliding_window=8,
-            # YaRN defaults assume a 4096-token original context; keep RoPE plain.
-            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+            attention_bias=True,
+            # gpt-oss-20b's YaRN (factor 32), with a short original context so it acts here.
+            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 64},
             layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                          for i in range(n_layers)],
             **common,
         )
     raise StepSalError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+
+
+#: What the random checkpoints share with the real models of each family.
+REAL_FEATURES: dict[str, str] = {
+    "qwen2": "q/k/v biases (R1-Distill-Qwen, QwQ), untied embeddings",
+    "llama": "no biases, Llama 3.1 RoPE scaling, untied embeddings (R1-Distill-Llama)",
+    "qwen3": "QK-norm, tied embeddings (Qwen3 up to 4B)",
+    "gpt-oss": "q/k/v/o biases, attention sinks, alternating sliding-window layers, MoE "
+               "with router bias, YaRN RoPE",
+}
+
+
+def _realistic_(model, seed: int) -> None:
+    """Give every parameter a non-trivial random value, in place.
+
+    ``from_config`` leaves biases at 0 and norm weights at 1, exactly where the real
+    models differ (value biases, sinks, QK-norm) and where a wrong reparameterisation
+    would hide. Larger weights give the peaked attention real models have.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                mean, std = 0.0, 1.0
+            elif "norm" in name:
+                mean, std = 1.0, 0.2
+            elif p.dim() == 1:
+                mean, std = 0.0, 0.3
+            else:
+                mean, std = 0.0, 0.02 if "embed" in name else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
 
 def make_random_checkpoint(
@@ -187,7 +228,8 @@ def make_random_checkpoint(
     seed
         Seed of the weights.
     tokenizer
-        A fast tokenizer to save instead of training one.
+        A fast tokenizer to save instead of training one, or a tokenizer folder to
+        copy (e.g. a real one from :mod:`stepsal_lens.zoo.real_tokenizers`).
 
     Returns
     -------
@@ -201,18 +243,35 @@ def make_random_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = tokenizer if tokenizer is not None else train_tokenizer(vocab_size)
+    if isinstance(tok, (str, Path)):
+        tok = _copy_tokenizer_files(Path(tok), path)
+    else:
+        tok.save_pretrained(path)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     cfg = _config(arch, vocab_size=len(tok), n_layers=n_layers, d_model=d_model,
                   n_heads=n_heads, n_kv_heads=n_kv_heads, n_ctx=n_ctx,
-                  bos=tok.bos_token_id, eos=tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # Random init at std 0.02 gives near-uniform attention; larger weights give the
-    # peaked patterns real models have, which makes equivalence tests sharper.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed" not in name:
-                p.normal_(0.0, 0.1)
-    model.generation_config.pad_token_id = tok.pad_token_id
+                  bos=tok.bos_token_id if tok.bos_token_id is not None else pad, eos=eos, pad=pad)
+    # from_config draws from the global RNG: fork it so the caller's stream is untouched;
+    # the weights themselves come from a seeded local generator.
+    with torch.random.fork_rng():
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _realistic_(model, seed)
+    model.generation_config.pad_token_id = pad
     model.save_pretrained(path)
-    tok.save_pretrained(path)
     return path
+
+
+def _copy_tokenizer_files(source: Path, dest: Path):
+    """Copy a tokenizer folder's files (the chat template too) and load the copy."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    files = [f for f in source.iterdir() if f.name.startswith(("tokenizer", "chat_template",
+                                                              "special_tokens"))]
+    if not any(f.name == "tokenizer.json" for f in files):
+        raise StepSalError(f"no tokenizer.json in {str(source)!r}; pass a tokenizer folder")
+    for f in files:
+        shutil.copy(f, dest / f.name)
+    return AutoTokenizer.from_pretrained(dest)
