@@ -22,7 +22,13 @@ from stepsal_lens.stepflow import (
     odds_equal_bridge,
     step_momentum,
 )
-from stepsal_lens.saliency import StepSaliency, list_targets, register_target, step_saliency
+from stepsal_lens.saliency import (
+    StepSaliency,
+    list_targets,
+    register_target,
+    step_saliency,
+    token_saliency,
+)
 from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
 
 __version__ = "0.1.0"
@@ -56,5 +62,6 @@ __all__ = [
     "step_momentum",
     "step_saliency",
     "stepflow",
+    "token_saliency",
     "trace_metrics",
 ]

@@ -202,9 +202,15 @@ def _resolve_hub(name: str) -> str:
 
 
 def _keep_own_tokenizer(model: Any, source: str) -> None:
-    """Undo TransformerLens's tokenizer edits at boot (gpt-oss gains ``add_bos_token``,
-    Qwen's BOS becomes ``<|im_end|>``): reload the checkpoint's tokenizer, and let
-    ``to_tokens`` prepend BOS exactly when the tokenizer itself adds one."""
+    """Give the bridge the checkpoint's own tokenizer, as the model's users know it.
+
+    At boot TransformerLens normalises the tokenizer (gpt-oss gains ``add_bos_token``,
+    Qwen's missing BOS becomes ``<|im_end|>``) and takes ``to_tokens``'s BOS rule from
+    the architecture. Here the checkpoint's tokenizer replaces it, and ``to_tokens``
+    prepends BOS exactly where the tokenizer itself does (R1's: yes; Qwen's, QwQ's and
+    gpt-oss's: no). The bridge's ``tokenizer`` setter would re-apply the normalisation
+    and re-derive ``d_vocab`` from the tokenizer, so the attribute is set directly.
+    """
     from transformers import AutoTokenizer
 
     if not Path(source).is_dir():
@@ -215,9 +221,11 @@ def _keep_own_tokenizer(model: Any, source: str) -> None:
         own.pad_token = booted.pad_token
     own.padding_side = booted.padding_side
     probe = own("a")["input_ids"]
-    model.tokenizer = own
-    model.cfg.default_prepend_bos = bool(own.bos_token_id is not None and probe
-                                         and probe[0] == own.bos_token_id)
+    prepends = own.bos_token_id is not None and probe[:1] == [own.bos_token_id]
+    appends = own.eos_token_id is not None and probe[-1:] == [own.eos_token_id]
+    model._tokenizer = own
+    model.cfg.tokenizer_prepends_bos, model.cfg.tokenizer_appends_eos = prepends, appends
+    model.cfg.default_prepend_bos = prepends
 
 
 def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,

@@ -275,12 +275,18 @@ class Trace:
         In order: the question (step 0), thinking steps, summary steps.
     truncated : bool
         The thinking never closed, so there is no summary.
+
+    Where the text starts with the model's generation prompt, the prompt and the
+    completion are tokenised apart, as the model saw them: the prompt as its chat
+    template gave it, then the tokens it wrote (a completion starting with a newline
+    after a prompt ending with one is two tokens, not one merged token).
     """
 
     def __init__(self, parsed: ParsedText, tokenizer: Any, *, format: ReasoningFormat,
                  splitter: str | Splitter = "paper", prepend_bos: bool = False,
                  n_ctx: int | None = None, step_spans: Sequence[Span] | None = None,
-                 token_ids: Sequence[int] | None = None, offsets: Sequence[Span] | None = None):
+                 token_ids: Sequence[int] | None = None, offsets: Sequence[Span] | None = None,
+                 prompt_chars: int | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise StepSalError(
                 f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer, so it has no "
@@ -294,8 +300,7 @@ class Trace:
         self.truncated = parsed.truncated
 
         if token_ids is None:
-            enc = tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
-            ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            ids, offsets = _tokenize(tokenizer, self.text, prompt_chars)
         else:  # fixed ids (e.g. generated) with spans from incremental decoding
             ids, offsets = [int(i) for i in token_ids], [tuple(o) for o in offsets]
         bos = tokenizer.bos_token_id
@@ -342,9 +347,12 @@ class Trace:
             Caller-given step character spans into ``text`` instead of a splitter.
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
-        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter,
+        parsed = fmt.parse(text)
+        prompt = fmt.chat_prompt(parsed.question, tok)
+        return cls(parsed, tok, format=fmt, splitter=splitter,
                    prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx,
-                   step_spans=step_spans)
+                   step_spans=step_spans,
+                   prompt_chars=len(prompt) if text.startswith(prompt) else None)
 
     @classmethod
     def from_token_ids(cls, token_ids: Sequence[int] | torch.Tensor, model_or_tokenizer: Any, *,
@@ -384,8 +392,10 @@ class Trace:
                     f"ones you passed; remove them, or pass the full text to Trace.from_text"
                 )
         text = fmt.render(question, thinking, summary, tokenizer=tok)
+        prompt = fmt.chat_prompt(question, tok)
         return cls(fmt.parse(text), tok, format=fmt, splitter=splitter,
-                   prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx)
+                   prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx,
+                   prompt_chars=len(prompt) if text.startswith(prompt) else None)
 
     # ---- alignment ------------------------------------------------------------------------
     def _spans_from_splitter(self, split: Splitter) -> list[tuple[str, Span]]:
@@ -524,6 +534,19 @@ class Trace:
         return (f"Trace({self.format.name}, {self.n_tokens} tokens, steps: "
                 f"{counts['question']} question + {counts['thinking']} thinking + "
                 f"{counts['summary']} summary{flag})")
+
+
+def _tokenize(tokenizer: Any, text: str, prompt_chars: int | None) -> tuple[list[int], list[Span]]:
+    """Ids and character offsets of ``text``; the first ``prompt_chars`` characters (the
+    generation prompt) are tokenised on their own."""
+    cuts = [0, len(text)] if not prompt_chars else [0, prompt_chars, len(text)]
+    ids: list[int] = []
+    offsets: list[Span] = []
+    for a, b in zip(cuts, cuts[1:]):
+        enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(a + s, a + e) for s, e in enc["offset_mapping"]]
+    return ids, offsets
 
 
 def template_bos(tokenizer: Any, fmt: ReasoningFormat) -> str | None:

@@ -158,10 +158,10 @@ def _config(arch: str, *, vocab_size: int, n_layers: int, d_model: int, n_heads:
             num_experts_per_tok=2,
             sliding_window=8,
             attention_bias=True,
-            # gpt-oss-20b's YaRN (factor 32), with a short original context so it acts here.
+            # gpt-oss-20b's YaRN (factor 32), over a short original context so it acts here.
             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                             "original_max_position_embeddings": 64},
+                             "original_max_position_embeddings": max(n_ctx // 32, 1)},
             layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                          for i in range(n_layers)],
             **common,
