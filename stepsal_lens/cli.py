@@ -9,6 +9,8 @@ generation: prompt, text, token ids, segments and StepFlow's stats.
 
 ``stepsal eval --model M --data FILE --out DIR [--stepflow ...]`` evaluates accuracy
 (resumable); ``stepsal compare RUN_A RUN_B`` runs a paired McNemar test on two runs.
+``stepsal grade IN.jsonl --out OUT.jsonl`` re-grades existing outputs (lines with
+``output``, ``answer`` and optional ``kind``) with the grader of ``stepsal eval``.
 
 ``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
 gpt-oss) on the fly, for trying the tool without any weights.
@@ -170,6 +172,71 @@ def compare_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grade_rows(path: Path) -> list[dict]:
+    """Read and check every line of a ``stepsal grade`` input before grading any."""
+    from stepsal_lens.answers import KINDS
+
+    if not path.exists():
+        raise StepSalError(f"input file {str(path)!r} does not exist")
+    rows = []
+    fix = ('each line must be a JSON object like {"output": "... \\\\boxed{2}", "answer": "2", '
+           '"kind": "math"}')
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StepSalError(f"{path}:{i} is not valid JSON ({err}); {fix}") from None
+        if not isinstance(row, dict):
+            raise StepSalError(f"{path}:{i} holds a {type(row).__name__}, not an object; {fix}")
+        missing = [k for k in ("output", "answer") if row.get(k) is None]
+        if missing:
+            raise StepSalError(f"{path}:{i} lacks {' and '.join(map(repr, missing))} (keys: "
+                               f"{sorted(row)}); {fix}")
+        if not isinstance(row["output"], str):
+            raise StepSalError(f"{path}:{i}: 'output' must be the model's text (a string), not "
+                               f"{type(row['output']).__name__}")
+        if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
+            raise StepSalError(f"{path}:{i}: 'answer' must be a string or a number, not "
+                               f"{type(row['answer']).__name__}")
+        if row.get("kind", "math") not in KINDS:
+            raise StepSalError(f"{path}:{i} has kind {row['kind']!r}; use one of {list(KINDS)} "
+                               f"(or leave it out for math)")
+        rows.append(row)
+    if not rows:
+        raise StepSalError(f"input file {str(path)!r} holds no lines to grade")
+    return rows
+
+
+def grade_cmd(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from stepsal_lens.answers import grade_output
+
+    src, out = Path(args.input), Path(args.out)
+    if src.resolve() == out.resolve():
+        raise StepSalError(f"--out {args.out!r} is the input file; write the grades elsewhere")
+    rows = _grade_rows(src)
+    if args.timeout <= 0:
+        raise StepSalError(f"--timeout must be positive; got {args.timeout}")
+    n_correct = n_errors = 0
+    with open(out, "w") as f:
+        for row in tqdm(rows, desc="grading", unit="line", disable=None):
+            verdict = grade_output(row["output"], row["answer"], row.get("kind", "math"),
+                                   timeout=args.timeout)
+            rec = {**row, "prediction": verdict.prediction, "correct": verdict.correct}
+            rec.pop("grading_error", None)
+            if verdict.error:
+                rec["grading_error"] = verdict.error
+            n_correct += verdict.correct
+            n_errors += verdict.error is not None
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    print(f"{n_correct}/{len(rows)} correct ({100 * n_correct / len(rows):.1f}%), "
+          f"{n_errors} grading errors; wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -240,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_a")
     c.add_argument("run_b")
     c.set_defaults(func=compare_cmd)
+
+    r = sub.add_parser("grade", help="re-grade model outputs in a JSONL file")
+    r.add_argument("input", metavar="IN.jsonl",
+                   help='lines of {"output": model text, "answer": gold, "kind": "math"|"choice"}')
+    r.add_argument("--out", required=True, metavar="OUT.jsonl",
+                   help="each input line plus prediction, correct (and grading_error)")
+    r.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds of symbolic comparison per line (default 10)")
+    r.set_defaults(func=grade_cmd)
     return parser
 
 

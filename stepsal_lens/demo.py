@@ -38,7 +38,11 @@ class DemoResult:
 
 
 def load_questions(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file of ``{"question": ..., "answer": ...}`` lines."""
+    """Read a JSONL file of ``{"question": ..., "answer": ...}`` lines.
+
+    An optional ``"kind"`` (``"math"``, the default, or ``"choice"``) says how the answer is
+    graded (:func:`stepsal_lens.answers.grade_output`).
+    """
     path = Path(path)
     if not path.exists():
         raise StepSalError(f"data file {str(path)!r} does not exist")
@@ -52,8 +56,12 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
             raise StepSalError(f"{path}:{i} is not valid JSON ({err})") from None
         if not isinstance(row, dict) or "question" not in row or "answer" not in row:
             raise StepSalError(f"{path}:{i} needs the keys 'question' and 'answer'")
+        kind = row.get("kind", "math")
+        if kind not in ("math", "choice"):
+            raise StepSalError(f"{path}:{i} has kind {kind!r}; use 'math' or 'choice' (or leave "
+                               f"it out for math)")
         rows.append({"question": str(row["question"]), "answer": str(row["answer"]),
-                     "split": str(row.get("split", "data"))})
+                     "split": str(row.get("split", "data")), "kind": kind})
     if not rows:
         raise StepSalError(f"data file {str(path)!r} holds no questions")
     return rows
@@ -79,7 +87,7 @@ def _analyse(model, rows, *, stepflow: dict | None, max_new_tokens: int, progres
     from stepsal_lens.metrics import layer_metrics
     from stepsal_lens.saliency import step_saliency
     from stepsal_lens.stepflow import stepflow as stepflow_on
-    from stepsal_lens.zoo.task import extract_answer
+    from stepsal_lens.answers import grade_output
 
     gens = generate(model, [r["question"] for r in rows], max_new_tokens=max_new_tokens,
                     stepflow=stepflow, progress=progress)
@@ -94,8 +102,9 @@ def _analyse(model, rows, *, stepflow: dict | None, max_new_tokens: int, progres
             rec["error"] = str(err)
             records.append(rec)
             continue
-        rec["prediction"] = extract_answer(trace.summary)
-        rec["correct"] = rec["prediction"] is not None and rec["prediction"] == row["answer"]
+        verdict = grade_output(trace.summary, row["answer"], row.get("kind", "math"))
+        rec["prediction"], rec["correct"] = verdict.prediction, verdict.correct
+        rec["grading_error"] = verdict.error
         rec["truncated"] = trace.truncated
         rec["n_steps"] = trace.n_steps
         if stepflow is None:

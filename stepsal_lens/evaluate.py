@@ -1,16 +1,15 @@
-"""Accuracy evaluation: answer extraction, grading, local benchmark files, resumable runs.
+"""Accuracy evaluation: local benchmark files, resumable runs, paired comparisons.
 
-* :func:`extract_answer` reads the final answer from a summary: the last ``\\boxed{}``,
-  else "the answer is ...", or a choice letter for multiple-choice problems.
-* :func:`grade` compares it with the reference: exact after normalisation, numeric
-  (``1,000`` = ``1000``, ``\\frac{1}{2}`` = ``0.5``), symbolic equivalence with sympy, or
-  letter match (``(B)`` = ``B``).
+* :func:`extract_answer` and :func:`grade` are :mod:`stepsal_lens.answers`'s (re-exported
+  here): the one answer parser (balanced braces, "Final answer:", GPQA letter styles) and
+  the grader built on math-verify, with every symbolic comparison under a time limit.
 * :func:`load_problems` reads local JSONL / JSON / parquet / CSV files in the field
   layouts of MATH-500, AIME 2024/2025, AMC23 and GPQA-Diamond (nothing is downloaded),
   or ``tiny:SPLIT`` for the bundled arithmetic task.
 * :func:`evaluate` generates, grades and writes ``results.jsonl`` (one line per problem
-  and sample) and ``summary.json`` (accuracy with a 95% Wilson interval); an interrupted
-  run continues where it stopped. :func:`compare_runs` pairs two runs problem by
+  and sample, with ``grading_error`` set where the grader could not decide) and
+  ``summary.json`` (accuracy with a 95% Wilson interval); an interrupted run continues
+  where it stopped. :func:`compare_runs` pairs two runs problem by
   problem and runs an exact McNemar test.
 
 Examples
@@ -26,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.answers import Grade, extract_answer, find_answer, grade, grade_output
 from stepsal_lens.errors import StepSalError
 
 __all__ = [
@@ -43,6 +41,7 @@ __all__ = [
     "evaluate",
     "extract_answer",
     "grade",
+    "grade_output",
     "load_problems",
 ]
 
@@ -135,8 +134,9 @@ def _row_problem(row: dict[str, Any], i: int, source: str) -> Problem:
     if choices is not None and len(choices):
         choices = tuple(str(c) for c in choices)
         ans = str(answer).strip()
+        found = find_answer(ans, "choice")
         letter = (LETTERS[int(ans)] if ans.isdigit() and int(ans) < len(choices)
-                  else _letter(ans) or ans)
+                  else found.text if found else ans)
         return Problem(pid, str(question).strip(), letter, "choice", choices, source,
                        CHOICE_INSTRUCTION)
     if isinstance(answer, float) and answer.is_integer():
@@ -179,165 +179,6 @@ def load_problems(data: str | Path, *, limit: int | None = None) -> list[Problem
     return problems[:limit] if limit else problems
 
 
-# ---- extraction ---------------------------------------------------------------------------
-
-def _boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}``, braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None
-
-
-_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*[:\s]*(.+)", re.IGNORECASE)
-
-
-def _letter(text: str) -> str | None:
-    m = re.fullmatch(r"\s*\(?\s*([A-J])\s*\)?\s*[.:]?\s*", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"\\text\{\s*\(?([A-J])\)?\s*\}", text)
-    return m.group(1) if m else None
-
-
-def extract_answer(text: str | None, kind: str = "math") -> str | None:
-    """The final answer in a summary, or None.
-
-    Math: the last ``\\boxed{}``, else what follows the last "answer is" / "answer:" (to
-    the end of its line, trailing period dropped). Choice: a letter A-J from the same
-    places, or a lone ``(B)``.
-    """
-    if not text:
-        return None
-    found = _boxed(text)
-    if found is None:
-        hits = _ANSWER_IS.findall(text)
-        if hits:
-            found = hits[-1].strip().splitlines()[0].strip().rstrip(".").strip()
-            found = found.strip("$").strip()
-    if kind == "choice":
-        if found is not None:
-            return _letter(found) or _letter(found.split()[0] if found.split() else "")
-        letters = re.findall(r"\(([A-J])\)", text)
-        return letters[-1] if letters else None
-    return found or None
-
-
-# ---- grading ------------------------------------------------------------------------------
-
-def _strip_latex(s: str) -> str:
-    s = s.strip().strip("$").strip()
-    s = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\(?:mathrm|mathbf|textbf|operatorname)\{([^{}]*)\}", r"\1", s)
-    for old in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "^\\circ", "^{\\circ}",
-                "\\%", "%", "\\$", "dfrac", "tfrac"):
-        s = s.replace(old, "frac" if old in ("dfrac", "tfrac") else "")
-    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 3" -> "3"
-    s = s.rstrip(".").strip()
-    return re.sub(r"\s+", "", s)
-
-
-def _number(s: str) -> float | None:
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def _replace_braced(s: str, command: str, render) -> str:
-    """Rewrite ``\\command{a}{b}`` (arity from ``render``) with balanced braces."""
-    arity = render.__code__.co_argcount
-    while True:
-        i = s.find(command)
-        if i < 0:
-            return s
-        j, args = i + len(command), []
-        for _ in range(arity):
-            while j < len(s) and s[j] == " ":
-                j += 1
-            if j < len(s) and s[j] == "{":
-                depth, k = 0, j
-                for k in range(j, len(s)):
-                    depth += {"{": 1, "}": -1}.get(s[k], 0)
-                    if depth == 0:
-                        break
-                args.append(s[j + 1:k])
-                j = k + 1
-            elif j < len(s):  # \frac12
-                args.append(s[j])
-                j += 1
-        if len(args) < arity:
-            return s
-        s = s[:i] + render(*args) + s[j:]
-
-
-def _to_sympy(s: str):
-    import sympy
-    from sympy.parsing.sympy_parser import (
-        convert_xor,
-        implicit_multiplication_application,
-        parse_expr,
-        standard_transformations,
-    )
-
-    s = _replace_braced(s, "\\frac", lambda a, b: f"(({a})/({b}))")
-    s = _replace_braced(s, "\\sqrt", lambda a: f"sqrt({a})")
-    for old, new in (("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("\\infty", "oo"),
-                     ("{", "("), ("}", ")"), ("\\", "")):
-        s = s.replace(old, new)
-    transforms = standard_transformations + (implicit_multiplication_application, convert_xor)
-    return parse_expr(s, transformations=transforms, evaluate=True,
-                      local_dict={"e": sympy.E, "pi": sympy.pi})
-
-
-def _symbolic_equal(a: str, b: str) -> bool:
-    import sympy
-
-    if max(len(a), len(b)) > 120:  # keep sympy away from pathological inputs
-        return False
-    try:
-        ea, eb = _to_sympy(a), _to_sympy(b)
-        diff = sympy.simplify(ea - eb)
-        if diff == 0:
-            return True
-        return not diff.free_symbols and abs(complex(diff.evalf())) < 1e-9
-    except Exception:  # noqa: BLE001 - unparseable text is simply not equal
-        return False
-
-
-def grade(prediction: str | None, answer: str, kind: str = "math") -> bool:
-    """Whether ``prediction`` (an extracted answer) matches the reference ``answer``.
-
-    Math: equal after LaTeX normalisation, or equal as numbers (thousands separators,
-    fractions), or symbolically equal (sympy). Choice: same letter.
-    """
-    if prediction is None:
-        return False
-    if kind == "choice":
-        got = _letter(prediction)
-        return got is not None and got == (_letter(answer) or answer.strip())
-    a, b = _strip_latex(prediction), _strip_latex(str(answer))
-    if a == b:
-        return True
-    na, nb = _number(a), _number(b)
-    if na is not None and nb is not None:
-        return math.isclose(na, nb, rel_tol=1e-6, abs_tol=1e-9)
-    if "," in a and "," in b:  # tuples / lists: element by element
-        xs, ys = a.strip("()[]").split(","), b.strip("()[]").split(",")
-        return len(xs) == len(ys) and all(grade(x, y) for x, y in zip(xs, ys))
-    return _symbolic_equal(a, b)
-
-
 # ---- runs ---------------------------------------------------------------------------------
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
@@ -370,12 +211,14 @@ class EvalRun:
 
 def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     n, k = len(records), sum(r["correct"] for r in records)
+    errors = sum(bool(r.get("grading_error")) for r in records)
     low, high = _wilson(k, n)
     by_source: dict[str, list[bool]] = {}
     for r in records:
         by_source.setdefault(r["source"], []).append(r["correct"])
     return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [low, high],
             "ci_method": "Wilson score interval (over problem x sample records)",
+            "grading_errors": errors,
             "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
             "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
             "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
@@ -386,7 +229,7 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
              stepflow: bool | dict[str, Any] | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
              model_name: str | None = None, data_name: str | None = None,
-             progress: bool = True) -> EvalRun:
+             grading_timeout: float | int = 10.0, progress: bool = True) -> EvalRun:
     """Generate, grade and record every (problem, sample); resumable.
 
     Parameters
@@ -402,6 +245,9 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         ``True`` or a dict of :func:`~stepsal_lens.stepflow` settings; None/False: off.
     samples
         Generations per problem (needs ``temperature > 0`` when above 1).
+    grading_timeout
+        Seconds the grader may spend on one answer's symbolic comparisons; past it the
+        record is not correct and its ``grading_error`` says why.
     """
     from tqdm.auto import tqdm
 
@@ -458,10 +304,15 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
                             seed=seed + start, batch_size=batch_size, progress=False)
             for (p, s), g in zip(chunk, gens):
                 seg = g.segments()
-                pred = None if seg["error"] or seg["truncated"] else extract_answer(seg["summary"], p.kind)
+                if seg["error"] or seg["truncated"]:
+                    verdict = Grade(None, False, method="no answer")
+                else:
+                    verdict = grade_output(seg["summary"], p.answer, p.kind,
+                                           timeout=grading_timeout)
                 rec = {"id": p.id, "sample": s, "source": p.source, "kind": p.kind,
-                       "answer": p.answer, "prediction": pred,
-                       "correct": grade(pred, p.answer, p.kind), "finished": g.finished,
+                       "answer": p.answer, "prediction": verdict.prediction,
+                       "correct": verdict.correct, "grading_error": verdict.error,
+                       "finished": g.finished,
                        "truncated": seg["truncated"],
                        "n_completion_tokens": len(g.completion_ids),
                        "completion": g.text[len(g.prompt):] if g.text.startswith(g.prompt)

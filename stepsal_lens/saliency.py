@@ -145,17 +145,22 @@ def _summary_target(logits: Tensor, trace: Trace) -> Tensor:
 def answer_token_positions(trace: Trace, answer: str | None = None) -> Tensor:
     """Positions of the answer's tokens in the summary (last occurrence).
 
-    ``answer=None`` takes the content of the last ``\\boxed{...}`` of the summary.
+    ``answer=None`` takes the summary's final answer as :func:`stepsal_lens.answers.find_answer`
+    reads it (the last ``\\boxed{...}`` with balanced braces, so all of ``\\frac{1}{2}``,
+    else "the answer is ..."), located by its character span.
     """
+    from stepsal_lens.answers import find_answer
+
     a, b = trace.segment_char_span("summary")
     summary = trace.text[a:b]
     if answer is None:
-        start = summary.rfind("\\boxed{")
-        if start < 0:
-            raise StepSalError("target 'answer' needs answer=... (no \\boxed{} in the summary "
-                               f"{summary[:80]!r})")
-        answer = summary[start + 7:].split("}")[0]
-    at = summary.rfind(answer) if answer else -1
+        found = find_answer(summary)
+        if found is None:
+            raise StepSalError("target 'answer' needs answer=... (no \\boxed{} or \"answer is\" "
+                               f"in the summary {summary[:80]!r})")
+        at, answer = found.start, found.text
+    else:
+        at = summary.rfind(answer) if answer else -1
     if at < 0:
         raise StepSalError(f"answer {answer!r} not found in the summary {summary[:80]!r}")
     lo, hi = a + at, a + at + len(answer)

@@ -18,7 +18,6 @@ False
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import asdict, dataclass
 
 from stepsal_lens.errors import StepSalError
@@ -110,13 +109,15 @@ def generate(n: int, *, split: str = "id", seed: int = 0) -> list[Problem]:
     return [_random_problem(rng, split) for _ in range(n)]
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
 def extract_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (None if there is none)."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
+    """The content of the last ``\\boxed{...}`` in ``text`` (None if there is none).
+
+    Braces are balanced (:func:`stepsal_lens.answers.find_boxed`, the one parser).
+    """
+    from stepsal_lens.answers import find_boxed
+
+    found = find_boxed(text)
+    return found[-1].text if found else None
 
 
 def grade(text: str, answer: int | str) -> bool:
