@@ -627,8 +627,9 @@ class StepFlow:
             # the window: the step's last tokens (spaces inside it included), their values
             src = self._values.pop(layer, None)
             if src is None or src.shape[:2] != act.shape[:2]:
-                raise StepSalError(f"smi_variant='paper_code' found no hook_v of layer {layer} "
-                                   f"for this pass; do not run hook_z on its own inside stepflow")
+                raise StepSalError(f"smi_variant='paper_code' saw blocks.{layer}.attn.hook_z "
+                                   f"without the same pass's hook_v (the attention ran outside "
+                                   f"its block?); use smi_variant='resid_post' for this model")
             steps = torch.where(thinking, lab["step"][:, pos], -1)
         starts = thinking & lab["step_start"][:, pos]
         # Per row: the last `window` source activations of the latest thinking step seen so
