@@ -112,7 +112,7 @@ def _layers(text: str | None) -> list[int] | None:
 
 def _stepflow_settings(args: argparse.Namespace) -> dict | None:
     given = {k: getattr(args, k) for k in ("tau_max", "alpha", "oeb_layers", "smi_layers",
-                                          "window", "smi_site") if getattr(args, k) is not None}
+                                          "window", "smi_variant") if getattr(args, k) is not None}
     if not args.stepflow:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -250,7 +250,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--oeb-layers", default=None, help="e.g. 0,1,2 (default: bottom quarter)")
     g.add_argument("--smi-layers", default=None, help="e.g. 25,26,27 (default: top quarter)")
     g.add_argument("--window", type=int, default=None, help="SMI window in tokens (4)")
-    g.add_argument("--smi-site", default=None, choices=["resid_post", "z"])
+    g.add_argument("--smi-variant", default=None, choices=["resid_post", "paper_code"],
+                   help="resid_post (default): mean resid_post added in every SMI layer; "
+                        "paper_code: mean values added to hook_z in the first SMI layer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
     p.add_argument("--target", default="lm", choices=["lm", "summary", "answer"])
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default=None,
+                   help="float32 (default) or bfloat16; float16 is refused (its attention "
+                        "gradients underflow)")
     p.add_argument("--low-memory", action="store_true",
                    help="recompute layer by layer: peak memory of one layer's attention")
     p.set_defaults(func=analyze)

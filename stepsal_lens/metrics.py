@@ -14,6 +14,11 @@ information from"). Definitions (DESIGN.md §1):
   their ratio.
 - ``decay``: least-squares slope of ``thinking_share`` over the deepest half of the layers.
 
+Rows with no saliency at all (every entry exactly 0, e.g. steps after the last token of
+an ``answer`` target) carry no shares: they are left out of the row means, and a metric
+with no row left is NaN. NaN in a map propagates to every metric that reads it; nothing
+here turns NaN into a number.
+
 Examples
 --------
 >>> import torch
@@ -53,9 +58,16 @@ METRICS = ("lock_in", "context_share", "thinking_share", "summary_self_share", "
 
 
 def normalize_rows(maps: LayerStepMap) -> LayerStepMap:
-    """Divide each row by its sum; all-zero rows stay zero."""
+    """Divide each row by its sum: ``Mn[i, j] = M[i, j] / sum_j M[i, j]``.
+
+    An all-zero row (no saliency) stays zero; a row holding NaN or inf comes out NaN.
+
+    >>> normalize_rows(torch.tensor([[[1.0, 3.0], [0.0, 0.0]],
+    ...                              [[float("nan"), 1.0], [2.0, 2.0]]])).tolist()
+    [[[0.25, 0.75], [0.0, 0.0]], [[nan, nan], [0.5, 0.5]]]
+    """
     total = maps.sum(-1, keepdim=True)
-    return torch.where(total > 0, maps / total.clamp_min(torch.finfo(maps.dtype).tiny), 0.0)
+    return torch.where(total == 0, torch.zeros_like(maps), maps / total)
 
 
 def _unpack(result: Any, segments: Sequence[str] | None):
@@ -75,10 +87,16 @@ def _unpack(result: Any, segments: Sequence[str] | None):
     return maps.double(), list(segments), layers
 
 
-def _mean_rows(values: Tensor, rows: list[int]) -> Tensor:
+def _mean_rows(values: Tensor, rows: list[int], empty: Tensor) -> Tensor:
+    """Per layer, the mean of ``values[:, rows]`` over the rows that are not ``empty``
+    (``[layer, step]``: all-zero rows); NaN where no row is left. NaN values propagate."""
+    nan = torch.full(values.shape[:1], float("nan"), dtype=values.dtype)
     if not rows:
-        return torch.full(values.shape[:1], float("nan"), dtype=values.dtype)
-    return values[:, rows].mean(1)
+        return nan
+    keep = ~empty[:, rows]
+    n = keep.sum(1)
+    total = torch.where(keep, values[:, rows], torch.zeros_like(values[:, rows])).sum(1)
+    return torch.where(n > 0, total / n.clamp_min(1), nan)
 
 
 def layer_metrics(result: Any, segments: Sequence[str] | None = None, *, k: int = 3):
@@ -97,13 +115,15 @@ def layer_metrics(result: Any, segments: Sequence[str] | None = None, *, k: int 
     Returns
     -------
     pandas.DataFrame
-        One row per layer, a column per metric in :data:`METRICS` (NaN where a segment
-        needed by the metric is missing, e.g. no summary).
+        One row per layer, a column per metric in :data:`METRICS`. NaN where a segment
+        needed by the metric is missing (e.g. no summary), where all its rows are
+        all-zero (left out of the means), or where the maps hold NaN.
     """
     import pandas as pd
 
     maps, segments, layers = _unpack(result, segments)
     norm = normalize_rows(maps)
+    empty = maps.sum(-1) == 0  # [layer, step]: rows without any saliency
     seg = np.array(segments)
     thinking = np.flatnonzero(seg == "thinking").tolist()
     summary = np.flatnonzero(seg == "summary").tolist()
@@ -111,12 +131,12 @@ def layer_metrics(result: Any, segments: Sequence[str] | None = None, *, k: int 
     diag = torch.diagonal(norm, dim1=-2, dim2=-1)
     earlier = torch.tril(norm, diagonal=-1).sum(-1)
     col = {
-        "lock_in": _mean_rows(diag, rows),
-        "context_share": _mean_rows(earlier, rows),
-        "thinking_share": _mean_rows(norm[:, :, thinking].sum(-1), summary),
-        "summary_self_share": _mean_rows(norm[:, :, summary].sum(-1), summary),
-        "last_k_share": _mean_rows(norm[:, :, thinking[-k:]].sum(-1), summary) if thinking
-        else _mean_rows(diag, []),
+        "lock_in": _mean_rows(diag, rows, empty),
+        "context_share": _mean_rows(earlier, rows, empty),
+        "thinking_share": _mean_rows(norm[:, :, thinking].sum(-1), summary, empty),
+        "summary_self_share": _mean_rows(norm[:, :, summary].sum(-1), summary, empty),
+        "last_k_share": _mean_rows(norm[:, :, thinking[-k:]].sum(-1), summary, empty)
+        if thinking else _mean_rows(diag, [], empty),
     }
     col.update(block_metrics(maps, segments))
     df = pd.DataFrame({name: v.numpy() for name, v in col.items()})
@@ -134,12 +154,13 @@ def block_metrics(maps: Float[Tensor, "layer step step"],
     final = maps[:, s][:, :, s].mean((1, 2)) if len(s) else nan
     analysis = maps[:, t][:, :, t].mean((1, 2)) if len(t) else nan
     return {"final_block_intensity": final, "analysis_block_intensity": analysis,
-            "final_heat_anomaly": final / analysis}
+            "final_heat_anomaly": torch.where(analysis == 0, nan, final / analysis)}
 
 
 def decay(thinking_share: Sequence[float] | np.ndarray) -> float:
     """Least-squares slope of ``thinking_share`` over the deepest half of the layers
-    (negative = the summary loses the thinking with depth).
+    (negative = the summary loses the thinking with depth); NaN when any of those layers
+    is NaN (a missing value is never skipped over).
 
     >>> round(decay([0.9, 0.8, 0.6, 0.4]), 6)
     -0.2
@@ -149,10 +170,9 @@ def decay(thinking_share: Sequence[float] | np.ndarray) -> float:
     y = np.asarray(thinking_share, dtype=float)
     x = np.arange(len(y))[len(y) // 2:]
     y = y[len(y) // 2:]
-    ok = ~np.isnan(y)
-    if ok.sum() < 2:
+    if len(y) < 2 or not np.isfinite(y).all():
         return float("nan")
-    return float(stats.linregress(x[ok], y[ok]).slope)
+    return float(stats.linregress(x, y).slope)
 
 
 def trace_metrics(result: Any, segments: Sequence[str] | None = None, *, k: int = 3) -> dict:

@@ -383,6 +383,40 @@ def _require_grad(x, hook):
     return x.detach().requires_grad_(True)
 
 
+def _refuse_float16(model) -> None:
+    """float16 has too little exponent range for attention gradients: on a trained model
+    most rows of ``dL/dA`` underflow to exactly 0, so the maps (and every share metric)
+    would silently read 0. bfloat16 keeps float32's range at the same memory."""
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        raise StepSalError("Step-Saliency does not run on a float16 model: float16 underflows "
+                           "the attention gradients (whole rows of the maps come out exactly "
+                           "0); load it with load_lrm(..., dtype='bfloat16') (same memory, "
+                           "float32's range) or dtype='float32'")
+
+
+def _backward(loss: Tensor, target: Any) -> None:
+    """``loss.backward()`` after checking that the target is finite."""
+    target = target if isinstance(target, str) else getattr(target, "__name__", "custom")
+    if loss.dim() != 0:
+        raise StepSalError(f"the saliency target must be a scalar; {target!r} gave shape "
+                           f"{tuple(loss.shape)}")
+    if not bool(torch.isfinite(loss)):
+        raise StepSalError(f"the saliency target {target!r} is {loss.item()}: the model gives "
+                           f"non-finite logits on this trace; check its weights for NaN/inf "
+                           f"(torch.isfinite on each parameter) and load it in float32")
+    loss.backward()
+
+
+def _refuse_non_finite(maps: Tensor, layers: Sequence[int], what: str) -> None:
+    """Raise when any layer's saliency is NaN or infinite (never report it as a number)."""
+    bad = [l for l, m in zip(layers, maps) if not bool(torch.isfinite(m).all())]
+    if bad:
+        raise StepSalError(f"the {what} of layers {bad} are not finite (NaN/inf attention "
+                           f"gradients, though the target was finite): the model's weights "
+                           f"or activations hold non-finite values; check its weights for "
+                           f"NaN/inf and load it in float32")
+
+
 def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "lm",
                    **target_kwargs: Any) -> tuple[Float[Tensor, "head query key"],
                                                   Float[Tensor, "head query key"]]:
@@ -395,6 +429,7 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     if not 0 <= layer < model.cfg.n_layers:
         raise StepSalError(f"layer {layer} is not valid for a model with {model.cfg.n_layers} "
                            f"layers")
+    _refuse_float16(model)
     tokens = trace.token_ids[None].to(next(model.parameters()).device)
     kept: dict[str, Tensor] = {}
     name = f"blocks.{layer}.attn.hook_pattern"
@@ -408,7 +443,8 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     with _activation_grads_only(model), torch.enable_grad():
         with model.hooks(fwd_hooks=[(name, keep), ("hook_embed", _require_grad)],
                          bwd_hooks=[(name, saliency)]):
-            fn(model(tokens).float(), trace, **target_kwargs).backward()
+            _backward(fn(model(tokens).float(), trace, **target_kwargs), target)
+    _refuse_non_finite(kept["saliency"][None], [layer], "token saliencies")
     return kept["saliency"], kept["pattern"][0].float().cpu()
 
 
@@ -444,6 +480,13 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     -------
     StepSaliency
         ``maps`` ``[len(layers), n_heads, n_steps, n_steps]`` float32.
+
+    Raises
+    ------
+    StepSalError
+        On a float16 model (its attention gradients underflow to 0: load in bfloat16 or
+        float32), when the target is NaN/inf, or when any map is NaN/inf; a non-finite
+        result is never returned.
     """
     fn = get_target(target)
     n_layers = model.cfg.n_layers
@@ -452,6 +495,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     if bad or not layers:
         raise StepSalError(f"layers {bad or list(layers)} are not valid for a model with "
                            f"{n_layers} layers; pass indices in [0, {n_layers})")
+    _refuse_float16(model)
     if int(trace.token_ids.max()) >= model.cfg.d_vocab:
         raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
                            "Trace with this model (Trace.from_text(text, model))")
@@ -469,10 +513,11 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
             fwd.append(("hook_embed", _require_grad))
             with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
                 logits = model(tokens)
-                fn(logits.float(), trace, **target_kwargs).backward()
+                _backward(fn(logits.float(), trace, **target_kwargs), target)
     finally:
         bar.close()
     maps = torch.stack([out[l] for l in layers]).cpu()
+    _refuse_non_finite(maps, layers, "saliency maps")
     spec = getattr(model, "stepsal_spec", None)
     meta = {
         "model": spec.name if spec else str(getattr(model.cfg, "model_name", "")),

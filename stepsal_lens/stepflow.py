@@ -10,9 +10,14 @@ Two test-time interventions (DESIGN §1), no retraining:
   ``tau_B``, S to ``tau_S = 1 - p_O - tau_B`` and everything else is left alone (the KL
   projection the paper writes as the logit shift ``z_k + log(tau_g / p_g)``). A row that
   sums to less than 1 (attention sinks) keeps its sink mass.
-* **SMI** on ``blocks.{l}.hook_resid_post`` of deep layers (or each head's ``hook_z``
-  with ``smi_site="z"``): at the first token of each new thinking step, add ``alpha``
-  times the mean activation over the last ``window`` tokens of the previous step.
+* **SMI** at the first token of each new thinking step, in one of two variants
+  (:data:`SMI_VARIANTS`). ``"resid_post"`` (default, the design card): add ``alpha``
+  times the mean ``blocks.{l}.hook_resid_post`` over the last ``window`` non-space tokens
+  of the previous step, in every SMI layer. ``"paper_code"`` (what the paper's code
+  does): add ``alpha`` times the mean of the attention *values*
+  (``blocks.{l}.attn.hook_v``, GQA heads expanded) over the last ``window`` tokens of the
+  previous step to each head's attention output (``blocks.{l}.attn.hook_z``), in the
+  first SMI layer only.
 
 The pure cores are :func:`odds_equal_bridge` and :func:`step_momentum`; the hooks are thin
 wrappers that read per-position labels from a :class:`SegmentTracker`, which follows
@@ -57,6 +62,7 @@ from stepsal_lens.typing import KeyMask, Pattern
 
 __all__ = [
     "SEGMENT_CODES",
+    "SMI_VARIANTS",
     "SegmentTracker",
     "StepFlow",
     "StepFlowStats",
@@ -68,6 +74,14 @@ __all__ = [
 #: Integer codes of the segments in the tracker's label tensors (-1: none / padding).
 SEGMENT_CODES = {"question": 0, "thinking": 1, "summary": 2}
 _Q, _T, _S = 0, 1, 2
+#: SMI variants: what is added where (docs/stepflow.md has the table).
+SMI_VARIANTS = {
+    "resid_post": "alpha * mean(hook_resid_post over the last `window` non-space tokens of "
+                  "the previous step) added to hook_resid_post, in every SMI layer (the "
+                  "design card)",
+    "paper_code": "alpha * mean(hook_v over the last `window` tokens of the previous step, "
+                  "per head) added to hook_z, in the first SMI layer only (the paper's code)",
+}
 #: Where a new step starts, per segment (the paper's separators; DESIGN §1).
 _BOUNDARY = {"thinking": r"\.\s+", "summary": r"\n[ \t]*\n\s*"}
 
@@ -474,7 +488,8 @@ class StepFlow:
 
     def __init__(self, model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
                  oeb_layers: Sequence[int] | None = None, smi_layers: Sequence[int] | None = None,
-                 window: int = 4, smi_site: str = "resid_post"):
+                 window: int = 4, smi_variant: str = "resid_post",
+                 smi_site: str | None = None):
         from stepsal_lens.models import default_layer_split, format_of
 
         n_layers = model.cfg.n_layers
@@ -487,18 +502,21 @@ class StepFlow:
             raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
         if window < 1:
             raise StepSalError(f"window must be at least 1 token; got {window}")
-        if smi_site not in ("resid_post", "z"):
-            raise StepSalError(f"smi_site must be 'resid_post' or 'z'; got {smi_site!r}")
+        smi_variant = _smi_variant(smi_variant, smi_site)
+        if smi_variant == "paper_code":  # the paper's min_layer: one layer only
+            self.smi_layers = self.smi_layers[:1]
         fmt = format_of(model)
         if fmt is None:
             raise StepSalError("StepFlow needs the model's reasoning format to find the "
                                "segments; load the model with load_lrm(..., format=...)")
         self.model = model
-        self.tau_max, self.alpha, self.window, self.smi_site = tau_max, alpha, window, smi_site
+        self.tau_max, self.alpha, self.window = tau_max, alpha, window
+        self.smi_variant = smi_variant
         self.tracker = SegmentTracker(model.tokenizer, fmt)
         self.stats = StepFlowStats(list(self.oeb_layers), list(self.smi_layers))
         self._windows = _sliding_windows(model)
         self._buffers: dict[int, dict[str, Any]] = {}
+        self._values: dict[int, Tensor] = {}  # this pass's hook_v per layer (paper_code)
         self._pass = 0
         self._counted: set[tuple[int, int, str]] = set()
 
@@ -507,14 +525,19 @@ class StepFlow:
         """The settings, as plain values (what result files record)."""
         return {"tau_max": self.tau_max, "alpha": self.alpha, "oeb_layers": list(self.oeb_layers),
                 "smi_layers": list(self.smi_layers), "window": self.window,
-                "smi_site": self.smi_site}
+                "smi_variant": self.smi_variant}
 
     def hooks(self) -> list[tuple[str, Any]]:
         """``(hook name, function)`` pairs, for ``model.hooks(fwd_hooks=...)``."""
         out = [(f"blocks.{l}.attn.hook_pattern", self._oeb_hook) for l in self.oeb_layers
                if self.tau_max > 0]
-        site = "hook_resid_post" if self.smi_site == "resid_post" else "attn.hook_z"
-        out += [(f"blocks.{l}.{site}", self._smi_hook) for l in self.smi_layers if self.alpha != 0]
+        if self.alpha == 0:
+            return out
+        if self.smi_variant == "resid_post":
+            return out + [(f"blocks.{l}.hook_resid_post", self._smi_hook) for l in self.smi_layers]
+        for l in self.smi_layers:  # hook_v fires before hook_z in the same layer
+            out += [(f"blocks.{l}.attn.hook_v", self._keep_values),
+                    (f"blocks.{l}.attn.hook_z", self._smi_hook)]
         return out
 
     # ---- following the model's forward passes ----------------------------------------------
@@ -532,6 +555,7 @@ class StepFlow:
             self.tracker.extend(tokens, mask)
         self._pass += 1
         self._counted.clear()
+        self._values.clear()
         self._labels = {k: v.to(self.model.cfg.device) for k, v in self.tracker._tensors().items()}
 
     def _count(self, layer: int, kind: str) -> bool:
@@ -582,6 +606,12 @@ class StepFlow:
             st.bridge_after[layer] += sums[3]
         return out
 
+    def _keep_values(self, v: Tensor, hook) -> None:
+        """``hook_v`` ``[batch, pos, kv_head, d_head]``: keep it with the key/value heads
+        expanded to query heads (Hugging Face's ``repeat_kv`` order), for ``hook_z``."""
+        n_rep = self.model.cfg.n_heads // v.shape[2]
+        self._values[_layer_of(hook.name)] = v.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v
+
     def _smi_hook(self, act: Tensor, hook) -> Tensor:
         layer = _layer_of(hook.name)
         lab = self._check_batch(act)
@@ -589,26 +619,38 @@ class StepFlow:
         n_q = act.shape[1]
         pos = slice(total - n_q, total)
         thinking = lab["segment"][:, pos] == _T
-        steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
+        if self.smi_variant == "resid_post":
+            # the window: the step's last non-space tokens, at the same hook
+            src = act
+            steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
+        else:
+            # the window: the step's last tokens (spaces inside it included), their values
+            src = self._values.pop(layer, None)
+            if src is None or src.shape[:2] != act.shape[:2]:
+                raise StepSalError(f"smi_variant='paper_code' saw blocks.{layer}.attn.hook_z "
+                                   f"without the same pass's hook_v (the attention ran outside "
+                                   f"its block?); use smi_variant='resid_post' for this model")
+            steps = torch.where(thinking, lab["step"][:, pos], -1)
         starts = thinking & lab["step_start"][:, pos]
-        # Per row: the last `window` activations of the latest thinking step seen so far
-        # (right-aligned in `vec`, `count` of them valid). Each pass starts from the state
-        # the previous pass left, so a pass re-run by checkpointing starts the same way.
+        # Per row: the last `window` source activations of the latest thinking step seen so
+        # far (right-aligned in `vec`, `count` of them valid). Each pass starts from the
+        # state the previous pass left, so a pass re-run by checkpointing starts the same way.
         state = self._buffers.get(layer)
         if state is None or state["pass"] != self._pass:
             b, w = act.shape[0], self.window
             init = state["end"] if state else {
-                "vec": act.new_zeros((b, w, *act.shape[2:])).detach(),
+                "vec": src.new_zeros((b, w, *src.shape[2:])).detach(),
                 "count": torch.zeros(b, dtype=torch.long, device=act.device),
                 "step": torch.full((b,), -1, dtype=torch.long, device=act.device)}
             state = {"pass": self._pass, "init": init}
             self._buffers[layer] = state
         count = self._count(layer, "smi")
         if n_q == 1:
-            out, state["end"] = self._smi_one(act, steps[:, 0], starts[:, 0], state["init"],
-                                              layer, count)
+            out, state["end"] = self._smi_one(act, src, steps[:, 0], starts[:, 0],
+                                              state["init"], layer, count)
         else:
-            out, state["end"] = self._smi_block(act, steps, starts, state["init"], layer, count)
+            out, state["end"] = self._smi_block(act, src, steps, starts, state["init"], layer,
+                                                count)
         return out
 
     def _inject(self, out: Tensor, act: Tensor, b: int, i: int, window: Tensor, layer: int,
@@ -620,8 +662,9 @@ class StepFlow:
             self.stats.smi_injections[layer][b] += 1
         return out
 
-    def _smi_one(self, act, steps, starts, buf, layer, count):
-        """One new position per row (a KV-cached step), vectorised over rows."""
+    def _smi_one(self, act, src, steps, starts, buf, layer, count):
+        """One new position per row (a KV-cached step), vectorised over rows. ``act`` is
+        edited, ``src`` feeds the window (the same tensor for ``resid_post``)."""
         vec, n, step = buf["vec"], buf["count"], buf["step"]
         out = act
         inject = starts & (steps >= 0) & (step == steps - 1) & (n > 0)
@@ -630,14 +673,14 @@ class StepFlow:
         live = steps >= 0
         fresh = live & (steps != step)
         n = torch.where(fresh, 0, n)
-        shifted = torch.cat([vec[:, 1:], act[:, :1].detach().to(vec.dtype)], dim=1)
+        shifted = torch.cat([vec[:, 1:], src[:, :1].detach().to(vec.dtype)], dim=1)
         keep = live.view(-1, *([1] * (vec.dim() - 1)))
         vec = torch.where(keep, shifted, vec)
         n = torch.where(live, (n + 1).clamp(max=self.window), n)
         step = torch.where(live, steps, step)
         return out, {"vec": vec, "count": n, "step": step}
 
-    def _smi_block(self, act, steps, starts, buf, layer, count):
+    def _smi_block(self, act, src, steps, starts, buf, layer, count):
         """Many positions per row (prompt, teacher-forced trace, uncached step)."""
         w = self.window
         out = act
@@ -655,7 +698,7 @@ class StepFlow:
                     out = self._inject(out, act, b, i, torch.stack(win), layer, count)
                 if cur != s:
                     cur, win = s, []
-                win = (win + [act[b, i]])[-w:]
+                win = (win + [src[b, i]])[-w:]
             step[b], n[b] = cur, len(win)
             vec[b] = 0
             if win:  # copies: later hooks may edit the activation in place
@@ -684,7 +727,21 @@ class StepFlow:
     def __repr__(self) -> str:
         return (f"StepFlow(tau_max={self.tau_max}, alpha={self.alpha}, oeb_layers="
                 f"{list(self.oeb_layers)}, smi_layers={list(self.smi_layers)}, "
-                f"window={self.window}, smi_site={self.smi_site!r})")
+                f"window={self.window}, smi_variant={self.smi_variant!r})")
+
+
+def _smi_variant(variant: str, site: str | None) -> str:
+    """The SMI variant, with the removed ``smi_site`` option mapped or refused."""
+    if site is not None:
+        if site != "resid_post" or variant != "resid_post":
+            raise StepSalError(
+                f"smi_site={site!r} was removed; pass smi_variant='paper_code' for the paper "
+                f"code's SMI (alpha * mean of the values added to each head's hook_z, first "
+                f"SMI layer only) or smi_variant='resid_post' (the default)")
+        return "resid_post"
+    if variant not in SMI_VARIANTS:
+        raise StepSalError(f"smi_variant must be one of {sorted(SMI_VARIANTS)}; got {variant!r}")
+    return variant
 
 
 def _check_layers(layers: Sequence[int], n_layers: int, what: str) -> list[int]:
@@ -708,7 +765,8 @@ def _sliding_windows(model: Any) -> dict[int, int]:
 @contextmanager
 def stepflow(model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
              oeb_layers: Sequence[int] | None = None, smi_layers: Sequence[int] | None = None,
-             window: int = 4, smi_site: str = "resid_post") -> Iterator[StepFlow]:
+             window: int = 4, smi_variant: str = "resid_post",
+             smi_site: str | None = None) -> Iterator[StepFlow]:
     """Turn StepFlow on for every forward pass of ``model`` inside the block.
 
     Works with KV-cached and uncached ``model.generate`` (batched prompts included) and
@@ -728,9 +786,18 @@ def stepflow(model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
         quarter).
     window
         SMI averages the last ``window`` tokens of the previous step (paper: 4).
+    smi_variant
+        ``"resid_post"`` (default, the design card): add ``alpha`` times the mean
+        ``blocks.{l}.hook_resid_post`` over the window (the step's last non-space tokens)
+        to ``hook_resid_post`` at the new step's first token, in every SMI layer.
+        ``"paper_code"`` (what the paper's code does): add ``alpha`` times the mean value
+        vector over the window (``blocks.{l}.attn.hook_v``, per head, GQA heads expanded;
+        the step's last tokens, the period's included) to each head's attention output
+        ``blocks.{l}.attn.hook_z``, in the first of ``smi_layers`` only (the paper's
+        ``min_layer``). Where each still differs from the paper: docs/stepflow.md.
     smi_site
-        ``"resid_post"`` (``blocks.{l}.hook_resid_post``) or ``"z"`` (each head's
-        ``blocks.{l}.attn.hook_z``, the paper code's form).
+        Removed: ``"resid_post"`` is accepted as ``smi_variant="resid_post"``; ``"z"``
+        (the mean of ``hook_z`` itself, neither the design's nor the paper's form) raises.
 
     Yields
     ------
@@ -738,7 +805,8 @@ def stepflow(model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
         ``sf.stats`` (:class:`StepFlowStats`) and ``sf.tracker`` (:class:`SegmentTracker`).
     """
     sf = StepFlow(model, tau_max=tau_max, alpha=alpha, oeb_layers=oeb_layers,
-                  smi_layers=smi_layers, window=window, smi_site=smi_site)
+                  smi_layers=smi_layers, window=window, smi_variant=smi_variant,
+                  smi_site=smi_site)
     with sf.active():
         yield sf
 

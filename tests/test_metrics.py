@@ -53,6 +53,30 @@ def test_normalize_rows_keeps_zero_rows():
     assert out.tolist() == [[0.0, 0.0], [0.25, 0.75]]
 
 
+def test_normalize_rows_propagates_nan():
+    out = normalize_rows(torch.tensor([[[float("nan"), 1.0], [1.0, 3.0]]]))
+    assert out[0, 0].isnan().all() and out[0, 1].tolist() == [0.25, 0.75]
+
+
+def test_all_zero_rows_are_left_out_not_counted_as_zero():
+    maps = torch.ones(6, 6).tril().expand(2, 1, 6, 6).clone()
+    maps[:, :, 5] = 0  # the last summary step has no saliency (e.g. after the answer)
+    df = layer_metrics(maps, SEG)
+    assert df.thinking_share[0] == pytest.approx(3 / 5)  # summary row 4 alone
+    assert df.summary_self_share[0] == pytest.approx(1 / 5)
+    maps[:, :, 4] = 0
+    df = layer_metrics(maps, SEG)
+    assert df.thinking_share.isna().all() and df.summary_self_share.isna().all()
+    assert df.lock_in[0] == pytest.approx((1 / 3 + 1 / 4) / 2)
+    # the block metrics are plain means: an all-zero summary block really is 0
+    assert (df.final_block_intensity == 0).all() and (df.final_heat_anomaly == 0).all()
+
+
+def test_decay_does_not_skip_nan_layers():
+    assert np.isnan(decay([0.9, 0.8, float("nan"), 0.4]))
+    assert decay([float("nan"), 0.8, 0.6, 0.4]) == pytest.approx(-0.2)  # shallow half unused
+
+
 def test_missing_summary_gives_nan_not_error():
     df = layer_metrics(torch.rand(2, 1, 4, 4), SEG[:4])
     assert df.thinking_share.isna().all() and not df.lock_in.isna().any()

@@ -3,10 +3,14 @@ tracker against offline segmentation, and generation invariants on real bridges.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
-from stepsal_lens import StepSalError, Trace, get_format, step_saliency, stepflow
+from stepsal_lens import StepSalError, Trace, get_format, load_lrm, step_saliency, stepflow
 from stepsal_lens.generation import generate, prompt_ids
 from stepsal_lens.stepflow import SEGMENT_CODES, SegmentTracker, odds_equal_bridge, step_momentum
 
@@ -237,12 +241,36 @@ def test_tiny_lrm_stepflow_in_generation(tiny_lrm):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("site", ["resid_post", "z"])
-def test_smi_adds_exactly_alpha_window_mean(models, site):
+def _smi_edits(trace, variant, window):
+    """(first token of a new thinking step, window positions) for each step after the
+    first, from the offline Trace and token texts, independently of the tracker:
+    ``resid_post`` takes the previous step's last ``window`` tokens with a non-space
+    character; ``paper_code`` the ``window`` tokens up to and including the token with the
+    period that closed the previous step (the paper code's window)."""
+    text_of = trace.str_tokens()
+    thinking = trace.steps_in("thinking")
+    edits = []
+    for prev, cur in zip(thinking, thinking[1:]):
+        a, b = trace.steps[prev].token_span
+        start = trace.steps[cur].token_span[0]
+        if variant == "resid_post":
+            win = [t for t in range(a, b) if text_of[t].strip()][-window:]
+        else:
+            period = max(t for t in range(a, start) if "." in text_of[t])
+            win = list(range(max(a, period - window + 1), period + 1))
+        edits.append((start, win))
+    return edits
+
+
+@pytest.mark.parametrize("variant", ["resid_post", "paper_code"])
+def test_smi_adds_exactly_alpha_window_mean(models, variant):
+    """The edited activation equals before + alpha * mean(window source) at exactly the
+    step starts: hook_resid_post's own values, or hook_v's (GQA-expanded) into hook_z."""
     model = models["qwen2"]
     trace = Trace.from_segments(QUESTION, THINKING, SUMMARY, model)
     layer, alpha, window = 1, 0.25, 3
-    name = f"blocks.{layer}.hook_resid_post" if site == "resid_post" else f"blocks.{layer}.attn.hook_z"
+    name = (f"blocks.{layer}.hook_resid_post" if variant == "resid_post"
+            else f"blocks.{layer}.attn.hook_z")
     seen: dict[str, torch.Tensor] = {}
 
     def record(key):
@@ -251,25 +279,144 @@ def test_smi_adds_exactly_alpha_window_mean(models, site):
         return hook
 
     tokens = trace.token_ids[None]
-    with model.hooks(fwd_hooks=[(name, record("before"))]):
+    outer = [(name, record("before")), (f"blocks.{layer}.attn.hook_v", record("v"))]
+    with model.hooks(fwd_hooks=outer):
         with stepflow(model, tau_max=0.0, alpha=alpha, smi_layers=[layer], window=window,
-                      smi_site=site) as sf:
+                      smi_variant=variant) as sf:
             with model.hooks(fwd_hooks=[(name, record("after"))]):
                 model(tokens)
     before, after = seen["before"][0], seen["after"][0]
+    if variant == "resid_post":
+        source = before
+    else:  # [pos, kv_head, d] -> [pos, head, d], kv head h // (n_heads / n_kv) per head
+        source = seen["v"][0].repeat_interleave(before.shape[1] // seen["v"].shape[2], dim=1)
     expected = before.clone()
-    thinking = trace.steps_in("thinking")
-    text_of = trace.str_tokens()
-    for prev, cur in zip(thinking, thinking[1:]):
-        a, b = trace.steps[prev].token_span
-        win = [t for t in range(a, b) if text_of[t].strip()][-window:]
-        start = trace.steps[cur].token_span[0]
-        expected[start] = before[start] + alpha * before[win].mean(0)
-    assert len(thinking) >= 3
+    edits = _smi_edits(trace, variant, window)
+    for start, win in edits:
+        expected[start] = before[start] + alpha * source[win].mean(0)
+    assert len(edits) >= 2
     torch.testing.assert_close(after, expected, atol=1e-6, rtol=0)
     changed = (after != before).flatten(1).any(1).nonzero().flatten().tolist()
-    assert changed == [trace.steps[i].token_span[0] for i in thinking[1:]]
-    assert sf.stats.to_dict()["smi"]["injections"] == len(thinking) - 1
+    assert changed == [start for start, _ in edits]
+    assert sf.stats.to_dict()["smi"]["injections_per_layer"] == {str(layer): len(edits)}
+
+
+# ---- SMI variants against an independent Hugging Face implementation ------------------------
+
+@pytest.fixture(scope="module")
+def biased(checkpoints, tmp_path_factory):
+    """The qwen2 and gpt-oss fixtures with non-zero attention biases (q/k/v, and o where the
+    architecture has one) and gpt-oss sinks of order one: value biases are exactly where
+    hook_v and folded values differ."""
+    gen = torch.Generator().manual_seed(7)
+    out = {}
+    for arch in ("qwen2", "gpt-oss"):
+        folder = tmp_path_factory.mktemp(f"biased-{arch}")
+        shutil.copytree(checkpoints[arch], folder, dirs_exist_ok=True)
+        tensors = load_file(folder / "model.safetensors")
+        edited = [k for k in tensors if ".self_attn." in k and k.endswith(("bias", "sinks"))]
+        for k in edited:
+            tensors[k] = torch.randn(tensors[k].shape, generator=gen)
+        assert any(k.endswith("v_proj.bias") for k in edited)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        out[arch] = folder
+    return out
+
+
+def _hf_log_probs(path, tokens, edits, variant, layers, alpha, value_bias=True):
+    """Hugging Face eager forward with SMI applied by raw module hooks: the decoder layer's
+    output (``resid_post``, every layer in ``layers``) or the input of ``o_proj`` (the
+    per-head attention output) plus ``alpha`` times the mean ``v_proj`` output over the
+    window, kv heads repeated as ``repeat_kv`` does (``paper_code``, first layer only)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+
+    def add(x, source):  # [pos, d]
+        x = x.clone()
+        for start, win in edits:
+            x[start] = x[start] + alpha * source[win].mean(0)
+        return x
+
+    handles = []
+    try:
+        if variant == "resid_post":
+            def post(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                new = add(hidden[0], hidden[0])[None]
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            handles += [hf.model.layers[l].register_forward_hook(post) for l in layers]
+        else:
+            attn, kept = hf.model.layers[layers[0]].self_attn, {}
+            n_heads, n_kv = hf.config.num_attention_heads, hf.config.num_key_value_heads
+
+            def keep_v(module, args, output):
+                kept["v"] = output if value_bias else output - module.bias
+
+            def pre_o(module, args):
+                v = kept["v"][0].view(tokens.shape[1], n_kv, -1)
+                v = v.repeat_interleave(n_heads // n_kv, dim=1).flatten(1)  # [pos, head * d]
+                return (add(args[0][0], v)[None], *args[1:])
+
+            handles += [attn.v_proj.register_forward_hook(keep_v),
+                        attn.o_proj.register_forward_pre_hook(pre_o)]
+        with torch.no_grad():
+            return hf(tokens).logits.log_softmax(-1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("variant", ["resid_post", "paper_code"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt-oss"])
+def test_smi_variant_equals_hugging_face_hooks(biased, arch, variant):
+    """Teacher-forced trace, StepFlow's SMI on the bridge vs the same edit made with raw
+    PyTorch hooks on the Hugging Face model; biases and sinks non-zero."""
+    model = load_lrm(biased[arch], device="cpu",
+                     format={"qwen2": "deepseek-r1", "gpt-oss": "gpt-oss"}[arch])
+    trace = Trace.from_segments(QUESTION, THINKING, SUMMARY, model)
+    tokens = trace.token_ids[None]
+    alpha = 0.5
+    edits = _smi_edits(trace, variant, 4)
+    layers = [0, 1] if variant == "resid_post" else [0]  # paper_code: first SMI layer only
+    with stepflow(model, tau_max=0.0, alpha=alpha, smi_layers=[0, 1],
+                  smi_variant=variant) as sf:
+        with torch.no_grad():
+            ours = model(tokens).log_softmax(-1)
+    ref = _hf_log_probs(biased[arch], tokens, edits, variant, layers, alpha)
+    plain = _hf_log_probs(biased[arch], tokens, [], variant, layers, alpha)
+    err, effect = (ours - ref).abs().max().item(), (ref - plain).abs().max().item()
+    assert err < 1e-5, f"{arch}/{variant}: max |bridge - HF| = {err:.2e} (edit moves {effect:.2e})"
+    assert effect > 1e-2, f"the edit moves the log-probs by only {effect:.2e}"
+    assert sf.stats.to_dict()["smi"]["injections_per_layer"] == {str(l): len(edits)
+                                                                 for l in layers}
+    if variant == "paper_code":  # the value bias is part of what is added
+        no_bias = _hf_log_probs(biased[arch], tokens, edits, variant, layers, alpha,
+                                value_bias=False)
+        assert (ours - no_bias).abs().max().item() > 100 * 1e-5
+
+
+@pytest.mark.parametrize("variant", ["resid_post", "paper_code"])
+def test_smi_variants_cached_uncached_batched(models, variant):
+    """KV-cached equals uncached and a left-padded batch equals one-by-one, per variant."""
+    model = models["gpt-oss"]
+    fmt = model.stepsal_format
+    opener = "" if fmt.prompt_opens_thinking else fmt.think_open
+    prompts = [fmt.prompt(QUESTION) + opener + THINKING,
+               fmt.prompt("Start with 2. Add 1.") + opener + "We begin with the number two. "]
+    cfg = {"tau_max": 0.0, "alpha": 4.0, "smi_layers": [0, 1], "smi_variant": variant}
+    batched = generate(model, prompts=prompts, stepflow=cfg, max_new_tokens=10, batch_size=2,
+                       progress=False)
+    for prompt, b in zip(prompts, batched):
+        [s] = generate(model, prompts=[prompt], stepflow=cfg, max_new_tokens=10, progress=False)
+        assert b.token_ids == s.token_ids and b.stats["smi"] == s.stats["smi"]
+    assert batched[0].stats["smi"]["injections"] > 0
+    tokens = _prompt_tokens(model)
+    with stepflow(model, **cfg) as sf:
+        cached = _greedy(model, tokens, True)
+    assert sf.stats.to_dict()["smi"]["injections"] > 0
+    with stepflow(model, **cfg):
+        uncached = _greedy(model, tokens, False)
+    assert torch.equal(cached, uncached)
 
 
 def test_oeb_hook_touches_only_thinking_and_summary_queries(models):
@@ -296,11 +443,12 @@ def test_oeb_hook_touches_only_thinking_and_summary_queries(models):
     assert sf.stats.to_dict()["oeb"]["triggers"] > 0
 
 
-def test_saliency_with_stepflow_on(models):
+@pytest.mark.parametrize("variant", ["resid_post", "paper_code"])
+def test_saliency_with_stepflow_on(models, variant):
     model = models["qwen2"]
     trace = Trace.from_segments(QUESTION, THINKING, SUMMARY, model)
     off = step_saliency(model, trace)
-    with stepflow(model, tau_max=0.5, alpha=1.0):
+    with stepflow(model, tau_max=0.5, alpha=1.0, smi_variant=variant):
         on = step_saliency(model, trace)
         on_low = step_saliency(model, trace, low_memory=True)
     assert not torch.allclose(on.maps, off.maps)
@@ -322,7 +470,8 @@ def test_hooks_removed_after_an_error(models):
 def test_bad_settings_are_named(models):
     model = models["qwen2"]
     for kwargs, match in (({"tau_max": 1.5}, "tau_max"), ({"oeb_layers": [7]}, "out of range"),
-                          ({"window": 0}, "window"), ({"smi_site": "mlp"}, "smi_site")):
+                          ({"window": 0}, "window"), ({"smi_variant": "z"}, "smi_variant"),
+                          ({"smi_site": "z"}, "removed; pass smi_variant='paper_code'")):
         with pytest.raises(StepSalError, match=match):
             with stepflow(model, **kwargs):
                 pass
