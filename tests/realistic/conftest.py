@@ -8,6 +8,7 @@ skipped, unless ``STEPSAL_REQUIRE_REAL_TOKENIZERS=1`` (as in CI) makes that a fa
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -61,3 +62,17 @@ def real_models(real_checkpoints):
 @pytest.fixture(params=list(REALISTIC))
 def name(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def record_error():
+    """``record_error(model, quantity, value)``: the measured parity errors, written as
+    JSON to ``$STEPSAL_PARITY_REPORT`` at the end of the session (benchmarks/parity.py
+    prints them as a table)."""
+    errors: dict[str, dict[str, float]] = {}
+    yield lambda model, quantity, value: errors.setdefault(model, {}).__setitem__(
+        quantity, max(float(value), errors.get(model, {}).get(quantity, 0.0)))
+    out = os.environ.get("STEPSAL_PARITY_REPORT")
+    if out:
+        with open(out, "w") as f:
+            json.dump(errors, f, indent=1)

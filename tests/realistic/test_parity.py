@@ -53,7 +53,8 @@ def _decoder_layers(hf):
 
 # ---- forward quantities -------------------------------------------------------------------
 
-def test_forward_activations_equal_hugging_face(name, real_models, hf_models, traces):
+def test_forward_activations_equal_hugging_face(name, real_models, hf_models, traces,
+                                                record_error):
     model, hf, ids = real_models[name], hf_models[name], traces[name].token_ids[None]
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     ref: dict[str, torch.Tensor] = {}
@@ -87,6 +88,8 @@ def test_forward_activations_equal_hugging_face(name, real_models, hf_models, tr
         errors[f"z{l}"] = float((cache[f"blocks.{l}.attn.hook_z"] - ref[f"z{l}"]).abs().max())
         errors[f"resid_post{l}"] = float((cache[f"blocks.{l}.hook_resid_post"]
                                           - ref[f"resid_post{l}"]).abs().max())
+    for key, value in errors.items():
+        record_error(name, key.rstrip("0123456789"), value)
     assert max(errors.values()) < 1e-5, f"{name}: {errors}"
     if name == "gpt-oss":  # sinks: rows sum below 1, as in the real model
         assert float(out.attentions[0].sum(-1).max()) < 0.999
@@ -114,21 +117,24 @@ def pool_loops(sal, trace):
 
 @pytest.mark.parametrize("target,kw", [("lm", {}), ("summary", {}), ("answer", {}),
                                        ("logit", {"position": -2, "token": 11})])
-def test_step_saliency_equals_hugging_face(name, target, kw, real_models, hf_models, traces):
+def test_step_saliency_equals_hugging_face(name, target, kw, real_models, hf_models, traces,
+                                           record_error):
     trace = traces[name]
     ours = step_saliency(real_models[name], trace, target=target, **kw).maps
     sal, _ = hf_saliency(hf_models[name], trace, target, **kw)
     ref = pool_loops(sal, trace)
     assert ref.abs().max() > 0
     rel = _max_rel(ours, ref)
+    record_error(name, f"maps ({target}, rel.)", rel)
     assert rel < 1e-5, f"{name}/{target}: max |ours - HF| / max |HF| = {rel:.2e}"
 
 
-def test_token_saliency_equals_hugging_face(name, real_models, hf_models, traces):
+def test_token_saliency_equals_hugging_face(name, real_models, hf_models, traces, record_error):
     trace = traces[name]
     sal, out = hf_saliency(hf_models[name], trace, "lm")
     for layer in range(real_models[name].cfg.n_layers):
         ours, pattern = token_saliency(real_models[name], trace, layer)
+        record_error(name, "token saliency (rel.)", _max_rel(ours, sal[layer]))
         assert _max_rel(ours, sal[layer]) < 1e-5, f"{name} layer {layer}"
         assert float((pattern - out.attentions[layer][0].detach()).abs().max()) < 1e-6
 
@@ -229,7 +235,8 @@ def _teacher_forced_with_stepflow(model, ids, **cfg):
     return logits, labels, sf
 
 
-def test_oeb_equals_the_logit_shift_form_on_hugging_face(name, real_models, hf_models, traces):
+def test_oeb_equals_the_logit_shift_form_on_hugging_face(name, real_models, hf_models, traces,
+                                                         record_error):
     model, hf, ids = real_models[name], hf_models[name], traces[name].token_ids[None]
     layers = list(range(model.cfg.n_layers))
     ours, labels, sf = _teacher_forced_with_stepflow(model, ids, tau_max=TAU, alpha=0.0,
@@ -244,10 +251,12 @@ def test_oeb_equals_the_logit_shift_form_on_hugging_face(name, real_models, hf_m
     assert float((plain - hf(ids).logits.detach()).abs().max()) < 1e-4  # the test's eager = HF's
     assert float((ref - plain).abs().max()) > 1e-2  # OEB changed something
     err = float((ours.log_softmax(-1) - ref.log_softmax(-1)).abs().max())
+    record_error(name, "OEB log-probs", err)
     assert err < 1e-4, f"{name}: OEB log-probs differ from the HF logit-shift form by {err:.2e}"
 
 
-def test_smi_equals_a_residual_hook_on_hugging_face(name, real_models, hf_models, traces):
+def test_smi_equals_a_residual_hook_on_hugging_face(name, real_models, hf_models, traces,
+                                                    record_error):
     model, hf, ids = real_models[name], hf_models[name], traces[name].token_ids[None]
     smi_layer = model.cfg.n_layers - 1
     ours, labels, sf = _teacher_forced_with_stepflow(model, ids, tau_max=0.0, alpha=ALPHA,
@@ -274,6 +283,7 @@ def test_smi_equals_a_residual_hook_on_hugging_face(name, real_models, hf_models
     plain = hf(ids).logits.detach()
     assert float((ref - plain).abs().max()) > 1e-2
     err = float((ours.log_softmax(-1) - ref.log_softmax(-1)).abs().max())
+    record_error(name, "SMI log-probs", err)
     assert err < 1e-4, f"{name}: SMI log-probs differ from the HF residual hook by {err:.2e}"
 
 
