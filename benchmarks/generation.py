@@ -17,13 +17,14 @@ import statistics
 import tempfile
 import time
 
+from stepsal_lens.models import info_of
 import torch
 
 
 def _prompts(model, n):
     from stepsal_lens.zoo.task import generate as task
 
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     return [fmt.prompt(p.question) for p in task(n, split="id", seed=5)]
 
 

@@ -1,3 +1,4 @@
+from stepsal_lens.models import info_of
 """StepFlow on tiny-lrm: accuracy with and without, a tau_max x alpha sweep, and what
 StepFlow does to Step-Saliency (lock-in, thinking share).
 
@@ -95,7 +96,7 @@ def saliency_table(model, runs, n_traces):
     def traces(name):
         lines = (runs / f"hard-{name}" / "results.jsonl").read_text().splitlines()
         recs = [json.loads(x) for x in lines][:n_traces]
-        fmt = model.stepsal_format
+        fmt = info_of(model).format
         from stepsal_lens.evaluate import load_problems
 
         probs = {p.id: p for p in load_problems("tiny:hard", limit=len(lines))}

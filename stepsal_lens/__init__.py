@@ -6,9 +6,12 @@ The public API is re-exported here; everything else lives in its module.
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ReasoningFormat, get_format, list_formats, register_format
 from stepsal_lens.models import (
+    ModelInfo,
+    attach,
     default_layer_split,
     detect_format,
     format_of,
+    info_of,
     list_models,
     load_lrm,
     register_model,
@@ -34,6 +37,7 @@ from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, regi
 __version__ = "0.1.0"
 
 __all__ = [
+    "ModelInfo",
     "ReasoningFormat",
     "SegmentTracker",
     "Step",
@@ -42,11 +46,13 @@ __all__ = [
     "StepFlowStats",
     "StepSaliency",
     "Trace",
+    "attach",
     "compare",
     "default_layer_split",
     "detect_format",
     "format_of",
     "get_format",
+    "info_of",
     "layer_metrics",
     "list_formats",
     "list_models",

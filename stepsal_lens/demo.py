@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.models import model_name
 from stepsal_lens.errors import StepSalError
 
 __all__ = ["DemoResult", "load_questions", "run_demo"]
@@ -148,8 +149,7 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     if n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
     out = Path(out)
-    spec = getattr(model, "stepsal_spec", None)
-    model_name = str(model) if isinstance(model, (str, Path)) else (spec.name if spec else "model")
+    name = model_name(model)
     if isinstance(model, (str, Path)):
         if progress:
             print(f"loading {model} ...", file=sys.stderr)
@@ -177,7 +177,7 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
                 "metrics": sf_metrics,
                 "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
     result = DemoResult(out, records, metrics, comparison, saliencies, flow)
-    write_demo_report(result, model_name=model_name)
+    write_demo_report(result, model_name=name)
     return result
 
 

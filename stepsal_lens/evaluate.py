@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.models import info_of, model_name as name_of
 from stepsal_lens.answers import Grade, extract_answer, find_answer, grade, grade_output
 from stepsal_lens.errors import StepSalError
 
@@ -268,10 +269,9 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         from stepsal_lens.stepflow import StepFlow
 
         sf = StepFlow(model, **sf).config
-    spec = getattr(model, "stepsal_spec", None)
-    config = {"model": model_name or (spec.name if spec else None), "data": data_name,
+    config = {"model": model_name or name_of(model), "data": data_name,
               "stepflow": sf, "max_new_tokens": max_new_tokens, "samples": samples,
-              "temperature": temperature, "seed": seed, "format": model.stepsal_format.name}
+              "temperature": temperature, "seed": seed, "format": info_of(model).format.name}
     out.mkdir(parents=True, exist_ok=True)
     run_file, results_file = out / "run.json", out / "results.jsonl"
     if run_file.exists():

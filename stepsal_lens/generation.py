@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.models import info_of
 import torch
 
 from stepsal_lens.errors import StepSalError
@@ -107,7 +108,7 @@ def prompt_ids(model: Any, prompt: str) -> list[int]:
 
     tok = model.tokenizer
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
-    bos = template_bos(tok, model.stepsal_format)
+    bos = template_bos(tok, info_of(model).format)
     if bos is not None and not prompt.startswith(bos):
         ids = [tok.bos_token_id, *ids]
     return ids
@@ -118,7 +119,7 @@ def stop_ids(model: Any) -> list[int]:
     marker (harmony's ``<|end|>`` also closes the analysis channel, so it is not one)."""
     tok = model.tokenizer
     out = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     if fmt.eos:
         marker = tok.convert_tokens_to_ids(fmt.eos[0])
         if isinstance(marker, int) and marker != tok.unk_token_id and marker not in out:
@@ -174,7 +175,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
                            "in [...]")
     if max_new_tokens < 1 or batch_size < 1:
         raise StepSalError("max_new_tokens and batch_size must be at least 1")
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     if prompts is None:
         prompts = [fmt.chat_prompt(q, model.tokenizer) for q in questions]
     sf_kwargs = _stepflow_kwargs(stepflow)

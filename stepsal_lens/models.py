@@ -2,15 +2,16 @@
 
 :func:`load_lrm` takes a hub name from the registry (:func:`list_models`) or a local
 checkpoint folder (``config.json``, weights, tokenizer). The model's reasoning format
-travels with it as ``model.stepsal_format`` (see :func:`format_of`).
+and registry entry are associated with it (:func:`info_of`, :func:`format_of`); the
+model itself stays a plain ``TransformerBridge``.
 
 Examples
 --------
 >>> import tempfile
->>> from stepsal_lens import load_lrm
+>>> from stepsal_lens import info_of, load_lrm
 >>> from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 >>> model = load_lrm(make_random_checkpoint("llama", tempfile.mkdtemp()), format="deepseek-r1")
->>> model.stepsal_format.name, model.cfg.n_layers
+>>> info_of(model).format.name, model.cfg.n_layers
 ('deepseek-r1', 2)
 >>> "blocks.0.attn.hook_pattern" in model.hook_dict
 True
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,14 @@ from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ReasoningFormat, get_format, list_formats
 
 __all__ = [
+    "ModelInfo",
     "ModelSpec",
     "SUPPORTED_ARCHITECTURES",
+    "attach",
     "default_layer_split",
     "detect_format",
     "format_of",
+    "info_of",
     "list_models",
     "load_lrm",
     "register_model",
@@ -123,9 +128,65 @@ def list_models():
     return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What stepsal_lens knows about a loaded model: its reasoning format, its registry
+    entry (None for a local checkpoint that is not registered) and where it came from."""
+
+    format: ReasoningFormat
+    spec: ModelSpec | None = None
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        """The registry name, else the source folder or hub name."""
+        return self.spec.name if self.spec is not None else self.source
+
+
+# Keyed by the model object itself and dropped with it: nothing is set on the bridge.
+_ATTACHED: weakref.WeakKeyDictionary[Any, ModelInfo] = weakref.WeakKeyDictionary()
+
+
+def attach(model: Any, format: str | ReasoningFormat, *, spec: ModelSpec | None = None,
+           source: str = "") -> ModelInfo:
+    """Associate a reasoning format (and registry entry) with a bridge you built yourself.
+
+    :func:`load_lrm` does this for you; every function that needs the format
+    (``Trace.from_text(text, model)``, :func:`~stepsal_lens.stepflow`, generation) reads
+    it back with :func:`info_of`.
+    """
+    fmt = get_format(format)
+    fmt.check_tokenizer(model.tokenizer)
+    info = ModelInfo(fmt, spec, source)
+    _ATTACHED[model] = info
+    return info
+
+
+def info_of(model: Any) -> ModelInfo:
+    """The :class:`ModelInfo` of a model loaded with :func:`load_lrm` (or :func:`attach`)."""
+    try:
+        return _ATTACHED[model]
+    except (KeyError, TypeError):
+        raise StepSalError(
+            f"{type(model).__name__} has no reasoning format attached; load it with "
+            f"stepsal_lens.load_lrm(...), or call stepsal_lens.attach(model, format=...) "
+            f"(one of {list_formats()})") from None
+
+
+def model_name(model: Any) -> str:
+    """A model's registry name or source (what result files record)."""
+    info = _ATTACHED.get(model) if not isinstance(model, (str, os.PathLike)) else None
+    if info is not None and info.name:
+        return info.name
+    return str(getattr(getattr(model, "cfg", None), "model_name", "") or model)
+
+
 def format_of(model: Any) -> ReasoningFormat | None:
-    """The reasoning format attached to a model by :func:`load_lrm` (None otherwise)."""
-    return getattr(model, "stepsal_format", None)
+    """The reasoning format attached to a model (None if it has none)."""
+    try:
+        return _ATTACHED[model].format
+    except (KeyError, TypeError):
+        return None
 
 
 def detect_format(tokenizer: Any, architecture: str | None = None) -> str | None:
@@ -253,8 +314,7 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     transformer_lens.model_bridge.TransformerBridge
         In the model's own parameterisation (``enable_compatibility_mode(no_processing=True)``:
         patterns, gradients, activations and logits equal Hugging Face's), with
-        ``stepsal_format`` /
-        ``stepsal_spec`` attributes.
+        its format and registry entry associated (:func:`info_of`).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -296,12 +356,10 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
                 f"<think> or harmony markers); pass format=... (one of {list_formats()})"
             )
         fmt = get_format(detected)
-    fmt.check_tokenizer(model.tokenizer)
     # no_processing: the model's own parameterisation. The default folds value biases
     # (changing V, hence dL/dA), LayerNorm and centres the unembedding; patterns,
     # gradients, z, resid_post and logits then differ from Hugging Face's.
     model.enable_compatibility_mode(no_processing=True)
     model.eval()
-    model.stepsal_format = fmt
-    model.stepsal_spec = spec
+    attach(model, fmt, spec=spec, source=str(source))
     return model

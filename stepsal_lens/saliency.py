@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.models import model_name
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -518,9 +519,8 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         bar.close()
     maps = torch.stack([out[l] for l in layers]).cpu()
     _refuse_non_finite(maps, layers, "saliency maps")
-    spec = getattr(model, "stepsal_spec", None)
     meta = {
-        "model": spec.name if spec else str(getattr(model.cfg, "model_name", "")),
+        "model": model_name(model),
         "format": trace.format.name,
         "target": target if isinstance(target, str) else getattr(target, "__name__", "custom"),
         "n_layers": n_layers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from stepsal_lens.models import info_of
 import pytest
 from safetensors.torch import load_file
 
@@ -38,7 +39,7 @@ def test_analyze_writes_the_contract(tmp_path, checkpoints, models):
 
 
 def test_analyze_text_trace_and_low_memory(tmp_path, checkpoints, models):
-    text = models["qwen3"].stepsal_format.render(TRACE["question"], TRACE["thinking"],
+    text = info_of(models["qwen3"]).format.render(TRACE["question"], TRACE["thinking"],
                                                   TRACE["summary"])
     (tmp_path / "t.json").write_text(json.dumps({"text": text}))
     assert main(["analyze", "--model", str(checkpoints["qwen3"]), "--trace",

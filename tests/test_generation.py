@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stepsal_lens.models import info_of
 import pytest
 
 from stepsal_lens import StepSalError
@@ -12,7 +13,7 @@ def test_prompt_ids_follow_the_template_not_the_architecture(arch, models):
     # The toy tokenizer's templates-by-format write no BOS of its own (its BOS is
     # <|endoftext|>), so no architecture gets one, Llama and gpt-oss included.
     model = models[arch]
-    prompt = model.stepsal_format.prompt("What is 2+2?")
+    prompt = info_of(model).format.prompt("What is 2+2?")
     ids = prompt_ids(model, prompt)
     assert ids == model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids[0] != model.tokenizer.bos_token_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+from stepsal_lens.models import info_of
 import pytest
 import torch
 import transformers
@@ -45,7 +46,7 @@ def test_cached_greedy_generation_equals_uncached_and_hf(arch, checkpoints, mode
 
 def test_loaded_model_carries_format_and_hooks(models):
     model = models["qwen2"]
-    assert model.stepsal_format.name == "deepseek-r1"
+    assert info_of(model).format.name == "deepseek-r1"
     assert {"blocks.1.attn.hook_pattern", "blocks.1.hook_resid_post"} <= set(model.hook_dict)
 
 

@@ -3,6 +3,7 @@ retained gradients, pooled with plain Python loops."""
 
 from __future__ import annotations
 
+from stepsal_lens.models import info_of
 import pytest
 import torch
 import transformers
@@ -157,7 +158,7 @@ def test_bad_input(models, traces):
         step_saliency(model, traces["qwen2"], target="loss")
     with pytest.raises(StepSalError, match=r"layers \[5\] are not valid"):
         step_saliency(model, traces["qwen2"], layers=[5])
-    truncated = Trace.from_text(model.stepsal_format.prompt(Q) + T, model)
+    truncated = Trace.from_text(info_of(model).format.prompt(Q) + T, model)
     with pytest.raises(StepSalError, match="needs a summary"):
         step_saliency(model, truncated, target="summary")
     with pytest.raises(StepSalError, match="not found in the summary"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+from stepsal_lens.models import info_of
 import pytest
 import torch
 import transformers
@@ -176,7 +177,7 @@ def test_tracker_padding_and_errors(tokenizer):
 # ---- hooks on real bridges ---------------------------------------------------------------
 
 def _prompt_tokens(model, thinking=THINKING):
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     text = fmt.prompt(QUESTION) + ("" if fmt.prompt_opens_thinking else fmt.think_open) + thinking
     return torch.tensor([prompt_ids(model, text)])
 
@@ -233,7 +234,7 @@ def test_tiny_lrm_stepflow_in_generation(tiny_lrm):
         n_thinking = len(s.trace(tiny_lrm).steps_in("thinking"))
         prompt_steps = 0  # the prompt ends with <think>: every injection is generated
         assert s.stats["smi"]["injections"] == n_thinking - 1 - prompt_steps
-    fmt = tiny_lrm.stepsal_format
+    fmt = info_of(tiny_lrm).format
     ids = torch.tensor([prompt_ids(tiny_lrm, fmt.prompt(qs[1]))])
     with stepflow(tiny_lrm, **cfg):
         cached = _greedy(tiny_lrm, ids, True, n=60)
@@ -399,7 +400,7 @@ def test_smi_variant_equals_hugging_face_hooks(biased, arch, variant):
 def test_smi_variants_cached_uncached_batched(models, variant):
     """KV-cached equals uncached and a left-padded batch equals one-by-one, per variant."""
     model = models["gpt-oss"]
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     opener = "" if fmt.prompt_opens_thinking else fmt.think_open
     prompts = [fmt.prompt(QUESTION) + opener + THINKING,
                fmt.prompt("Start with 2. Add 1.") + opener + "We begin with the number two. "]
@@ -483,7 +484,7 @@ def test_bad_settings_are_named(models):
 def test_batched_equals_one_by_one_with_stepflow(models, arch):
     """Prompts of different lengths, left-padded in one batch, StepFlow on."""
     model = models[arch]
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     opener = "" if fmt.prompt_opens_thinking else fmt.think_open
     prompts = [fmt.prompt(QUESTION) + opener + THINKING,
                fmt.prompt("Start with 2. Add 1.") + opener + "We begin with the number two. "]

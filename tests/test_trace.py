@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stepsal_lens.models import info_of
 import pytest
 import torch
 
@@ -115,7 +116,7 @@ def test_from_text_equals_from_segments(models):
 
 def test_truncated_trace_has_no_summary(models):
     model = models["qwen2"]
-    text = model.stepsal_format.prompt(QUESTION) + THINKING
+    text = info_of(model).format.prompt(QUESTION) + THINKING
     trace = Trace.from_text(text, model)
     assert trace.truncated and trace.steps_in("summary") == []
     assert "truncated" in repr(trace)

@@ -6,6 +6,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+from stepsal_lens.models import info_of
 import pytest
 
 from stepsal_lens import Trace, load_lrm
@@ -71,7 +72,7 @@ def test_bundled_model_reaches_its_documented_accuracy(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_lrm("tiny-lrm", device="cpu")
-    assert model.stepsal_format.name == "think-tags"
+    assert info_of(model).format.name == "think-tags"
     got = accuracy(model, "id", n=50, seed=EVAL["ci_check"]["seed"])["accuracy"]
     stated = EVAL["ci_check"]["accuracy"]
     assert got >= stated - 0.05, f"tiny-lrm: {got:.2f} on 50 in-distribution problems, docs say {stated:.2f}"

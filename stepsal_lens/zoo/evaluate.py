@@ -18,6 +18,7 @@ import json
 import time
 from typing import Any
 
+from stepsal_lens.models import info_of
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.zoo.task import generate, grade
 
@@ -37,7 +38,7 @@ def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
     texts = [g.text for g in generate_text(model, [p.question for p in problems],
                                            max_new_tokens=max_new_tokens, batch_size=16,
                                            progress=progress)]
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     correct, by_ops = [], {}
     for p, text in zip(problems, texts):
         try:

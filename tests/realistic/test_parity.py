@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from stepsal_lens.models import info_of
 import pytest
 import torch
 import transformers
@@ -294,7 +295,7 @@ def test_cached_greedy_generation_equals_hugging_face(name, real_models, hf_mode
 
     model, hf = real_models[name], hf_models[name]
     tok = model.tokenizer
-    prompt = model.stepsal_format.chat_prompt(Q, tok)
+    prompt = info_of(model).format.chat_prompt(Q, tok)
     ids = torch.tensor([prompt_ids(model, prompt)])
     hf_ids = tok.apply_chat_template([{"role": "user", "content": Q}], add_generation_prompt=True,
                                      tokenize=True, return_dict=True)["input_ids"]

@@ -7,6 +7,7 @@ architecture would), then the completion's tokens.
 
 from __future__ import annotations
 
+from stepsal_lens.models import info_of
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -105,12 +106,12 @@ def test_prompt_and_completion_are_tokenised_apart(real):
 
 def test_generated_ids_round_trip(name, real_models):
     model = real_models[name]
-    prompt = model.stepsal_format.chat_prompt(Q, model.tokenizer)
+    prompt = info_of(model).format.chat_prompt(Q, model.tokenizer)
     ids = torch.tensor([prompt_ids(model, prompt)])
     out = model.generate(ids, max_new_tokens=24, do_sample=False, stop_at_eos=False,
                          verbose=False)
     completion = model.tokenizer.decode(out[0, ids.shape[1]:])
-    fmt = model.stepsal_format
+    fmt = info_of(model).format
     opener = "" if prompt.endswith(fmt.think_open) else fmt.think_open
     forced = torch.tensor([prompt_ids(model, prompt + opener)
                            + model.tokenizer("Some thinking here. " + completion,
