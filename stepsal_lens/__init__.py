@@ -8,7 +8,6 @@ from stepsal_lens.formats import ReasoningFormat, get_format, list_formats, regi
 from stepsal_lens.models import (
     ModelInfo,
     attach,
-    default_layer_split,
     detect_format,
     format_of,
     info_of,
@@ -16,6 +15,7 @@ from stepsal_lens.models import (
     load_lrm,
     register_model,
 )
+from stepsal_lens.results import StepFlowConfig, default_layer_split
 from stepsal_lens.metrics import compare, layer_metrics, trace_metrics
 from stepsal_lens import stepflow  # the module is callable: `with stepflow(model):`
 from stepsal_lens.stepflow import (
@@ -43,6 +43,7 @@ __all__ = [
     "Step",
     "StepSalError",
     "StepFlow",
+    "StepFlowConfig",
     "StepFlowStats",
     "StepSaliency",
     "Trace",

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = ["main"]
 
@@ -95,7 +96,7 @@ def demo(args: argparse.Namespace) -> int:
         model = _load_model(model, device=args.device, dtype=None, format=None)
     result = run_demo(model, n=args.n, out=args.out, seed=args.seed, data=args.data,
                       max_new_tokens=args.max_new_tokens, device=args.device,
-                      stepflow=not args.no_stepflow)
+                      stepflow=None if args.no_stepflow else StepFlowConfig())
     print(f"accuracy {100 * result.accuracy:.1f}% on {len(result.records)} problems; "
           f"wrote {result.out}/report.html", file=sys.stderr)
     return 0
@@ -110,7 +111,7 @@ def _layers(text: str | None) -> list[int] | None:
         raise StepSalError(f"layers must be comma-separated integers like 0,1,2; got {text!r}") from None
 
 
-def _stepflow_settings(args: argparse.Namespace) -> dict | None:
+def _stepflow_settings(args: argparse.Namespace) -> StepFlowConfig | None:
     given = {k: getattr(args, k) for k in ("tau_max", "alpha", "oeb_layers", "smi_layers",
                                           "window", "smi_variant") if getattr(args, k) is not None}
     if not args.stepflow:
@@ -120,7 +121,7 @@ def _stepflow_settings(args: argparse.Namespace) -> dict | None:
         return None
     given["oeb_layers"] = _layers(given.get("oeb_layers"))
     given["smi_layers"] = _layers(given.get("smi_layers"))
-    return {k: v for k, v in given.items() if v is not None}
+    return StepFlowConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def generate_cmd(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from stepsal_lens.models import model_name
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = ["DemoResult", "load_questions", "run_demo"]
 
@@ -78,7 +79,8 @@ def task_questions(n: int, seed: int) -> list[dict[str, Any]]:
     return [{"question": p.question, "answer": str(p.answer), "split": p.split} for p in problems]
 
 
-def _analyse(model, rows, *, stepflow: dict | None, max_new_tokens: int, progress: bool,
+def _analyse(model, rows, *, stepflow: StepFlowConfig | None, max_new_tokens: int,
+             progress: bool,
              label: str):
     """Generate, grade and run Step-Saliency (with StepFlow on when given)."""
     import pandas as pd
@@ -111,7 +113,7 @@ def _analyse(model, rows, *, stepflow: dict | None, max_new_tokens: int, progres
         if stepflow is None:
             sal = step_saliency(model, trace)
         else:
-            with stepflow_on(model, **stepflow):
+            with stepflow_on(model, stepflow):
                 sal = step_saliency(model, trace)
         sal.meta.update(index=i, correct=rec["correct"], split=row["split"])
         saliencies.append(sal)
@@ -133,18 +135,18 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
              seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
-             device: str | None = None, stepflow: bool | dict[str, Any] = True,
+             device: str | None = None, stepflow: StepFlowConfig | None = StepFlowConfig(),
              progress: bool = True) -> DemoResult:
     """The whole demo; see the module docstring. ``model`` is a name, a path or a model.
 
-    ``stepflow``: also generate with StepFlow (True: paper defaults, or a dict of
-    settings) and compare accuracy and Step-Saliency with the baseline.
+    ``stepflow``: also generate with StepFlow (a :class:`~stepsal_lens.StepFlowConfig`,
+    default the paper's settings; None to skip) and compare accuracy and Step-Saliency
+    with the baseline.
     """
     from stepsal_lens.evaluate import compare_runs
     from stepsal_lens.metrics import compare
     from stepsal_lens.models import load_lrm
     from stepsal_lens.report import write_demo_report
-    from stepsal_lens.stepflow import StepFlow
 
     if n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
@@ -167,13 +169,13 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     if comparison is not None:
         comparison.to_csv(out / "compare.csv", index=False)
     flow = None
-    if stepflow:
-        settings = {} if stepflow is True else dict(stepflow)
+    if stepflow is not None:
+        settings = stepflow.resolve(model.cfg.n_layers)
         sf_records, sf_metrics, _ = _analyse(model, rows, stepflow=settings, label="StepFlow",
                                              max_new_tokens=max_new_tokens, progress=progress)
         _write_jsonl(out / "traces_stepflow.jsonl", sf_records)
         sf_metrics.to_csv(out / "metrics_stepflow.csv", index=False)
-        flow = {"settings": StepFlow(model, **settings).config, "records": sf_records,
+        flow = {"settings": settings.to_dict(), "records": sf_records,
                 "metrics": sf_metrics,
                 "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
     result = DemoResult(out, records, metrics, comparison, saliencies, flow)

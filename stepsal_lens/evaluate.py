@@ -34,6 +34,7 @@ from typing import Any
 from stepsal_lens.models import info_of, model_name as name_of
 from stepsal_lens.answers import Grade, extract_answer, find_answer, grade, grade_output
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = [
     "EvalRun",
@@ -227,7 +228,7 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
 
 
 def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
-             stepflow: bool | dict[str, Any] | None = None, max_new_tokens: int = 256,
+             stepflow: StepFlowConfig | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
              model_name: str | None = None, data_name: str | None = None,
              grading_timeout: float | int = 10.0, progress: bool = True) -> EvalRun:
@@ -243,7 +244,8 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         Run folder: ``run.json`` (settings), ``results.jsonl``, ``summary.json``. If it
         already holds results of the same settings, only the missing ones are generated.
     stepflow
-        ``True`` or a dict of :func:`~stepsal_lens.stepflow` settings; None/False: off.
+        A :class:`~stepsal_lens.StepFlowConfig` (None: off); ``run.json`` records it
+        resolved (explicit layers).
     samples
         Generations per problem (needs ``temperature > 0`` when above 1).
     grading_timeout
@@ -262,15 +264,11 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     if not problems:
         raise StepSalError("no problems to evaluate")
     out = Path(out)
-    from stepsal_lens.generation import _stepflow_kwargs
-
-    sf = _stepflow_kwargs(stepflow)
-    if sf is not None:  # record the resolved layers, not None
-        from stepsal_lens.stepflow import StepFlow
-
-        sf = StepFlow(model, **sf).config
+    if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
+        raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
+    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers)
     config = {"model": model_name or name_of(model), "data": data_name,
-              "stepflow": sf, "max_new_tokens": max_new_tokens, "samples": samples,
+              "stepflow": None if sf is None else sf.to_dict(), "max_new_tokens": max_new_tokens, "samples": samples,
               "temperature": temperature, "seed": seed, "format": info_of(model).format.name}
     out.mkdir(parents=True, exist_ok=True)
     run_file, results_file = out / "run.json", out / "results.jsonl"

@@ -1,21 +1,22 @@
 """KV-cached generation of reasoning traces, batched, with or without StepFlow.
 
-Prompts are tokenised the way :class:`~stepsal_lens.Trace` tokenises text (BOS only where
-the model prepends one and the prompt does not already start with it), left-padded
+Prompts are the model's chat template (:meth:`ReasoningFormat.chat_prompt`), tokenised
+the way :class:`~stepsal_lens.Trace` tokenises them (BOS only where the template writes
+one), left-padded
 with an explicit attention mask, and generated with the bridge's ``generate``. Each
 completion is cut after the format's end-of-sequence marker.
 
 Examples
 --------
->>> from stepsal_lens import load_lrm
+>>> from stepsal_lens import StepFlowConfig, load_lrm
 >>> from stepsal_lens.generation import generate
 >>> model = load_lrm("tiny-lrm")
 >>> [g] = generate(model, ["Start with 3. Add 4, then multiply by 2. What is the result?"],
 ...                progress=False)
 >>> g.segments()["summary"]
 'The result is \\\\boxed{14}.'
->>> [g] = generate(model, ["Start with 3. Add 4. What is the result?"], stepflow=True,
-...                progress=False)
+>>> [g] = generate(model, ["Start with 3. Add 4. What is the result?"],
+...                stepflow=StepFlowConfig(), progress=False)
 >>> g.stats["smi"]["injections"] >= 1
 True
 """
@@ -23,6 +24,7 @@ True
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from stepsal_lens.models import info_of
 import torch
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = ["Generation", "generate", "prompt_ids", "stop_ids"]
 
@@ -55,6 +58,8 @@ class Generation:
         The completion ended with an end-of-sequence marker (else it hit the budget).
     stats : dict
         StepFlow's counts for this sequence (zeros when StepFlow was off).
+    stepflow : dict or None
+        The resolved :class:`~stepsal_lens.StepFlowConfig` it ran with (None: off).
     """
 
     prompt: str
@@ -64,6 +69,7 @@ class Generation:
     finished: bool
     format: str
     stats: dict[str, Any] = field(default_factory=dict)
+    stepflow: dict[str, Any] | None = None
 
     @property
     def completion_ids(self) -> list[int]:
@@ -133,7 +139,7 @@ def stop_ids(model: Any) -> list[int]:
 def generate(model: Any, questions: Sequence[str] | None = None, *,
              prompts: Sequence[str] | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, seed: int | None = None, batch_size: int = 8,
-             stepflow: bool | dict[str, Any] | None = None,
+             stepflow: StepFlowConfig | None = None,
              progress: bool = True) -> list[Generation]:
     """Generate one trace per question (or raw prompt), KV-cached and batched.
 
@@ -150,12 +156,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     temperature
         0 for greedy decoding (the default); > 0 samples.
     seed
-        Seed for sampling (batch ``i`` uses ``seed + i``).
+        Seed for sampling (batch ``i`` uses ``seed + i``; the process's RNG state is
+        restored afterwards).
     batch_size
         Prompts per batch; rows are left-padded, which does not change any row's result.
     stepflow
-        ``True`` for StepFlow with the paper's defaults, or a dict of
-        :func:`~stepsal_lens.stepflow` keyword arguments.
+        A :class:`~stepsal_lens.StepFlowConfig` to generate with StepFlow on
+        (``StepFlowConfig()``: the paper's defaults); None for plain generation.
     progress
         Show a progress bar.
 
@@ -178,7 +185,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     fmt = info_of(model).format
     if prompts is None:
         prompts = [fmt.chat_prompt(q, model.tokenizer) for q in questions]
-    sf_kwargs = _stepflow_kwargs(stepflow)
+    if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
+        raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r} "
+                           f"(e.g. stepflow=StepFlowConfig(tau_max=0.15, alpha=0.06))")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
+                           f"{temperature!r}")
     stops = stop_ids(model)
     pad = model.tokenizer.pad_token_id
     pad = stops[0] if pad is None else pad
@@ -195,11 +208,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
                                f"exceeds the model's context of {n_ctx}; lower max_new_tokens")
         tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        if temperature > 0 and seed is not None:
-            torch.manual_seed(seed + i)
-        ctx = (stepflow_module.stepflow(model, **sf_kwargs) if sf_kwargs is not None
+        ctx = (stepflow_module.stepflow(model, stepflow) if stepflow is not None
                else nullcontext())
-        with ctx as sf:
+        # model.generate samples from the global RNG: seed it inside a fork, so the
+        # caller's random stream is the same afterwards
+        with torch.random.fork_rng(devices=[]), ctx as sf:
+            if temperature > 0 and seed is not None:
+                torch.manual_seed(seed + i)
             gen = model.generate(
                 tokens.to(model.cfg.device), attention_mask=mask.to(model.cfg.device),
                 max_new_tokens=max_new_tokens, do_sample=temperature > 0,
@@ -213,7 +228,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
             text = model.tokenizer.decode(all_ids, skip_special_tokens=False,
                                           clean_up_tokenization_spaces=False)
             out.append(Generation(prompt, text, all_ids, len(p_ids), cut is not None,
-                                  fmt.name, st))
+                                  fmt.name, st, sf.config.to_dict() if sf else None))
     return out
 
 
@@ -222,10 +237,3 @@ def _empty_stats() -> dict[str, Any]:
                     "eligible_rows_per_layer": {}, "mean_bridge_mass_before": None,
                     "mean_bridge_mass_after": None},
             "smi": {"injections": 0, "injections_per_layer": {}}}
-
-
-def _stepflow_kwargs(stepflow: bool | dict[str, Any] | None) -> dict[str, Any] | None:
-    """None/False: off; True or a dict (even an empty one: paper defaults): on."""
-    if stepflow is None or stepflow is False:
-        return None
-    return {} if stepflow is True else dict(stepflow)

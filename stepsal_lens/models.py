@@ -32,13 +32,13 @@ import torch
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ReasoningFormat, get_format, list_formats
+from stepsal_lens.results.config import default_layer_split
 
 __all__ = [
     "ModelInfo",
     "ModelSpec",
     "SUPPORTED_ARCHITECTURES",
     "attach",
-    "default_layer_split",
     "detect_format",
     "format_of",
     "info_of",
@@ -68,16 +68,6 @@ class ModelSpec:
     @property
     def layer_split(self) -> dict[str, list[int]]:
         return default_layer_split(self.n_layers)
-
-
-def default_layer_split(n_layers: int) -> dict[str, list[int]]:
-    """The paper's layer split: OEB on the bottom quarter, SMI on the top quarter.
-
-    >>> default_layer_split(28)
-    {'oeb': [0, 1, 2, 3, 4, 5, 6], 'smi': [21, 22, 23, 24, 25, 26, 27]}
-    """
-    q = math.ceil(n_layers / 4)
-    return {"oeb": list(range(q)), "smi": list(range(n_layers - q, n_layers))}
 
 
 _R1 = "deepseek-ai/DeepSeek-R1-Distill-"
@@ -171,6 +161,14 @@ def info_of(model: Any) -> ModelInfo:
             f"{type(model).__name__} has no reasoning format attached; load it with "
             f"stepsal_lens.load_lrm(...), or call stepsal_lens.attach(model, format=...) "
             f"(one of {list_formats()})") from None
+
+
+def require_hooks(model: Any, names: list[str]) -> None:
+    """Refuse hook names the model does not have (TransformerLens ignores them silently)."""
+    missing = sorted({n for n in names if n not in model.hook_dict})
+    if missing:
+        raise StepSalError(f"the model has no hook point(s) {missing[:5]}; hook names are "
+                           f"checked against model.hook_dict (e.g. 'blocks.0.attn.hook_pattern')")
 
 
 def model_name(model: Any) -> str:

@@ -11,7 +11,7 @@ Two test-time interventions (DESIGN §1), no retraining:
   projection the paper writes as the logit shift ``z_k + log(tau_g / p_g)``). A row that
   sums to less than 1 (attention sinks) keeps its sink mass.
 * **SMI** at the first token of each new thinking step, in one of two variants
-  (:data:`SMI_VARIANTS`). ``"resid_post"`` (default, the design card): add ``alpha``
+  (:data:`~stepsal_lens.results.config.SMI_VARIANTS`). ``"resid_post"`` (default, the design card): add ``alpha``
   times the mean ``blocks.{l}.hook_resid_post`` over the last ``window`` non-space tokens
   of the previous step, in every SMI layer. ``"paper_code"`` (what the paper's code
   does): add ``alpha`` times the mean of the attention *values*
@@ -46,9 +46,10 @@ from __future__ import annotations
 import re
 import sys
 import types
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -57,12 +58,12 @@ from torch import Tensor
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ReasoningFormat, get_format
+from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.trace import Detokenizer, Trace
 from stepsal_lens.typing import KeyMask, Pattern
 
 __all__ = [
     "SEGMENT_CODES",
-    "SMI_VARIANTS",
     "SegmentTracker",
     "StepFlow",
     "StepFlowStats",
@@ -74,14 +75,6 @@ __all__ = [
 #: Integer codes of the segments in the tracker's label tensors (-1: none / padding).
 SEGMENT_CODES = {"question": 0, "thinking": 1, "summary": 2}
 _Q, _T, _S = 0, 1, 2
-#: SMI variants: what is added where (docs/stepflow.md has the table).
-SMI_VARIANTS = {
-    "resid_post": "alpha * mean(hook_resid_post over the last `window` non-space tokens of "
-                  "the previous step) added to hook_resid_post, in every SMI layer (the "
-                  "design card)",
-    "paper_code": "alpha * mean(hook_v over the last `window` tokens of the previous step, "
-                  "per head) added to hook_z, in the first SMI layer only (the paper's code)",
-}
 #: Where a new step starts, per segment (the paper's separators; DESIGN §1).
 _BOUNDARY = {"thinking": r"\.\s+", "summary": r"\n[ \t]*\n\s*"}
 
@@ -484,34 +477,21 @@ def _layer_of(name: str) -> int:
 
 
 class StepFlow:
-    """The live intervention: hooks, tracker and stats (made by :func:`stepflow`)."""
+    """The live intervention: hooks, tracker and stats (made by :func:`stepflow`).
 
-    def __init__(self, model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
-                 oeb_layers: Sequence[int] | None = None, smi_layers: Sequence[int] | None = None,
-                 window: int = 4, smi_variant: str = "resid_post",
-                 smi_site: str | None = None):
-        from stepsal_lens.models import default_layer_split, format_of
+    ``config`` is the resolved :class:`~stepsal_lens.StepFlowConfig` (explicit layers).
+    """
 
-        n_layers = model.cfg.n_layers
-        split = default_layer_split(n_layers)
-        self.oeb_layers = _check_layers(split["oeb"] if oeb_layers is None else oeb_layers,
-                                        n_layers, "oeb_layers")
-        self.smi_layers = _check_layers(split["smi"] if smi_layers is None else smi_layers,
-                                        n_layers, "smi_layers")
-        if not 0 <= tau_max <= 1:
-            raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
-        if window < 1:
-            raise StepSalError(f"window must be at least 1 token; got {window}")
-        smi_variant = _smi_variant(smi_variant, smi_site)
-        if smi_variant == "paper_code":  # the paper's min_layer: one layer only
-            self.smi_layers = self.smi_layers[:1]
-        fmt = format_of(model)
-        if fmt is None:
-            raise StepSalError("StepFlow needs the model's reasoning format to find the "
-                               "segments; load the model with load_lrm(..., format=...)")
+    def __init__(self, model: Any, config: StepFlowConfig | None = None):
+        from stepsal_lens.models import info_of
+
+        fmt = info_of(model).format
         self.model = model
-        self.tau_max, self.alpha, self.window = tau_max, alpha, window
-        self.smi_variant = smi_variant
+        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
+        c = self.config
+        self.tau_max, self.alpha, self.window = c.tau_max, c.alpha, c.window
+        self.oeb_layers, self.smi_layers = list(c.oeb_layers), list(c.smi_layers)
+        self.smi_variant = c.smi_variant
         self.tracker = SegmentTracker(model.tokenizer, fmt)
         self.stats = StepFlowStats(list(self.oeb_layers), list(self.smi_layers))
         self._windows = _sliding_windows(model)
@@ -519,13 +499,6 @@ class StepFlow:
         self._values: dict[int, Tensor] = {}  # this pass's hook_v per layer (paper_code)
         self._pass = 0
         self._counted: set[tuple[int, int, str]] = set()
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The settings, as plain values (what result files record)."""
-        return {"tau_max": self.tau_max, "alpha": self.alpha, "oeb_layers": list(self.oeb_layers),
-                "smi_layers": list(self.smi_layers), "window": self.window,
-                "smi_variant": self.smi_variant}
 
     def hooks(self) -> list[tuple[str, Any]]:
         """``(hook name, function)`` pairs, for ``model.hooks(fwd_hooks=...)``."""
@@ -717,39 +690,45 @@ class StepFlow:
     # ---- context management ----------------------------------------------------------------
     @contextmanager
     def active(self) -> Iterator[StepFlow]:
-        """Hooks on for the duration of the block; always removed, even on errors."""
+        """Hooks on for the duration of the block; always removed, even on errors.
+
+        Blocks do not nest on one model: two trackers would each see every pass and two
+        sets of edits would compound, so a second block raises.
+        """
+        from stepsal_lens.models import require_hooks
+
+        if self.model in _ACTIVE:
+            raise StepSalError(f"a stepflow block is already active on this model "
+                               f"({_ACTIVE[self.model].config}); stepflow blocks do not "
+                               f"nest - leave the first block, or change its StepFlowConfig")
+        hooks = self.hooks()
+        require_hooks(self.model, [name for name, _ in hooks])
         with ExitStack() as stack:
+            _ACTIVE[self.model] = self
+            stack.callback(_ACTIVE.pop, self.model, None)
             handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
             stack.callback(handle.remove)
-            stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
+            stack.enter_context(self.model.hooks(fwd_hooks=hooks))
             yield self
 
     def __repr__(self) -> str:
-        return (f"StepFlow(tau_max={self.tau_max}, alpha={self.alpha}, oeb_layers="
-                f"{list(self.oeb_layers)}, smi_layers={list(self.smi_layers)}, "
-                f"window={self.window}, smi_variant={self.smi_variant!r})")
+        return f"StepFlow({self.config})"
 
 
-def _smi_variant(variant: str, site: str | None) -> str:
-    """The SMI variant, with the removed ``smi_site`` option mapped or refused."""
-    if site is not None:
-        if site != "resid_post" or variant != "resid_post":
-            raise StepSalError(
-                f"smi_site={site!r} was removed; pass smi_variant='paper_code' for the paper "
-                f"code's SMI (alpha * mean of the values added to each head's hook_z, first "
-                f"SMI layer only) or smi_variant='resid_post' (the default)")
-        return "resid_post"
-    if variant not in SMI_VARIANTS:
-        raise StepSalError(f"smi_variant must be one of {sorted(SMI_VARIANTS)}; got {variant!r}")
-    return variant
+#: The StepFlow active on each model (blocks do not nest).
+_ACTIVE: weakref.WeakKeyDictionary[Any, StepFlow] = weakref.WeakKeyDictionary()
 
 
-def _check_layers(layers: Sequence[int], n_layers: int, what: str) -> list[int]:
-    layers = sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise StepSalError(f"{what} {bad} out of range: the model has layers 0..{n_layers - 1}")
-    return layers
+def _smi_site(settings: dict[str, Any]) -> dict[str, Any]:
+    """Map the removed ``smi_site`` option, or refuse it naming the new one."""
+    site = settings.pop("smi_site", None)
+    if site is not None and (site != "resid_post"
+                             or settings.get("smi_variant", "resid_post") != "resid_post"):
+        raise StepSalError(
+            f"smi_site={site!r} was removed; pass smi_variant='paper_code' for the paper "
+            f"code's SMI (alpha * mean of the values added to each head's hook_z, first "
+            f"SMI layer only) or smi_variant='resid_post' (the default)")
+    return settings
 
 
 def _sliding_windows(model: Any) -> dict[int, int]:
@@ -763,50 +742,46 @@ def _sliding_windows(model: Any) -> dict[int, int]:
 
 
 @contextmanager
-def stepflow(model: Any, *, tau_max: float = 0.15, alpha: float = 0.06,
-             oeb_layers: Sequence[int] | None = None, smi_layers: Sequence[int] | None = None,
-             window: int = 4, smi_variant: str = "resid_post",
-             smi_site: str | None = None) -> Iterator[StepFlow]:
+def stepflow(model: Any, config: StepFlowConfig | None = None,
+             **settings: Any) -> Iterator[StepFlow]:
     """Turn StepFlow on for every forward pass of ``model`` inside the block.
 
     Works with KV-cached and uncached ``model.generate`` (batched prompts included) and
     with teacher-forced forward passes, e.g. :func:`~stepsal_lens.step_saliency` over a
-    fixed trace. Hooks are removed when the block ends, also on an exception.
+    fixed trace. Hooks are removed when the block ends, also on an exception. Blocks do
+    not nest on one model (a second raises).
 
     Parameters
     ----------
     model
         A model from :func:`~stepsal_lens.load_lrm` (its format locates the segments).
-    tau_max
-        OEB cap on the bridge target (paper: 0.15); 0 turns OEB off.
-    alpha
-        SMI strength (paper: 0.06); 0 turns SMI off.
-    oeb_layers, smi_layers
-        Layers to hook; default :func:`~stepsal_lens.default_layer_split` (bottom and top
-        quarter).
-    window
-        SMI averages the last ``window`` tokens of the previous step (paper: 4).
-    smi_variant
-        ``"resid_post"`` (default, the design card): add ``alpha`` times the mean
-        ``blocks.{l}.hook_resid_post`` over the window (the step's last non-space tokens)
-        to ``hook_resid_post`` at the new step's first token, in every SMI layer.
-        ``"paper_code"`` (what the paper's code does): add ``alpha`` times the mean value
-        vector over the window (``blocks.{l}.attn.hook_v``, per head, GQA heads expanded;
-        the step's last tokens, the period's included) to each head's attention output
-        ``blocks.{l}.attn.hook_z``, in the first of ``smi_layers`` only (the paper's
-        ``min_layer``). Where each still differs from the paper: docs/stepflow.md.
-    smi_site
-        Removed: ``"resid_post"`` is accepted as ``smi_variant="resid_post"``; ``"z"``
-        (the mean of ``hook_z`` itself, neither the design's nor the paper's form) raises.
+    config
+        A :class:`~stepsal_lens.StepFlowConfig` (default: the paper's settings).
+    **settings
+        Fields of :class:`~stepsal_lens.StepFlowConfig` that override ``config``
+        (``tau_max``, ``alpha``, ``oeb_layers``, ``smi_layers``, ``window``,
+        ``smi_variant``). ``smi_variant="resid_post"`` (the design card) adds ``alpha``
+        times the mean ``hook_resid_post`` over the previous step's last ``window``
+        non-space tokens at each new thinking step's first token, in every SMI layer;
+        ``"paper_code"`` (the paper's code) adds the mean value vector (``hook_v``) to
+        each head's ``hook_z``, in the first SMI layer only (docs/stepflow.md).
 
     Yields
     ------
     StepFlow
-        ``sf.stats`` (:class:`StepFlowStats`) and ``sf.tracker`` (:class:`SegmentTracker`).
+        ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`) and
+        ``sf.tracker`` (:class:`SegmentTracker`).
     """
-    sf = StepFlow(model, tau_max=tau_max, alpha=alpha, oeb_layers=oeb_layers,
-                  smi_layers=smi_layers, window=window, smi_variant=smi_variant,
-                  smi_site=smi_site)
+    settings = _smi_site(dict(settings))
+    config = config or StepFlowConfig()
+    if settings:
+        try:
+            config = replace(config, **settings)
+        except TypeError:
+            known = [f.name for f in fields(StepFlowConfig)]
+            raise StepSalError(f"unknown StepFlow setting(s) {sorted(settings)}; known: "
+                               f"{known}") from None
+    sf = StepFlow(model, config)
     with sf.active():
         yield sf
 
@@ -815,8 +790,8 @@ class _CallableModule(types.ModuleType):
     """Lets ``stepsal_lens.stepflow`` be both this module and the context manager, so
     ``with stepflow(model):`` and ``stepflow.odds_equal_bridge`` both read naturally."""
 
-    def __call__(self, model: Any, **kwargs: Any):
-        return stepflow(model, **kwargs)
+    def __call__(self, model: Any, config: StepFlowConfig | None = None, **settings: Any):
+        return stepflow(model, config, **settings)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -264,7 +264,7 @@ def test_demo_grades_data_files_with_the_grader(tmp_path, tiny_lrm):
     data = tmp_path / "q.jsonl"
     data.write_text("\n".join(json.dumps({"question": p.question, "answer": f"{p.answer}.0"})
                               for p in problems))
-    result = run_demo(tiny_lrm, data=data, out=tmp_path / "o", stepflow=False, progress=False,
+    result = run_demo(tiny_lrm, data=data, out=tmp_path / "o", stepflow=None, progress=False,
                       max_new_tokens=96)
     for rec, p in zip(result.records, problems):
         assert rec["correct"] == grade(rec["prediction"], f"{p.answer}.0")
@@ -273,4 +273,4 @@ def test_demo_grades_data_files_with_the_grader(tmp_path, tiny_lrm):
     with pytest.raises(StepSalError, match="has kind 'letter'"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"question": "q", "answer": "A", "kind": "letter"}\n')
-        run_demo(tiny_lrm, data=bad, out=tmp_path / "x", stepflow=False, progress=False)
+        run_demo(tiny_lrm, data=bad, out=tmp_path / "x", stepflow=None, progress=False)

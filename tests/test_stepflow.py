@@ -11,7 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from stepsal_lens import StepSalError, Trace, get_format, load_lrm, step_saliency, stepflow
+from stepsal_lens import (StepFlowConfig, StepSalError, Trace, get_format, load_lrm,
+                          step_saliency, stepflow)
 from stepsal_lens.generation import generate, prompt_ids
 from stepsal_lens.stepflow import SEGMENT_CODES, SegmentTracker, odds_equal_bridge, step_momentum
 
@@ -223,9 +224,9 @@ def test_tiny_lrm_stepflow_in_generation(tiny_lrm):
           "then add 1. What is the result?",
           "Start with 8. Add 2, then add 3. What is the result?"]
     cfg = {"tau_max": 0.3, "alpha": 0.5}
-    batched = generate(tiny_lrm, qs, stepflow=cfg, batch_size=3, max_new_tokens=96,
+    batched = generate(tiny_lrm, qs, stepflow=StepFlowConfig(**cfg), batch_size=3, max_new_tokens=96,
                        progress=False)
-    single = [generate(tiny_lrm, [q], stepflow=cfg, max_new_tokens=96, progress=False)[0]
+    single = [generate(tiny_lrm, [q], stepflow=StepFlowConfig(**cfg), max_new_tokens=96, progress=False)[0]
               for q in qs]
     for b, s in zip(batched, single):
         assert b.token_ids == s.token_ids
@@ -405,10 +406,10 @@ def test_smi_variants_cached_uncached_batched(models, variant):
     prompts = [fmt.prompt(QUESTION) + opener + THINKING,
                fmt.prompt("Start with 2. Add 1.") + opener + "We begin with the number two. "]
     cfg = {"tau_max": 0.0, "alpha": 4.0, "smi_layers": [0, 1], "smi_variant": variant}
-    batched = generate(model, prompts=prompts, stepflow=cfg, max_new_tokens=10, batch_size=2,
+    batched = generate(model, prompts=prompts, stepflow=StepFlowConfig(**cfg), max_new_tokens=10, batch_size=2,
                        progress=False)
     for prompt, b in zip(prompts, batched):
-        [s] = generate(model, prompts=[prompt], stepflow=cfg, max_new_tokens=10, progress=False)
+        [s] = generate(model, prompts=[prompt], stepflow=StepFlowConfig(**cfg), max_new_tokens=10, progress=False)
         assert b.token_ids == s.token_ids and b.stats["smi"] == s.stats["smi"]
     assert batched[0].stats["smi"]["injections"] > 0
     tokens = _prompt_tokens(model)
@@ -489,10 +490,10 @@ def test_batched_equals_one_by_one_with_stepflow(models, arch):
     prompts = [fmt.prompt(QUESTION) + opener + THINKING,
                fmt.prompt("Start with 2. Add 1.") + opener + "We begin with the number two. "]
     cfg = {"tau_max": 0.5, "alpha": 2.0, "oeb_layers": [0, 1]}
-    batched = generate(model, prompts=prompts, stepflow=cfg, max_new_tokens=8, batch_size=2,
+    batched = generate(model, prompts=prompts, stepflow=StepFlowConfig(**cfg), max_new_tokens=8, batch_size=2,
                        progress=False)
     for prompt, b in zip(prompts, batched):
-        [s] = generate(model, prompts=[prompt], stepflow=cfg, max_new_tokens=8, progress=False)
+        [s] = generate(model, prompts=[prompt], stepflow=StepFlowConfig(**cfg), max_new_tokens=8, progress=False)
         assert b.token_ids == s.token_ids
         assert b.stats["smi"] == s.stats["smi"]
         assert b.stats["oeb"]["triggers_per_layer"] == s.stats["oeb"]["triggers_per_layer"]
