@@ -40,8 +40,7 @@ def folder():
     except StepSalError as err:
         if os.environ.get("STEPSAL_REQUIRE_REAL_TOKENIZERS") == "1":
             pytest.fail(f"STEPSAL_REQUIRE_REAL_TOKENIZERS=1 but {err}")
-        pytest.skip(f"the real gpt-oss tokenizer is not built ({err}); run `python -m "
-                    f"stepsal_lens.zoo.real_tokenizers --out DIR` and set STEPSAL_TOKENIZERS=DIR")
+        pytest.skip(f"{err} (set STEPSAL_TOKENIZERS=DIR to use a built one)")
     return path
 
 
@@ -80,6 +79,84 @@ def _harmony_prompt(enc, question, *, effort="medium", date=DATE, instructions=N
     msgs.append(H.Message.from_role_and_content(H.Role.USER, question))
     return enc.render_conversation_for_completion(H.Conversation.from_messages(msgs),
                                                   H.Role.ASSISTANT)
+
+
+# ---- without the real tokenizer (the toy tokenizer of the other tests) --------------------
+
+TOOL_TRACE = ("<|channel|>analysis<|message|>" + T1 + "<|end|>"
+              "<|start|>assistant<|channel|>commentary to=functions.get_price <|constrain|>json"
+              '<|message|>{"item": "pencil"}<|call|>'
+              "<|start|>functions.get_price to=assistant<|channel|>commentary<|message|>"
+              '{"price": 3}<|end|>'
+              "<|start|>assistant<|channel|>analysis<|message|> " + T2 + "\n<|end|>"
+              "<|start|>assistant<|channel|>final<|message|>" + S + "<|return|>")
+
+
+def _toy_steps(tokenizer, fmt, text):
+    trace = Trace.from_text(text, tokenizer, format=fmt)
+    return trace, [(s.segment, s.text) for s in trace.steps]
+
+
+def test_toy_several_analysis_messages_and_a_tool_call(tokenizer, fmt):
+    text = fmt.prompt(Q) + TOOL_TRACE
+    parsed = fmt.parse(text)
+    assert [text[a:b] for a, b in parsed.thinking_spans] == [T1, T2]
+    assert parsed.thinking == T1 + "\n\n" + T2 and parsed.summary == S
+    assert not parsed.truncated and parsed.thinking_span == (parsed.thinking_spans[0][0],
+                                                             parsed.thinking_spans[1][1])
+    trace, steps = _toy_steps(tokenizer, fmt, text)
+    expected = [("thinking", t[a:b]) for t in (T1, T2) for a, b in paper_splitter(t, "thinking")]
+    expected += [("summary", S[a:b]) for a, b in paper_splitter(S, "summary")]
+    assert steps == [("question", Q)] + expected
+    # the streaming tracker: token by token = the whole text = the Trace
+    ids = trace.token_ids.tolist()
+    n_prompt = len(_ids(tokenizer, fmt.prompt(Q)))
+    tracker = SegmentTracker(tokenizer, fmt)
+    tracker.reset(torch.tensor([ids[:n_prompt]]))
+    for t in ids[n_prompt:]:
+        tracker.extend(torch.tensor([[t]]))
+    whole = SegmentTracker(tokenizer, fmt)
+    whole.reset(torch.tensor([ids]))
+    for key in ("segment", "step", "step_start", "anchored"):
+        assert torch.equal(getattr(whole, key), getattr(tracker, key)), key
+    assert tracker.step[0].tolist() == trace.step_of_token.tolist()
+    # the tool call and its result: in the text, in no segment
+    a = text.index('{"item"')
+    b = text.index("<|start|>assistant<|channel|>analysis", a)
+    inside = [t for t, (s, e) in enumerate(trace.offsets) if a <= s < b]
+    assert inside and (tracker.segment[0, inside] == -1).all()
+
+
+def test_toy_final_only_and_truncated(tokenizer, fmt):
+    final_only = fmt.prompt(Q) + "<|channel|>final<|message|>" + S + "<|return|>"
+    parsed = fmt.parse(final_only)
+    assert parsed.thinking == "" and parsed.thinking_spans == () and parsed.summary == S
+    trace, steps = _toy_steps(tokenizer, fmt, final_only)
+    assert trace.steps_in("thinking") == [] and steps[0] == ("question", Q)
+    assert not trace.truncated and steps[1:] == [("summary", S[a:b])
+                                                 for a, b in paper_splitter(S, "summary")]
+    cut = fmt.prompt(Q) + TOOL_TRACE[:TOOL_TRACE.index("<|start|>assistant<|channel|>final")]
+    parsed = fmt.parse(cut)
+    assert parsed.truncated and parsed.summary == "" and len(parsed.thinking_spans) == 2
+    to_tool = fmt.prompt(Q) + TOOL_TRACE[:TOOL_TRACE.index("<|call|>") + 8]
+    assert not fmt.parse(to_tool).truncated  # stopped at a tool call: waits, not cut off
+
+
+def test_toy_errors_and_the_question(fmt):
+    with pytest.raises(StepSalError, match="no user message"):
+        fmt.parse("<|start|>assistant<|channel|>final<|message|>4<|return|>")
+    with pytest.raises(StepSalError, match="no assistant message after the question"):
+        fmt.parse(fmt.prompt(Q))
+    # earlier turns and a turn after the answer: the question is the one answered
+    earlier = ("<|start|>user<|message|>Hi there<|end|><|start|>assistant<|channel|>final"
+               "<|message|>Hello!<|end|>")
+    prompt = fmt.prompt(Q).replace("<|start|>user", earlier + "<|start|>user")
+    text = prompt + "<|channel|>final<|message|>21<|return|>"
+    assert (fmt.parse(text).question, fmt.parse(text).summary) == (Q, "21")
+    later = text + "<|start|>user<|message|>And 8 pencils?<|end|>"
+    assert (fmt.parse(later).question, fmt.parse(later).summary) == (Q, "21")
+    regions = fmt.regions(prompt)
+    assert prompt[slice(*regions["question"])] == Q
 
 
 # ---- the prompt --------------------------------------------------------------------------
@@ -180,18 +257,38 @@ def _completion(enc, messages, cut=None):
     return ids if cut is None else ids[:cut]
 
 
+def _python_call(code):
+    return (H.Message.from_role_and_content(H.Role.ASSISTANT, code).with_channel("analysis")
+            .with_recipient("python"))
+
+
+def _python_result(text):
+    author = H.Author.new(H.Role.TOOL, "python")
+    return (H.Message.from_author_and_content(author, text).with_channel("analysis")
+            .with_recipient("assistant"))
+
+
 CASES = {
     "two analysis messages": [_analysis(T1), _analysis(T2), _final(S)],
     "final only": [_final(S)],
     "tool call then final": [_analysis(T1), _call('{"item": "pencil"}'),
                              _tool_result('{"price": 3}'), _analysis(T2), _final(S)],
     "stops at a tool call": [_analysis(T1), _call('{"item": "pencil"}')],
+    # a built-in tool's call goes to the analysis channel: a tool call all the same
+    "python in the analysis channel": [_analysis(T1), _python_call("print(7 * 3)"),
+                                       _python_result("21"), _analysis(T2), _final(S)],
+    # the header as gpt-oss writes it: the recipient after the channel
+    "tool call written by the model": (
+        f"<|channel|>analysis<|message|>{T1}<|end|><|start|>assistant<|channel|>commentary "
+        f'to=functions.get_price <|constrain|>json<|message|>{{"item": "pencil"}}<|call|>'),
     "truncated": [_analysis(T1), _analysis(T2)],
 }
 
 
 def _case(enc, fmt, tok, name):
     prompt = _ids(tok, fmt.prompt(Q))
+    if isinstance(CASES[name], str):
+        return prompt, _ids(tok, CASES[name])
     cut = -6 if name == "truncated" else None  # ends inside the second analysis message
     return prompt, _completion(enc, CASES[name], cut)
 
@@ -213,12 +310,14 @@ def test_messages_and_segments_equal_openai_harmony(tok, enc, fmt, name):
     parsed = fmt.parse(text)
     assert parsed.question == Q
     thinking = [m.content[0].text for m in theirs
-                if m.author.role == H.Role.ASSISTANT and m.channel == "analysis"]
+                if m.author.role == H.Role.ASSISTANT and m.channel == "analysis"
+                and m.recipient is None]
     assert [text[a:b] for a, b in parsed.thinking_spans] == thinking
     finals = [m.content[0].text for m in theirs if m.channel == "final"]
     assert parsed.summary == (finals[0] if finals else "")
     assert parsed.truncated == (name == "truncated")
-    assert "functions.get_price" not in parsed.thinking + parsed.summary
+    for tool_text in ('"item"', "print(", '"price"'):  # calls and results: no segment
+        assert tool_text not in parsed.thinking + parsed.summary
 
 
 def _step_texts(messages):
@@ -226,7 +325,8 @@ def _step_texts(messages):
     out = []
     for m in messages:
         body = m.content[0].text
-        if m.channel in ("analysis", "final") and m.recipient is None:
+        if (m.author.role == H.Role.ASSISTANT and m.channel in ("analysis", "final")
+                and m.recipient is None):
             seg = "thinking" if m.channel == "analysis" else "summary"
             out += [(seg, body[a:b]) for a, b in paper_splitter(body, seg)]
     return out
@@ -247,7 +347,7 @@ def test_trace_steps_cover_each_message_and_no_marker(tok, enc, fmt, name):
     specials = torch.tensor([i >= 199998 for i in ids])
     assert (trace.step_of_token[specials] == -1).all()
     for m in harmony_messages(trace.text):
-        said = m.role == "assistant" and m.channel in ("analysis", "final")
+        said = m.role == "assistant" and m.channel in ("analysis", "final") and not m.recipient
         if m.content is not None and m.role != "user" and not said:  # system, tools
             a, b = m.content
             inside = [t for t, (s, e) in enumerate(trace.offsets) if a <= s < b]
@@ -264,6 +364,13 @@ def test_trace_steps_cover_each_message_and_no_marker(tok, enc, fmt, name):
     again = Trace.from_text(trace.text, tok, format=fmt)
     assert again.token_ids.tolist() == ids
     assert [s.token_span for s in again.steps] == [s.token_span for s in trace.steps]
+
+
+def test_from_segments_renders_as_openai_harmony(tok, enc, fmt):
+    trace = Trace.from_segments(Q, T1, S, tok, format=fmt)
+    expected = _ids(tok, fmt.prompt(Q)) + _completion(enc, [_analysis(T1), _final(S)])
+    assert trace.token_ids.tolist() == expected
+    assert (trace.question, trace.thinking, trace.summary) == (Q, T1, S)
 
 
 @pytest.mark.parametrize("name", list(CASES))

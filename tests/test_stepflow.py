@@ -346,7 +346,14 @@ def test_batched_equals_one_by_one_with_stepflow(models, arch):
         assert b.token_ids == s.token_ids
         assert b.stats["smi"] == s.stats["smi"]
         assert b.stats["oeb"]["triggers_per_layer"] == s.stats["oeb"]["triggers_per_layer"]
-    assert batched[0].stats["oeb"]["triggers"] > 0
+    if arch == "gpt-oss":
+        # harmony's system message (~170 of ~290 keys here) is neither bridge nor same
+        # group, so on this random model no row's other mass is under 1 - tau_B and OEB
+        # rightly leaves every row alone; the rows were seen and SMI edited them.
+        assert batched[0].stats["oeb"]["eligible_rows"] > 0
+        assert batched[0].stats["smi"]["injections"] > 0
+    else:
+        assert batched[0].stats["oeb"]["triggers"] > 0
 
 
 def test_stats_sum_over_passes(models):
