@@ -42,6 +42,16 @@ class ParsedText:
     the segment's content with surrounding whitespace stripped.
     ``truncated`` is True when the thinking segment never closed (the summary is then
     empty and its span is ``(len(text), len(text))``).
+
+    The thinking may be several pieces of text with template markers between them
+    (harmony writes one analysis message after another): ``thinking_spans`` lists them,
+    in order, and ``thinking_span`` covers them all (markers between them included). By
+    default it is the one piece ``thinking_span`` (none when that is empty).
+
+    >>> p = ParsedText("Q: a. T: b. c. S: d.", (3, 5), (9, 14), (18, 20),
+    ...                thinking_spans=((9, 11), (12, 14)))
+    >>> p.thinking, p.segment_spans("thinking"), p.segment_spans("summary")
+    ('b.\\n\\nc.', ((9, 11), (12, 14)), ((18, 20),))
     """
 
     text: str
@@ -49,6 +59,21 @@ class ParsedText:
     thinking_span: Span
     summary_span: Span
     truncated: bool = False
+    thinking_spans: tuple[Span, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.thinking_spans and self.thinking_span[0] < self.thinking_span[1]:
+            object.__setattr__(self, "thinking_spans", (self.thinking_span,))
+
+    def segment_spans(self, segment: str) -> tuple[Span, ...]:
+        """The non-empty character spans of one segment's content, in order."""
+        if segment == "thinking":
+            return self.thinking_spans
+        span = {"question": self.question_span, "summary": self.summary_span}.get(segment)
+        if span is None:
+            raise StepSalError(f"unknown segment {segment!r}; choose one of "
+                               f"('question', 'thinking', 'summary')")
+        return (span,) if span[0] < span[1] else ()
 
     @property
     def question(self) -> str:
@@ -56,6 +81,9 @@ class ParsedText:
 
     @property
     def thinking(self) -> str:
+        """The thinking text; several pieces are joined by a blank line."""
+        if len(self.thinking_spans) > 1:
+            return "\n\n".join(self.text[a:b] for a, b in self.thinking_spans)
         return self.text[slice(*self.thinking_span)]
 
     @property
@@ -139,15 +167,45 @@ class ReasoningFormat:
             text += self.think_open
         return text
 
-    def chat_prompt(self, question: str, tokenizer: Any = None) -> str:
+    def chat_prompt(self, question: str, tokenizer: Any = None, *, system: str | None = None,
+                    reasoning_effort: str | None = None) -> str:
         """The generation prompt the model really gets: the tokenizer's chat template
         (``apply_chat_template(..., add_generation_prompt=True)``) where it has one,
-        else :meth:`prompt`."""
+        else :meth:`prompt`.
+
+        Parameters
+        ----------
+        question
+            The user message.
+        tokenizer
+            The model's tokenizer; its chat template, if any, writes the prompt.
+        system
+            A system message before the question (needs a chat template, except for
+            gpt-oss, whose format writes it as harmony's developer message).
+        reasoning_effort
+            ``"low"``, ``"medium"`` or ``"high"``: gpt-oss only (harmony's system
+            message); other formats refuse it.
+        """
+        if reasoning_effort is not None:
+            raise StepSalError(
+                f"format {self.name!r} has no reasoning effort; it is a gpt-oss (harmony) "
+                f"setting - drop reasoning_effort= or use format='gpt-oss'")
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True,
-                tokenize=False)
+            messages = [{"role": "user", "content": question}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        if system:
+            raise StepSalError(
+                f"format {self.name!r} writes no system message without a chat template; "
+                f"use the model's tokenizer (one with tokenizer.chat_template) to pass system=")
         return self.prompt(question)
+
+    @property
+    def stop_markers(self) -> tuple[str, ...]:
+        """Markers that end a generation (the first of :attr:`eos`)."""
+        return self.eos[:1]
 
     def render(self, question: str, thinking: str, summary: str, *, eos: bool = True,
                tokenizer: Any = None) -> str:
@@ -268,6 +326,17 @@ class ReasoningFormat:
         return {"question": question, "thinking": _lstrip_span(text, t_start, t_close),
                 "summary": _lstrip_span(text, s_start, self._eos_position(text, s_start))}
 
+    def segment_regions(self, text: str) -> list[tuple[str, Span]]:
+        """:meth:`regions` as a list of ``(segment, span)`` pairs, in text order.
+
+        A segment may have several regions (gpt-oss writes one analysis message after
+        another); the streaming :class:`~stepsal_lens.SegmentTracker` reads this.
+
+        >>> get_format("think-tags").segment_regions("What is 2+2?\\n<think>\\nTwo")
+        [('question', (0, 12)), ('thinking', (21, 24)), ('summary', (24, 24))]
+        """
+        return list(self.regions(text).items())
+
     def _find(self, text: str, marker: str, start: int, what: str) -> int:
         pos = text.find(marker, start)
         if pos < 0:
@@ -331,19 +400,6 @@ register_format(ReasoningFormat(name="qwen3", prompt_opens_thinking=False,
                                 description="Qwen3 in thinking mode (chatml; the model writes <think>)",
                                 **_CHATML))
 register_format(ReasoningFormat(
-    name="gpt-oss",
-    prefix="<|start|>system<|message|>Reasoning: medium<|end|>",
-    user_open="<|start|>user<|message|>",
-    user_close="<|end|>",
-    assistant_open="<|start|>assistant",
-    think_open="<|channel|>analysis<|message|>",
-    think_close="<|end|>",
-    summary_open="<|start|>assistant<|channel|>final<|message|>",
-    eos=("<|return|>", "<|end|>"),
-    special_tokens=("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"),
-    description="gpt-oss harmony (analysis channel = thinking, final channel = summary)",
-))
-register_format(ReasoningFormat(
     name="think-tags",
     user_open="",
     user_close="\n",
@@ -354,3 +410,9 @@ register_format(ReasoningFormat(
     special_tokens=("<think>", "</think>"),
     description="any model that writes <think>...</think> after a plain question line",
 ))
+
+# gpt-oss's harmony format has its own module (several analysis messages, tool calls,
+# system/developer messages); it builds on the classes above.
+from stepsal_lens.harmony import HarmonyFormat  # noqa: E402
+
+register_format(HarmonyFormat())

@@ -121,13 +121,14 @@ def prompt_ids(model: Any, prompt: str) -> list[int]:
 
 
 def stop_ids(model: Any) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and the format's first end
-    marker (harmony's ``<|end|>`` also closes the analysis channel, so it is not one)."""
+    """Token ids that end a completion: the tokenizer's EOS and the format's
+    :attr:`~stepsal_lens.formats.ReasoningFormat.stop_markers` (its first end marker;
+    gpt-oss: ``<|return|>`` and ``<|call|>`` - its ``<|end|>`` closes an analysis
+    message and more follow, so it is not one)."""
     tok = model.tokenizer
     out = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    fmt = info_of(model).format
-    if fmt.eos:
-        marker = tok.convert_tokens_to_ids(fmt.eos[0])
+    for name in info_of(model).format.stop_markers:
+        marker = tok.convert_tokens_to_ids(name)
         if isinstance(marker, int) and marker != tok.unk_token_id and marker not in out:
             out.append(marker)
     if not out:
@@ -140,6 +141,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
              prompts: Sequence[str] | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, seed: int | None = None, batch_size: int = 8,
              stepflow: StepFlowConfig | None = None,
+             system: str | None = None, reasoning_effort: str | None = None,
              progress: bool = True) -> list[Generation]:
     """Generate one trace per question (or raw prompt), KV-cached and batched.
 
@@ -148,7 +150,8 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     model
         A model from :func:`~stepsal_lens.load_lrm`.
     questions
-        Questions; each is wrapped in the model's format (:meth:`ReasoningFormat.prompt`).
+        Questions; each is wrapped in the model's chat prompt
+        (:meth:`~stepsal_lens.formats.ReasoningFormat.chat_prompt`).
     prompts
         Raw prompt texts instead of questions.
     max_new_tokens
@@ -163,6 +166,10 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     stepflow
         A :class:`~stepsal_lens.StepFlowConfig` to generate with StepFlow on
         (``StepFlowConfig()``: the paper's defaults); None for plain generation.
+    system
+        A system message before each question (gpt-oss: its developer message).
+    reasoning_effort
+        gpt-oss only: ``"low"``, ``"medium"`` or ``"high"`` (default: the format's).
     progress
         Show a progress bar.
 
@@ -183,8 +190,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     if max_new_tokens < 1 or batch_size < 1:
         raise StepSalError("max_new_tokens and batch_size must be at least 1")
     fmt = info_of(model).format
+    options = {k: v for k, v in (("system", system), ("reasoning_effort", reasoning_effort))
+               if v is not None}
     if prompts is None:
-        prompts = [fmt.chat_prompt(q, model.tokenizer) for q in questions]
+        prompts = [fmt.chat_prompt(q, model.tokenizer, **options) for q in questions]
+    elif options:
+        raise StepSalError(f"{sorted(options)} shape the prompt built from questions=; "
+                           f"raw prompts= are used as they are - pass questions instead")
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r} "
                            f"(e.g. stepflow=StepFlowConfig(tau_max=0.15, alpha=0.06))")

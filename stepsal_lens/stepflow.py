@@ -223,8 +223,8 @@ class SegmentTracker:
         for row, r_ids, r_mask in zip(self.rows, ids.tolist(), mask.tolist()):
             real = [t for t, m in zip(r_ids, r_mask) if m]
             spans = [row.detok.push(t) for t in real]
-            regions = self.format.regions(row.detok.text)  # the whole prompt at once
-            row.question = regions["question"]
+            regions = self.format.segment_regions(row.detok.text)  # the whole prompt at once
+            row.question = next((sp for name, sp in regions if name == "question"), None)
             it = iter(spans)
             for m in r_mask:
                 if m:
@@ -246,7 +246,7 @@ class SegmentTracker:
             for t, m in zip(r_ids, r_mask):
                 if m:
                     span = row.detok.push(t)
-                    self._label(row, span, self.format.regions(row.detok.text))
+                    self._label(row, span, self.format.segment_regions(row.detok.text))
                 else:
                     self._pad(row)
         if self._cache is not None and not self._relabelled:
@@ -264,7 +264,8 @@ class SegmentTracker:
         row.start.append(False)
         row.anchored.append(False)
 
-    def _label(self, row: _Row, span: tuple[int, int], regions: dict[str, tuple[int, int]]):
+    def _label(self, row: _Row, span: tuple[int, int],
+               regions: list[tuple[str, tuple[int, int]]]):
         text = row.detok.text
         s, e = span
         p = s
@@ -274,14 +275,16 @@ class SegmentTracker:
         if not anchored:
             p = s  # a space-only (or empty) token is placed by its first character
         if row.question is not None:
-            regions = {**regions, "question": row.question}
-        seg, seg_name = -1, None
-        for name, (a, b) in regions.items():
+            regions = [("question", row.question)] + [r for r in regions if r[0] != "question"]
+        # A segment may have several regions (gpt-oss's analysis messages); the first
+        # token of each starts a step.
+        seg, seg_name, a = -1, None, 0
+        for name, (ra, rb) in regions:
             # A token that decodes to nothing yet (the first bytes of a multi-byte
             # character) sits at the end of a still open region: it belongs there, as it
             # will once the character completes.
-            if a <= p < b or a <= p == b == len(text) > a:
-                seg, seg_name = SEGMENT_CODES[name], name
+            if ra <= p < rb or ra <= p == rb == len(text) > ra:
+                seg, seg_name, a = SEGMENT_CODES[name], name, ra
                 break
         step, start = -1, False
         if seg_name == "question":  # one step; its region is stripped already
@@ -289,12 +292,11 @@ class SegmentTracker:
             start = row.n_steps == 0
             row.n_steps = max(row.n_steps, 1)
         elif seg_name is not None:
-            a = regions[seg_name][0]
             before = text[a:p]
             prev = next((i for i in range(len(row.step) - 1, -1, -1)
                          if row.segment[i] == seg and row.step[i] >= 0), None)
             if anchored:
-                new = prev is None or bool(self._bnd[seg_name].search(before[-64:]))
+                new = prev is None or p == a or bool(self._bnd[seg_name].search(before[-64:]))
                 if new:
                     step, start = row.n_steps, True
                     row.n_steps += 1

@@ -280,6 +280,10 @@ class Trace:
     completion are tokenised apart, as the model saw them: the prompt as its chat
     template gave it, then the tokens it wrote (a completion starting with a newline
     after a prompt ending with one is two tokens, not one merged token).
+
+    A gpt-oss trace may think in several analysis messages: each is split into steps of
+    its own, and the markers between them belong to no step. A final-only gpt-oss
+    completion gives a trace without thinking steps.
     """
 
     def __init__(self, parsed: ParsedText, tokenizer: Any, *, format: ReasoningFormat,
@@ -399,16 +403,16 @@ class Trace:
 
     # ---- alignment ------------------------------------------------------------------------
     def _spans_from_splitter(self, split: Splitter) -> list[tuple[str, Span]]:
+        # A segment in several pieces (gpt-oss's analysis messages) is split piece by
+        # piece: no step crosses the markers between two pieces.
         out = []
         for seg in SEGMENTS:
-            a, b = self.segment_char_span(seg)
-            if a == b:
-                continue
-            for s, e in split(self.text[a:b], seg):
-                if not 0 <= s < e <= b - a:
-                    raise StepSalError(f"splitter returned span {(s, e)} outside the {seg} "
-                                       f"segment of length {b - a}")
-                out.append((seg, (a + s, a + e)))
+            for a, b in self.parsed.segment_spans(seg):
+                for s, e in split(self.text[a:b], seg):
+                    if not 0 <= s < e <= b - a:
+                        raise StepSalError(f"splitter returned span {(s, e)} outside the {seg} "
+                                           f"segment of length {b - a}")
+                    out.append((seg, (a + s, a + e)))
         return out
 
     def _check_spans(self, spans: Sequence[Span]) -> list[tuple[str, Span]]:
@@ -421,15 +425,15 @@ class Trace:
                 )
             seg = next((n for n in SEGMENTS if self._in_segment(n, s, e)), None)
             if seg is None:
+                pieces = {n: list(self.parsed.segment_spans(n)) for n in SEGMENTS}
                 raise StepSalError(f"step span {(s, e)} ({self.text[s:e]!r}) is not inside one "
-                                   f"segment; segments are {self.segment_char_spans()}")
+                                   f"segment; segments are {pieces}")
             out.append((seg, (s, e)))
             last = e
         return out
 
     def _in_segment(self, seg: str, s: int, e: int) -> bool:
-        a, b = self.segment_char_span(seg)
-        return a <= s and e <= b
+        return any(a <= s and e <= b for a, b in self.parsed.segment_spans(seg))
 
     def _align(self, char_spans: list[tuple[str, Span]]) -> list[Step]:
         # A token belongs to the step holding its first non-space character, so leading
@@ -465,7 +469,11 @@ class Trace:
 
     # ---- views ----------------------------------------------------------------------------
     def segment_char_span(self, segment: str) -> Span:
-        """Character span of a segment (``question``, ``thinking``, ``summary``)."""
+        """Character span of a segment (``question``, ``thinking``, ``summary``).
+
+        A segment written in several pieces (gpt-oss's analysis messages) gets the span
+        covering them all; ``trace.parsed.segment_spans(segment)`` lists the pieces.
+        """
         spans = self.segment_char_spans()
         if segment not in spans:
             raise StepSalError(f"unknown segment {segment!r}; choose one of {SEGMENTS}")

@@ -36,9 +36,13 @@ def checkpoints(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def models(checkpoints):
     """architecture -> loaded bridge (compatibility mode), loaded once per session."""
-    from stepsal_lens import load_lrm
+    from stepsal_lens import get_format, load_lrm
 
-    return {arch: load_lrm(path, device="cpu", format=ARCH_FORMATS[arch])
+    # gpt-oss's system message carries today's date: fix it so the tests see the same
+    # tokens every day.
+    fmts = {arch: get_format(name) for arch, name in ARCH_FORMATS.items()}
+    fmts["gpt-oss"] = fmts["gpt-oss"].with_options(current_date="2025-08-05")
+    return {arch: load_lrm(path, device="cpu", format=fmts[arch])
             for arch, path in checkpoints.items()}
 
 

@@ -33,7 +33,8 @@ def test_qwen3_prompt_leaves_think_tag_to_the_model():
 @pytest.mark.parametrize("name", ["deepseek-r1", "qwq", "gpt-oss", "think-tags"])
 def test_truncated_trace_is_all_thinking_and_reported(name):
     fmt = get_format(name)
-    parsed = fmt.parse(fmt.prompt(Q) + T + " And then")
+    opener = "" if fmt.prompt_opens_thinking else fmt.think_open  # gpt-oss: the model's
+    parsed = fmt.parse(fmt.prompt(Q) + opener + T + " And then")
     assert parsed.truncated
     assert parsed.thinking == T + " And then"
     assert parsed.summary == ""

@@ -51,8 +51,10 @@ def test_logit_target_is_the_models_own_logit(arch, checkpoints, models, traces)
     """The model's own parameterisation: the ``logit`` target is Hugging Face's raw logit
     (the default compatibility mode would centre it over the vocabulary)."""
     trace = traces[arch]
-    ours = step_saliency(models[arch], trace, target="logit", position=40, token=7).maps
-    ref = hf_reference(checkpoints[arch], trace, "logit", position=40, token=7)
+    # a position after the thinking: before it gpt-oss has only its system message
+    pos = trace.steps[trace.steps_in("thinking")[-1]].token_span[1] + 2
+    ours = step_saliency(models[arch], trace, target="logit", position=pos, token=7).maps
+    ref = hf_reference(checkpoints[arch], trace, "logit", position=pos, token=7)
     rel = ((ours - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4, f"{arch}: max rel diff {rel:.2e}"
 
