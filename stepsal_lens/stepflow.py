@@ -43,7 +43,6 @@ Examples
 
 from __future__ import annotations
 
-import re
 import sys
 import types
 import weakref
@@ -59,7 +58,7 @@ from torch import Tensor
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.formats import ReasoningFormat, get_format
 from stepsal_lens.results.config import StepFlowConfig
-from stepsal_lens.trace import Detokenizer, Trace
+from stepsal_lens.trace import Detokenizer, Splitter, Trace, get_splitter
 from stepsal_lens.typing import KeyMask, Pattern
 
 __all__ = [
@@ -75,8 +74,6 @@ __all__ = [
 #: Integer codes of the segments in the tracker's label tensors (-1: none / padding).
 SEGMENT_CODES = {"question": 0, "thinking": 1, "summary": 2}
 _Q, _T, _S = 0, 1, 2
-#: Where a new step starts, per segment (the paper's separators; DESIGN §1).
-_BOUNDARY = {"thinking": r"\.\s+", "summary": r"\n[ \t]*\n\s*"}
 
 
 # ---- pure cores ----------------------------------------------------------------------------
@@ -173,20 +170,26 @@ class _Row:
     step: list[int] = field(default_factory=list)
     start: list[bool] = field(default_factory=list)
     anchored: list[bool] = field(default_factory=list)  # has a non-space character
+    glued: list[bool] = field(default_factory=list)  # decodes to nothing after a non-space
     n_steps: int = 0
     question: tuple[int, int] | None = None
+    # the current step: its region's start, its first character, the last anchored char
+    region: int = -1
+    step_char: int = -1
+    last_char: int = -1
 
 
 class SegmentTracker:
     """Labels every position of a growing batch of sequences with segment and step.
 
     A fresh block of tokens (a prompt, or a whole trace) is labelled from its full text;
-    each appended token from the text so far. A label never depends on later tokens
-    (except that spaces trailing a step are dropped from it once the next step or
-    segment begins), so labelling token by token and labelling the final text at once
-    agree; on the final text they also agree with :class:`~stepsal_lens.Trace` wherever
-    the offline splitter keeps every sentence (it merges pieces shorter than 15
-    characters into the previous step, which cannot be known when the piece starts).
+    each appended token from the text so far. Steps come from the same splitter as the
+    offline :class:`~stepsal_lens.Trace` (one step rule), applied to the text of the
+    current step up to the new token's first character: a token starts a step exactly
+    when its first non-space character opens a span the previous token's did not. A
+    label never depends on later tokens (except that spaces trailing a step are dropped
+    from it once the next step or segment begins), so labelling token by token, labelling
+    the final text at once and the offline Trace agree.
 
     Labels (``[batch, pos]`` tensors): :attr:`segment` (:data:`SEGMENT_CODES`, -1 for
     template markers and padding), :attr:`step` (the Trace's numbering: question 0,
@@ -206,10 +209,12 @@ class SegmentTracker:
     (2, 3)
     """
 
-    def __init__(self, tokenizer: Any, format: str | ReasoningFormat):
+    def __init__(self, tokenizer: Any, format: str | ReasoningFormat,
+                 splitter: str | Splitter = "paper"):
         self.tokenizer = tokenizer
         self.format = get_format(format)
-        self._bnd = {seg: re.compile(f"(?:{pat})$") for seg, pat in _BOUNDARY.items()}
+        self.splitter = splitter
+        self._split = get_splitter(splitter)
         self.rows: list[_Row] = []
         self._cache: dict[str, Tensor] | None = None
         self._relabelled = False
@@ -263,6 +268,7 @@ class SegmentTracker:
         row.step.append(-1)
         row.start.append(False)
         row.anchored.append(False)
+        row.glued.append(False)
 
     def _label(self, row: _Row, span: tuple[int, int],
                regions: list[tuple[str, tuple[int, int]]]):
@@ -274,6 +280,10 @@ class SegmentTracker:
         anchored = p < e
         if not anchored:
             p = s  # a space-only (or empty) token is placed by its first character
+        # A token that decodes to nothing (the first bytes of a character) right after a
+        # non-space character stays with it, like the Trace's rule; after a space it is
+        # a space.
+        glued = s == e and s > 0 and not text[s - 1].isspace()
         if row.question is not None:
             regions = [("question", row.question)] + [r for r in regions if r[0] != "question"]
         # A segment may have several regions (gpt-oss's analysis messages); the first
@@ -292,18 +302,18 @@ class SegmentTracker:
             start = row.n_steps == 0
             row.n_steps = max(row.n_steps, 1)
         elif seg_name is not None:
-            before = text[a:p]
-            prev = next((i for i in range(len(row.step) - 1, -1, -1)
-                         if row.segment[i] == seg and row.step[i] >= 0), None)
+            current = row.region == a and row.step_char >= 0
             if anchored:
-                new = prev is None or p == a or bool(self._bnd[seg_name].search(before[-64:]))
-                if new:
+                owner = self._owner(text, p, seg_name, row) if current else "new"
+                if owner == "new":
                     step, start = row.n_steps, True
                     row.n_steps += 1
-                else:
-                    step = row.step[prev]
-            elif prev is not None and not self._bnd[seg_name].search(text[a:e][-64:]):
-                step = row.step[prev]  # a space inside a step
+                    row.region, row.step_char = a, p if not current else row.step_char
+                elif owner == "same":
+                    step = row.n_steps - 1
+                row.last_char = p if owner != "none" else row.last_char
+            elif current:
+                step = row.n_steps - 1  # a space inside the step (dropped if it trails)
         if seg != (row.segment[-1] if row.segment else -1) or start:
             self._drop_trailing_spaces(row)
         row.valid.append(True)
@@ -311,10 +321,24 @@ class SegmentTracker:
         row.step.append(step)
         row.start.append(start)
         row.anchored.append(anchored)
+        row.glued.append(glued)
+
+    def _owner(self, text: str, p: int, segment: str, row: _Row) -> str:
+        """Does the character at ``p`` open a new step ("new", and moves the step's
+        start), continue the current one ("same") or lie in no step ("none")? The
+        splitter runs on the current step's text up to ``p``."""
+        base = row.step_char
+        for a, b in self._split(text[base:p + 1], segment):
+            if a <= p - base < b:
+                if base + a > row.last_char:
+                    row.step_char = base + a
+                    return "new"
+                return "same"
+        return "none"
 
     def _drop_trailing_spaces(self, row: _Row) -> None:
         i = len(row.step) - 1
-        while i >= 0 and row.valid[i] and not row.anchored[i]:
+        while i >= 0 and row.valid[i] and not (row.anchored[i] or row.glued[i]):
             if row.step[i] >= 0:
                 row.step[i] = -1
                 self._relabelled = True
@@ -494,7 +518,7 @@ class StepFlow:
         self.tau_max, self.alpha, self.window = c.tau_max, c.alpha, c.window
         self.oeb_layers, self.smi_layers = list(c.oeb_layers), list(c.smi_layers)
         self.smi_variant = c.smi_variant
-        self.tracker = SegmentTracker(model.tokenizer, fmt)
+        self.tracker = SegmentTracker(model.tokenizer, fmt, c.splitter)
         self.stats = StepFlowStats(list(self.oeb_layers), list(self.smi_layers))
         self._windows = _sliding_windows(model)
         self._buffers: dict[int, dict[str, Any]] = {}

@@ -107,21 +107,21 @@ def _pieces(text: str, separator: re.Pattern, keep_chars: int) -> list[Span]:
 
 
 def _join_small(text: str, spans: list[Span], is_small: Callable[[str], bool]) -> list[Span]:
-    """Merge pieces that are not steps of their own into the previous step (or the next
-    one at the start), so no character is lost."""
+    """Merge pieces that are not steps of their own into the next piece (the last piece
+    is a step whatever it is), so no character is lost.
+
+    Joining forward keeps the rule decidable while text streams in: when a separator
+    arrives the piece before it is complete, so whether the next character starts a new
+    step is known at once - the online tracker and the offline Trace use this one rule.
+    """
     out: list[Span] = []
-    pending: int | None = None  # start of small pieces seen before any real step
-    for a, b in spans:
-        if is_small(text[a:b]):
-            if out:
-                out[-1] = (out[-1][0], b)
-            elif pending is None:
-                pending = a
+    pending: int | None = None  # start of small pieces waiting for the next piece
+    for i, (a, b) in enumerate(spans):
+        if is_small(text[a:b]) and i < len(spans) - 1:
+            pending = a if pending is None else pending
             continue
-        out.append((pending if pending is not None else a, b))
+        out.append((a if pending is None else pending, b))
         pending = None
-    if pending is not None:  # only small pieces
-        out.append((pending, spans[-1][1]))
     return out
 
 
@@ -133,9 +133,11 @@ def _not_a_thinking_step(piece: str) -> bool:
 def paper_splitter(text: str, segment: str) -> list[Span]:
     """The reference paper's rule: thinking on ``\\.\\s+``, summary on blank lines.
 
-    Thinking pieces shorter than 15 characters, digit-and-separator pieces and markdown
-    table rules join a neighbour; summary pieces shorter than 10 characters join a
-    neighbour. The question is one step.
+    Thinking pieces shorter than 15 characters, digit-and-separator pieces (list
+    numbers such as ``"2."``) and markdown table rules join the next piece; summary
+    pieces shorter than 10 characters join the next piece; the last piece of a segment is
+    a step whatever it is. The question is one step. (The paper's code drops such pieces;
+    joining them keeps every token.)
     """
     if segment == "thinking":
         spans = _pieces(text, re.compile(r"\.\s+"), keep_chars=1)
@@ -184,7 +186,14 @@ _SPLITTERS.register("newline", newline_splitter)
 
 
 def register_splitter(name: str, splitter: Splitter, *, overwrite: bool = False) -> None:
-    """Make ``splitter`` available by name to :class:`Trace`."""
+    """Make ``splitter`` available by name to :class:`Trace` and to StepFlow's tracker.
+
+    A splitter ``(text, segment) -> [(start, end), ...]`` returns sorted, disjoint
+    character spans. StepFlow applies it to text as it streams in, so it must be
+    *prefix-stable*: splitting a prefix that ends at the first character of a new step
+    starts a span there, and splitting again from any step's start gives the same later
+    spans (``paper``, ``newline`` and :func:`regex_splitter` are).
+    """
     _SPLITTERS.register(name, splitter, overwrite=overwrite)
 
 
@@ -305,6 +314,7 @@ class Trace:
 
         if token_ids is None:
             ids, offsets = _tokenize(tokenizer, self.text, prompt_chars)
+            offsets = _last_byte_owns_the_character(offsets)
         else:  # fixed ids (e.g. generated) with spans from incremental decoding
             ids, offsets = [int(i) for i in token_ids], [tuple(o) for o in offsets]
         bos = tokenizer.bos_token_id
@@ -451,8 +461,11 @@ class Trace:
                 p += 1
             if p == e and e > s:  # all whitespace: place by its first character
                 p = s
-            elif s == e and s > 0 and self.text[s - 1].isspace():
-                p = s - 1  # a space-only token whose offsets the tokenizer trimmed to nothing
+            elif s == e and s > 0:
+                # it decodes to nothing on its own (the first bytes of a character, or a
+                # space the tokenizer trimmed): placed by the character before it, as
+                # StepFlow's tracker places it when it arrives
+                p = s - 1
             while j < len(starts) and ends[j] <= p:
                 j += 1
             if j < len(starts) and starts[j] <= p < ends[j]:
@@ -555,6 +568,17 @@ def _tokenize(tokenizer: Any, text: str, prompt_chars: int | None) -> tuple[list
         ids += enc["input_ids"]
         offsets += [(a + s, a + e) for s, e in enc["offset_mapping"]]
     return ids, offsets
+
+
+def _last_byte_owns_the_character(offsets: list[Span]) -> list[Span]:
+    """Byte-level tokenizers give each token of a character split over several tokens a
+    span that starts at that character; give the character to the last of them (the one
+    that completes it, as incremental decoding does) and leave the others empty there."""
+    out = list(offsets)
+    for t in range(len(out) - 1):
+        if out[t][0] == out[t + 1][0] and out[t][0] < out[t][1]:
+            out[t] = (out[t][0], out[t][0])
+    return out
 
 
 def template_bos(tokenizer: Any, fmt: ReasoningFormat) -> str | None:

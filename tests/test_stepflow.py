@@ -148,17 +148,17 @@ def test_tracker_segment_of_the_newest_token_is_final(tokenizer, name):
         assert tracker.segment[0, t] == whole.segment[0, t], (t, tokenizer.decode(ids[t]))
 
 
-def test_tracker_short_piece_is_a_step_online_only(tokenizer):
+def test_tracker_short_piece_joins_the_next_step_online_too(tokenizer):
     fmt = get_format("think-tags")
     thinking = "We start with the number seven. So 12. Twelve times two makes twenty four."
     text = fmt.render(QUESTION, thinking, "The result is 24.")
     tracker, _ = _feed_one_by_one(tokenizer, fmt, text)
     trace = Trace.from_text(text, tokenizer, format=fmt)
-    online = set(torch.nonzero(tracker.step_start[0]).flatten().tolist())
-    offline = {s.token_span[0] for s in trace.steps}
-    # "So 12." is too short to be a step offline; online it starts one
-    assert offline < online and len(online - offline) == 1
-    assert tracker.trace().step_of_token.tolist() == trace.step_of_token.tolist()
+    online = torch.nonzero(tracker.step_start[0]).flatten().tolist()
+    assert online == [s.token_span[0] for s in trace.steps]
+    # "So 12." is too short to be a step: it opens the step that follows it
+    assert [trace.steps[i].text for i in trace.steps_in("thinking")] == [
+        "We start with the number seven.", "So 12. Twelve times two makes twenty four."]
 
 
 def test_tracker_padding_and_errors(tokenizer):

@@ -76,6 +76,9 @@ class StepFlowConfig:
     smi_variant
         ``"resid_post"`` (the design card, default) or ``"paper_code"`` (the paper's
         code); see :data:`SMI_VARIANTS`.
+    splitter
+        The registered step splitter that decides where steps start (the one step rule
+        :class:`~stepsal_lens.Trace` uses too; default the paper's).
     """
 
     tau_max: float = 0.15
@@ -85,6 +88,7 @@ class StepFlowConfig:
     smi_layers: Sequence[int] | None = None
     window: int = 4
     smi_variant: str = "resid_post"
+    splitter: str = "paper"
 
     def __post_init__(self) -> None:
         for name in ("tau_max", "alpha"):
@@ -100,6 +104,12 @@ class StepFlowConfig:
         if self.smi_variant not in SMI_VARIANTS:
             raise StepSalError(f"smi_variant must be one of {sorted(SMI_VARIANTS)}; got "
                                f"{self.smi_variant!r}")
+        from stepsal_lens.trace import list_splitters
+
+        if self.splitter not in list_splitters():
+            raise StepSalError(f"splitter must be a registered step splitter, one of "
+                               f"{list_splitters()}; got {self.splitter!r} (register yours "
+                               f"with register_splitter(name, fn))")
         object.__setattr__(self, "oeb_layers", _layers(self.oeb_layers, "oeb_layers"))
         object.__setattr__(self, "smi_layers", _layers(self.smi_layers, "smi_layers"))
 
