@@ -51,6 +51,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -609,7 +610,8 @@ class StepFlow:
         """``hook_v`` ``[batch, pos, kv_head, d_head]``: keep it with the key/value heads
         expanded to query heads (Hugging Face's ``repeat_kv`` order), for ``hook_z``."""
         n_rep = self.model.cfg.n_heads // v.shape[2]
-        self._values[_layer_of(hook.name)] = v.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v
+        self._values[_layer_of(hook.name)] = einops.repeat(
+            v, "batch pos kv_head d -> batch pos (kv_head rep) d", rep=n_rep)
 
     def _smi_hook(self, act: Tensor, hook) -> Tensor:
         layer = _layer_of(hook.name)
