@@ -206,7 +206,8 @@ def plot_map_pair(a: np.ndarray, b: np.ndarray, segments: Sequence[str], *,
 
 def token_html(tokens: Sequence[str], rows: dict[str, Any], *,
                caption: str = "", colors: Sequence[str] | None = None,
-               legend: dict[str, str] | None = None) -> str:
+               legend: dict[str, str] | None = None,
+               titles: Sequence[str] | None = None) -> str:
     """A self-contained token view (no JavaScript): one line of tokens per row of values
     in ``rows`` (label -> one value in [0, 1] per token), each token shaded by its value
     and titled with it; or, with ``colors``, tokens on fixed background colours (one per
@@ -224,8 +225,9 @@ def token_html(tokens: Sequence[str], rows: dict[str, Any], *,
             f"<span style='background:{c};padding:0 6px;border-radius:2px'>"
             f"{html.escape(label)}</span>" for label, c in legend.items()) + "</div>")
     if colors is not None:
-        parts.append("<div>" + "".join(chip(t, c, f"token {i}") for i, (t, c)
-                                       in enumerate(zip(tokens, colors))) + "</div>")
+        names = titles if titles is not None else [f"token {i}" for i in range(len(tokens))]
+        parts.append("<div>" + "".join(chip(t, c, f"token {i}: {n}") for i, (t, c, n)
+                                       in enumerate(zip(tokens, colors, names))) + "</div>")
     for label, values in rows.items():
         chips = "".join(chip(t, f"rgba(214,39,40,{float(np.clip(v, 0, 1)):.3f})",
                              f"{label} {float(v):.3f}") for t, v in zip(tokens, values))

@@ -58,7 +58,7 @@ from stepsal_lens.plots import (
 
 __all__ = ["BINS", "GroupComparison", "StepExplorer", "StepFlowComparison", "binned_map",
            "binned_segments", "binned_ticks", "compare", "compare_stepflow", "explore",
-           "fit_bins", "step_map", "token_values"]
+           "fit_bins", "step_map", "token_values", "trace_tokens"]
 
 SCALES = ("raw", "row-normalised", "log")
 _JS = Path(__file__).with_name("_views.js")
@@ -365,6 +365,35 @@ def token_values(saliency: torch.Tensor, attention: torch.Tensor, query_span: tu
         out[name] = values / top if top > 0 else values
         out[f"{name}_max"] = top
     return out
+
+
+def trace_tokens(trace: Any):
+    """A trace's tokens coloured by their step, with a legend: each segment in its own
+    hue (question blue, thinking green, summary red), neighbouring steps of a segment in
+    alternating shades, tokens in no step (template markers, spaces between steps) grey.
+    Plain HTML (hover a token for its step): small, and it shows offline.
+
+    >>> trace_tokens(trace)  # doctest: +SKIP
+    """
+    import matplotlib
+    from IPython.display import HTML
+
+    shades = {seg: (matplotlib.colors.to_rgb(c)) for seg, c in SEGMENT_COLORS.items()}
+    colors, titles = [], []
+    for step in trace.step_of_token.tolist():
+        if step < 0:
+            colors.append("#e6e6e6")
+            continue
+        seg = trace.steps[step].segment
+        r, g, b = shades.get(seg, (0.5, 0.5, 0.5))
+        alpha = 0.45 if step % 2 else 0.22
+        colors.append(f"rgba({int(r * 255)},{int(g * 255)},{int(b * 255)},{alpha})")
+    legend = {"question (step 0)": "rgba(31,119,180,0.45)",
+              "thinking steps (alternating shades)": "rgba(44,160,44,0.45)",
+              "summary steps": "rgba(214,39,40,0.45)", "in no step": "#e6e6e6"}
+    return HTML(token_html(trace.str_tokens(), {}, colors=colors, legend=legend,
+                           titles=[f"step {s}" if s >= 0 else "no step"
+                                   for s in trace.step_of_token.tolist()]))
 
 
 def explore(result: Any, *, model: Any = None, trace: Any = None) -> StepExplorer:
