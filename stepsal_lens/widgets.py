@@ -161,7 +161,11 @@ class _StaticTwin:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        bundle = self.widget._repr_mimebundle_()
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        data["text/plain"] = (f"{type(self).__name__}: a live widget (it needs its kernel); "
+                              f"where it cannot run, the static image below shows")
+        display(data, raw=True)
         self._static_handle = display(self.static_bundle(), raw=True, display_id=True)
 
 
