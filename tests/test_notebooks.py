@@ -77,8 +77,8 @@ def _claims_04(c):
     assert c["triggers"] > 0 and c["injections"] > 0  # yet the hooks fired
     changed, acc = c["changed"], c["accuracy"]
     assert changed["baseline"] == 0
-    assert changed["paper defaults"] <= 4  # "only a few of the 32"
-    assert abs(acc["paper defaults"] - acc["baseline"]) <= 2 / 32  # "stays where it was"
+    assert changed["paper defaults"] == 1  # "one of the 32 generations and no grade"
+    assert acc["paper defaults"] == acc["baseline"] and c["paper_discordant"] == [0, 0]
     assert changed["tau_max 0.5"] == 32 and acc["tau_max 0.5"] <= 0.1  # every one; collapse
     assert c["on_same_steps"] and c["on_text_is_flow"]
 
@@ -109,6 +109,8 @@ CLAIMS = {
         "triggers": flow.stats["oeb"]["triggers"], "injections": flow.stats["smi"]["injections"],
         "changed": dict(zip(summary.setting, summary["generations changed"].tolist())),
         "accuracy": dict(zip(summary.setting, summary.accuracy.tolist())),
+        "paper_discordant": summary[summary.setting == "paper defaults"][
+            ["right only with it", "right only without"]].iloc[0].tolist(),
         "on_same_steps": [s.text for s in on.steps] == [s.text for s in off.steps],
         "on_text_is_flow": on.token_ids.tolist() == flow.trace(model).token_ids.tolist()}""",
             _claims_04),
