@@ -150,6 +150,8 @@ function drawCurves(model) {
 
 function render({ model, el }) {
   el.style.position = "relative";
+  hideStatic(model.get("static_key"));
+  if (model.get("kind") === "hide") return () => {};
   const draw = () => {
     el.innerHTML = "";
     if (model.get("kind") === "curves") {
@@ -161,7 +163,6 @@ function render({ model, el }) {
     }
   };
   draw();
-  hideStatic(model.get("static_key"));
   const names = ["z", "colors", "title", "ticks", "texts", "boxes", "legend", "colorbar",
                  "value_label", "selected", "curves"];
   for (const name of names) model.on("change:" + name, draw);
