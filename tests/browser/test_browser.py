@@ -232,6 +232,43 @@ def test_saved_notebook_with_a_fresh_kernel_shows_the_static_image(browser, lab,
     page.close()
 
 
+_PANEL = """import torch
+from stepsal_lens import StepSaliency
+from stepsal_lens.trace import Step
+from stepsal_lens.widgets import compare
+
+def result(segments, seed):
+    n = len(segments)
+    maps = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(seed)).tril()
+    steps = [Step(i, s, f"step {i}", (i, i + 1), (i, i + 1)) for i, s in enumerate(segments)]
+    return StepSaliency(maps, [0, 1], steps, torch.arange(n), {"target": "lm"})
+
+compare([result(["question"] + ["thinking"] * k + ["summary"], k) for k in (3, 4)],
+        [result(["question"] + ["thinking"] * 5 + ["summary"], 9)])"""
+
+
+def test_comparison_panel_hides_its_static_twin(browser, lab):
+    """A comparison panel run live shows its maps once: the widget's image, not also the
+    static twin."""
+    import nbformat
+
+    base, token, root = lab
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_PANEL)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, root / "panel.ipynb")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    _open(page, base, token, "panel.ipynb")
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector(".widget-image", timeout=120_000)
+    page.wait_for_function("""() => {
+        const s = [...document.querySelectorAll('img.stepsal-static')];
+        return s.length === 1 && s[0].offsetParent === null;
+    }""", timeout=30_000)
+    assert page.locator(".widget-image").count() == 2  # maps and curves
+    page.close()
+
+
 def test_demo_report_renders(browser, tmp_path):
     from stepsal_lens.demo import run_demo
 
