@@ -1,6 +1,7 @@
 """Real-browser checks: JupyterLab runs tutorial 02 and its explorer reacts to the layer
 slider, hover and click, and comes back the same after a page reload with the kernel alive;
-a saved executed tutorial opened with a fresh kernel shows the explorer's static image;
+a saved executed tutorial opened with a fresh kernel shows the explorer's map (its static
+image, or the view rebuilt from saved widget state);
 the demo's report.html renders with no console errors.
 
 Runs headless Debian Chromium (``/usr/bin/chromium``) through Playwright (no browser
@@ -113,14 +114,10 @@ _HEATMAP = """() => {
 
 
 def _open(page, base, token, name):
-    page.goto(f"{base}/lab/tree/{name}?token={token}")
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                           "&& window.jupyterapp.shell.currentWidget.sessionContext "
-                           "&& window.jupyterapp.shell.currentWidget.sessionContext.session "
-                           "&& window.jupyterapp.shell.currentWidget.sessionContext"
-                           ".session.kernel", timeout=120_000)
-    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext"
-                           ".session.kernel.status === 'idle'", timeout=120_000)
+    # a workspace of its own, reset: no tab restored from an earlier test takes the focus
+    page.goto(f"{base}/lab/workspaces/{Path(name).stem}/tree/{name}?token={token}&reset")
+    page.wait_for_function("() => window.jupyterapp?.shell.currentWidget?.sessionContext"
+                           "?.session?.kernel?.status === 'idle'", timeout=120_000)
 
 
 def _wait_title(page, prefix, timeout=240_000):
@@ -153,9 +150,8 @@ def test_explorer_in_jupyterlab(browser, lab):
     _wait_title(page, "layer 0,")
     before = page.evaluate(_HEATMAP)
     assert before["colorbar"] == "share of the row (row-normalised)"
-    page.wait_for_function("() => document.querySelectorAll('.jp-Notebook .jp-InputPrompt')"
-                           ".length && window.jupyterapp.shell.currentWidget.sessionContext"
-                           ".session.kernel.status === 'idle'", timeout=240_000)
+    page.wait_for_function("() => window.jupyterapp.shell.currentWidget?.sessionContext"
+                           "?.session?.kernel?.status === 'idle'", timeout=240_000)
     assert not _static_images(page), "the live explorer must hide its static twin"
     heatmap = page.locator("svg.stepsal-heatmap").first
     heatmap.scroll_into_view_if_needed()
@@ -203,9 +199,11 @@ def test_explorer_in_jupyterlab(browser, lab):
     page.close()
 
 
-def test_saved_notebook_with_a_fresh_kernel_shows_the_static_image(browser, lab, tmp_path):
-    """An executed, saved tutorial opened in JupyterLab with a new kernel (the widgets'
-    models are gone) still shows each explorer's map: its static PNG."""
+def test_saved_notebook_with_a_fresh_kernel_shows_the_map(browser, lab, tmp_path):
+    """An executed, saved tutorial opened in JupyterLab with a new kernel still shows each
+    explorer's map. Saved without widget state (JupyterLab's default), the widget's model
+    is gone and its static PNG shows; saved with widget state, JupyterLab rebuilds the view
+    from that state and it draws the same map (hiding the PNG)."""
     import nbclient
     import nbformat
 
@@ -218,17 +216,33 @@ def test_saved_notebook_with_a_fresh_kernel_shows_the_static_image(browser, lab,
                                 resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         os.environ.pop("PYTHONPATH") if env is None else os.environ.update(PYTHONPATH=env)
-    nbformat.write(nb, root / "executed.ipynb")
+    nbformat.write(nb, root / "with_state.ipynb")
+    nb.metadata.pop("widgets", None)
+    nbformat.write(nb, root / "without_state.ipynb")
+
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    _open(page, base, token, "executed.ipynb")
+    _open(page, base, token, "without_state.ipynb")
     page.wait_for_function("""() => [...document.querySelectorAll('img')]
         .some(i => i.src.startsWith('data:image/png') && (i.alt || '').startsWith('layer 0,')
               && i.offsetParent !== null)""", timeout=60_000)
+    time.sleep(3)  # give a widget every chance to (wrongly) take over
     assert max(_static_images(page)) > 200
-    assert page.locator("svg.stepsal-heatmap").count() == 0  # no live widget: the image
-    img = page.locator("img[alt^='layer 0,']").first
-    img.scroll_into_view_if_needed()
+    assert page.locator("svg.stepsal-heatmap").count() == 0  # no model: the image shows
+    page.locator("img[alt^='layer 0,']").first.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "explorer_fresh_kernel.png"))
+    page.close()
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    _open(page, base, token, "with_state.ipynb")
+    page.wait_for_function("""() => [...document.querySelectorAll('img')]
+        .some(i => (i.alt || '').startsWith('layer 0,') && i.offsetParent !== null)
+        || !!document.querySelector('svg.stepsal-heatmap[data-title^="layer 0,"]')""",
+                           timeout=60_000)
+    time.sleep(3)
+    drawn = page.evaluate(_HEATMAP)
+    assert _static_images(page) or (drawn and drawn["title"].startswith("layer 0,")
+                                    and len(drawn["z"]) == 36)
+    page.screenshot(path=str(ARTIFACTS / "explorer_fresh_kernel_saved_state.png"))
     page.close()
 
 
@@ -260,7 +274,10 @@ def test_comparison_panel_hides_its_static_twin(browser, lab):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     _open(page, base, token, "panel.ipynb")
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    page.wait_for_selector(".widget-image", timeout=120_000)
+    try:
+        page.wait_for_selector(".widget-image", timeout=120_000)
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "panel.png"))
     page.wait_for_function("""() => {
         const s = [...document.querySelectorAll('img.stepsal-static')];
         return s.length === 1 && s[0].offsetParent === null;
