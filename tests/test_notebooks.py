@@ -138,7 +138,8 @@ def _execute(path: Path, tmp_path: Path, monkeypatch):
             "import json as _json, stepsal_lens as _sl\n"
             f"print(_json.dumps({{'file': _sl.__file__, **{claims[0]}}}, default=float))"))
     start = time.perf_counter()
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", store_widget_state=True,
+    timeout = int(os.environ.get("STEPSAL_CELL_TIMEOUT", "300"))  # raise on a loaded machine
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     elapsed = time.perf_counter() - start
     probe = None
@@ -183,7 +184,8 @@ def test_notebook(path, tmp_path, monkeypatch):
     check = _claims_for(path)
     if check:
         check[1](probe)
-    assert elapsed < 180, f"{path.name} took {elapsed:.0f} s; tutorials must run in 3 minutes"
+    limit = float(os.environ.get("STEPSAL_NOTEBOOK_SECONDS", "180"))
+    assert elapsed < limit, f"{path.name} took {elapsed:.0f} s; tutorials must run in 3 minutes"
 
 
 def _check_static_export(nb):
