@@ -25,17 +25,18 @@ def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_sh
                           colors: Sequence[str] = ("tab:green", "tab:red", "tab:blue")):
     """Per-layer means of several groups of per-(trace, layer) metrics, with 95% t bands.
 
-    ``groups`` maps a label to a DataFrame with a ``layer`` column and the metric columns.
+    ``groups`` maps a label to a DataFrame with a ``layer`` column and the metric columns
+    (one row per trace and layer); the legend counts traces, not rows. Returns a
+    :class:`stepsal_lens.plots.Figure` (no pyplot: the backend is left alone).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from scipy import stats
 
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.4), squeeze=False,
-                             constrained_layout=True)
-    for ax, name in zip(axes[0], names):
+    from stepsal_lens.plots import new_figure
+
+    fig = new_figure(4.6 * len(names), 3.6)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    all_layers: set[int] = set()
+    for ax, name in zip(axes, names):
         for (label, df), color in zip(groups.items(), colors):
             if not len(df):
                 continue
@@ -43,14 +44,20 @@ def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_sh
             mean, sem, count = grp.mean(), grp.sem(), grp.count()
             if mean.isna().all():
                 continue
+            all_layers.update(int(x) for x in mean.index)
             half = sem * stats.t.ppf(0.975, np.maximum(count - 1, 1))
             ax.plot(mean.index, mean.values, color=color, marker="o",
-                    label=f"{label} (n={int(count.max())})")
+                    label=f"{label} ({int(count.max())} traces)")
             ax.fill_between(mean.index, (mean - half).values, (mean + half).values,
                             color=color, alpha=0.2)
-        ax.set_title(name)
+        ax.set_title(f"{name} (mean, 95% band)", fontsize=10)
         ax.set_xlabel("layer")
-        ax.legend()
+        ax.set_ylabel(name)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in axes:
+        if all_layers:
+            ax.set_xticks(sorted(all_layers))
     return fig
 
 
