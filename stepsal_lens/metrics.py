@@ -2,7 +2,7 @@
 
 All metrics read the head-mean step map of each layer; the share metrics use its
 row-normalised form ``Mn[i, j] = M[i, j] / sum_j M[i, j]`` ("where step i draws its
-information from"). Definitions (DESIGN.md §1):
+information from"). Definitions (docs/concepts.md):
 
 - ``lock_in[l]``: mean over thinking rows from the second thinking step on of ``Mn[l,i,i]``.
 - ``context_share[l]``: mean over the same rows of ``sum_{j<i} Mn[l,i,j]``.

@@ -1,6 +1,6 @@
 """StepFlow: Odds-Equal Bridge (OEB) and Step Momentum Injection (SMI) at generation time.
 
-Two test-time interventions (DESIGN §1), no retraining:
+Two test-time interventions (docs/stepflow.md, docs/concepts.md), no retraining:
 
 * **OEB** on ``blocks.{l}.attn.hook_pattern`` of shallow layers. For a query in the
   thinking segment the *same* group S is the visible thinking tokens and the *bridge*
