@@ -44,7 +44,7 @@ from pathlib import Path
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["LOCK_NAME", "check_new_file", "check_unlocked", "check_writable", "lock_holder",
+__all__ = ["LOCK_NAME", "check_new_file", "check_output_dir", "check_unlocked", "check_writable", "lock_holder",
            "output_dir", "run_lock",
            "write_text_atomic"]
 
@@ -101,6 +101,24 @@ def _listing(folder: Path, limit: int = 4) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def check_output_dir(out: str | Path, *, overwrite: bool = False, flag: str = "--out",
+                     what: str = "output folder") -> Path:
+    """The checks :func:`output_dir` makes on entry, without creating anything."""
+    out = Path(out)
+    check_writable(out, what=what, flag=flag)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise StepSalError(
+                f"{what} {str(out)!r} already holds files ({_listing(out)}); pass --overwrite "
+                f"to replace them (the whole folder), or choose another {flag}")
+        _refuse_dangerous(out, flag)
+        if (out / LOCK_NAME).exists() or (out / "run.json").exists():
+            raise StepSalError(f"{what} {str(out)!r} is an evaluation run folder (it holds "
+                               f"run.json); --overwrite does not replace it: choose another "
+                               f"{flag}")
+    return out
+
+
 @contextmanager
 def output_dir(out: str | Path, *, overwrite: bool = False, flag: str = "--out",
                what: str = "output folder") -> Iterator[Path]:
@@ -116,18 +134,7 @@ def output_dir(out: str | Path, *, overwrite: bool = False, flag: str = "--out",
     pathlib.Path
         The temporary folder to write into.
     """
-    out = Path(out)
-    check_writable(out, what=what, flag=flag)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise StepSalError(
-                f"{what} {str(out)!r} already holds files ({_listing(out)}); pass --overwrite "
-                f"to replace them (the whole folder), or choose another {flag}")
-        _refuse_dangerous(out, flag)
-        if (out / LOCK_NAME).exists():
-            raise StepSalError(f"{what} {str(out)!r} is an evaluation run folder "
-                               f"({LOCK_NAME} present); --overwrite does not replace it: "
-                               f"choose another {flag}")
+    out = check_output_dir(out, overwrite=overwrite, flag=flag, what=what)
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +259,7 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
     :func:`~stepsal_lens.evaluate.evaluate` again).
     """
     folder = Path(folder)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -303,3 +311,6 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
         del _HELD[key]
         if (_read_lock(path) or {}).get("pid") == os.getpid():
             path.unlink(missing_ok=True)
+        # a run refused or stopped before writing anything leaves no folder behind
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
