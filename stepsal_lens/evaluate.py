@@ -104,7 +104,7 @@ _ROW_FIX = ('each problem must be an object like {"problem": "...", "answer": ".
             '(or GPQA\'s Question / Correct Answer / Incorrect Answer 1-3)')
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_rows(path: Path) -> list[tuple[str, Any]]:
     """(where, row) pairs: ``where`` names the file and line or row for messages."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -172,8 +172,8 @@ def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
     question = _field(row, "problem", "question", "prompt")
     answer = _field(row, "answer", "final_answer", "expected_answer")
     if question is None or answer is None:
-        empty = [k for k in row if str(k).lower() in ("problem", "question", "prompt", "answer",
-                                                    "final_answer", "expected_answer")]
+        empty = [k for k, v in row.items() if _missing(v) and str(k).lower() in (
+            "problem", "question", "prompt", "answer", "final_answer", "expected_answer")]
         if empty:
             raise StepSalError(f"{where} has an empty {' and '.join(map(repr, empty))}; every "
                                f"problem needs a question and an answer (fill them in or "

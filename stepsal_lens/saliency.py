@@ -464,7 +464,7 @@ def _refuse_float16(model) -> None:
                            "float32's range) or dtype='float32'")
 
 
-def _backward(loss: Tensor, target: Any) -> None:
+def _backward(loss: Any, target: Any) -> None:
     """``loss.backward()`` after checking that the target is finite."""
     target = target if isinstance(target, str) else getattr(target, "__name__", "custom")
     if not isinstance(loss, Tensor):
