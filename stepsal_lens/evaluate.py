@@ -130,8 +130,9 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
                                    f"{{\"data\": [...]}} / {{\"rows\": [...]}}")
             doc = doc[keys[0]]
             if not isinstance(doc, list):
-                raise StepSalError(f"data file {str(path)!r}: {keys[0]!r} holds a "
-                                   f"{type(doc).__name__}, not a list of problems")
+                raise StepSalError(f"data file {str(path)!r}: {keys[0]!r} holds "
+                                   f"{str(doc)[:40]} ({type(doc).__name__}), not a list of "
+                                   f"problems")
         if not isinstance(doc, list):
             raise StepSalError(f"data file {str(path)!r} holds a JSON {type(doc).__name__}; "
                                f"expected a list of problems")

@@ -305,6 +305,24 @@ def _check_weights(path: Path, cfg: dict[str, Any]) -> None:
                     f"belong to another config - put the checkpoint's own config.json beside them")
 
 
+def _shape_mismatches(path: Path) -> list[str]:
+    """Tensors whose saved shape differs from the shape config.json implies (what
+    Hugging Face refuses without naming them), as ``name (saved) vs (config)``."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):  # shapes only: no memory, no init
+        ref = transformers.AutoModelForCausalLM.from_config(cfg)
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    out = []
+    for file in sorted(path.glob("*.safetensors")):
+        for key, t in _safetensors_header(file).items():
+            shape = tuple(t.get("shape", ())) if isinstance(t, dict) else ()
+            if key in expected and shape != expected[key]:
+                out.append(f"{key} saved {shape}, config.json implies {expected[key]}")
+    return out
+
+
 def _check_local(path: Path) -> str:
     """Validate a checkpoint folder and return its architecture."""
     if not path.is_dir():
@@ -480,9 +498,12 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     except (RuntimeError, ValueError) as err:  # HF's mismatched shapes, bad configs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "mismatch" in str(err):
+            found = _shape_mismatches(Path(source)) if Path(source).is_dir() else []
+            detail = "; ".join(found[:3]) + (f"; ... ({len(found)} in all)" if len(found) > 3
+                                             else "") if found else first
             raise StepSalError(f"could not load {name!r}: its config.json and weights do not "
-                               f"match ({first}); put the checkpoint's own config.json beside "
-                               f"its weights (the chained error names the tensors)") from err
+                               f"match ({detail}); put the checkpoint's own config.json beside "
+                               f"its weights") from err
         raise StepSalError(f"could not load {name!r} from {str(source)!r}: {first}; check its "
                            f"config.json and weights (the chained error has the details)"
                            ) from err

@@ -158,7 +158,9 @@ CLI_CASES = [
      r"model\.safetensors': .* has shape \(\d+, 64\) but config\.json says .*= \(\d+, 32\)"),
     ("weights-inner-shape-vs-config", lambda c: c.analyze(
         "--format", "think-tags", model=c.damaged(_edit_config(intermediate_size=96))),
-     r"could not load .*: its config\.json and weights do not match"),
+     r"could not load .*: its config\.json and weights do not match \(model\.layers\.0\.mlp\."
+     r"\w+\.weight saved \(\d+, \d+\), config\.json implies \(.*\(6 in all\)\); put the "
+     r"checkpoint's own config\.json beside its weights"),
     ("safetensors-truncated", lambda c: c.analyze(model=c.damaged(_bytes(lambda b: b[:len(b) // 2]))),
      r"model\.safetensors': tensor .* lies at bytes .* \(truncated\?\); the file is damaged"),
     ("safetensors-lying-header", lambda c: c.analyze(model=c.damaged(
@@ -206,7 +208,7 @@ CLI_CASES = [
     ("jsonl-bad-json", lambda c: c.eval(data=_write("d.jsonl", '{"question": \n')(c)),
      r"d\.jsonl:1 is not valid JSON"),
     ("json-data-not-a-list", lambda c: c.eval(data=_write("d.json", '{"data": 5}')(c)),
-     r"data file '.*d\.json': 'data' holds a int, not a list of problems"),
+     r"data file '.*d\.json': 'data' holds 5 \(int\), not a list of problems"),
     ("json-object-without-data", lambda c: c.eval(data=_write("d.json", '{"x": 1}')(c)),
      r"holds an object with keys \['x'\]; expected a list of problems"),
     ("csv-empty-answer", lambda c: c.eval(data=_write("d.csv", "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,\n")(c)),
