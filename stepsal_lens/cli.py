@@ -13,15 +13,24 @@ generation: prompt, text, token ids, segments and StepFlow's stats.
 ``output``, ``answer`` and optional ``kind``) with the grader of ``stepsal eval``.
 
 ``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
-gpt-oss) on the fly, for trying the tool without any weights.
+gpt-oss) on the fly, for trying the tool without any weights (in a temporary folder,
+removed once it is loaded).
+
+Every bad input is refused before any expensive work with one ``stepsal: error:`` line
+naming the input and the fix (exit status 2). ``analyze`` and ``demo`` write a fresh
+folder atomically and ``generate`` a fresh file (``--overwrite`` replaces an earlier
+one as a whole); ``eval`` folders are resumable, one writer at a time. Ctrl-C exits
+with status 130 (``eval``: "interrupted after N of M; run the same command to resume").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from stepsal_lens.errors import StepSalError
@@ -30,73 +39,126 @@ from stepsal_lens.results.config import StepFlowConfig
 __all__ = ["main"]
 
 
+@contextmanager
+def _random_checkpoint(spec: str):
+    """``random:ARCH``: a tiny random checkpoint in a temporary folder, removed afterwards."""
+    from stepsal_lens.zoo.tiny_random import ARCHITECTURES, make_random_checkpoint
+
+    arch = spec.split(":", 1)[1]
+    if arch not in ARCHITECTURES:
+        raise StepSalError(f"--model {spec!r}: unknown architecture {arch!r}; use "
+                           f"random:ARCH with ARCH one of {sorted(ARCHITECTURES)}")
+    with tempfile.TemporaryDirectory(prefix="stepsal-random-") as folder:
+        yield make_random_checkpoint(arch, Path(folder), n_layers=4)
+
+
 def _load_model(spec: str, *, device: str | None, dtype: str | None, format: str | None):
     from stepsal_lens.models import load_lrm
 
     if spec.startswith("random:"):
-        from stepsal_lens.zoo.tiny_random import make_random_checkpoint
-
-        arch = spec.split(":", 1)[1]
-        folder = Path(tempfile.mkdtemp(prefix="stepsal-random-"))
-        make_random_checkpoint(arch, folder, n_layers=4)
-        return load_lrm(folder, device=device, dtype=dtype, format=format or "think-tags")
+        with _random_checkpoint(spec) as folder:
+            return load_lrm(folder, device=device, dtype=dtype, format=format or "think-tags")
     return load_lrm(spec, device=device, dtype=dtype, format=format)
 
 
-def _read_trace(path: Path, model, format: str | None):
-    from stepsal_lens.trace import Trace
+def _check_common(args: argparse.Namespace) -> None:
+    """Cheap checks of the options the model commands share (before loading anything)."""
+    from stepsal_lens.models import _dtype, check_device
 
-    if not path.exists():
+    check_device(args.device)
+    if getattr(args, "dtype", None) is not None:
+        _dtype(args.dtype)
+    if getattr(args, "format", None) is not None:
+        from stepsal_lens.formats import get_format
+
+        get_format(args.format)
+    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise StepSalError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise StepSalError(f"--temperature must be a finite number >= 0 (0 = greedy); got "
+                           f"{temperature}")
+
+
+def _read_trace_doc(path: Path) -> dict:
+    """The trace file's JSON object, checked before the model is loaded."""
+    if not path.is_file():
         raise StepSalError(f"trace file {str(path)!r} does not exist")
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(doc, dict):
         raise StepSalError(f"trace file {str(path)!r} must hold a JSON object")
+    if "text" not in doc:
+        missing = [k for k in ("question", "thinking", "summary") if k not in doc]
+        if missing:
+            raise StepSalError(f"trace file {str(path)!r} needs {{'question', 'thinking', "
+                               f"'summary'}} or {{'text'}}; missing {missing}")
+    keys = ["text"] if "text" in doc else ["question", "thinking", "summary"]
+    bad = [k for k in keys if not isinstance(doc[k], str)]
+    if bad:
+        raise StepSalError(f"trace file {str(path)!r}: {bad} must be strings")
+    return doc
+
+
+def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
+    from stepsal_lens.trace import Trace
+
+    doc = _read_trace_doc(path) if doc is None else doc
     if "text" in doc:
         return Trace.from_text(doc["text"], model, format=format)
-    missing = [k for k in ("question", "thinking", "summary") if k not in doc]
-    if missing:
-        raise StepSalError(f"trace file {str(path)!r} needs {{'question', 'thinking', "
-                           f"'summary'}} or {{'text'}}; missing {missing}")
     return Trace.from_segments(doc["question"], doc["thinking"], doc["summary"], model,
                                format=format)
 
 
 def analyze(args: argparse.Namespace) -> int:
     from stepsal_lens.metrics import trace_metrics
+    from stepsal_lens.outputs import output_dir
     from stepsal_lens.plots import plot_step_maps
     from stepsal_lens.saliency import step_saliency
 
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = _load_model(args.model, device=args.device, dtype=args.dtype, format=args.format)
-    trace = _read_trace(Path(args.trace), model, args.format)
-    if trace.truncated:
-        print("warning: the thinking never closes (truncated trace); there is no summary",
-              file=sys.stderr)
-    result = step_saliency(model, trace, target=args.target, low_memory=args.low_memory,
-                           progress=True)
-    result.meta["model"] = args.model
-    out = result.save(args.out)
-    (out / "metrics.json").write_text(json.dumps(trace_metrics(result), indent=1))
-    fig = plot_step_maps(result.head_mean(), result.segments, layers=result.layers,
-                         title=f"{args.model}: step saliency (target {args.target})")
-    fig.savefig(out / "maps.png", dpi=110)
-    print(f"{trace!r}\nwrote {out}/step_saliency.safetensors, steps.json, metrics.json, "
+    _check_common(args)
+    doc = _read_trace_doc(Path(args.trace))
+    # written into a temporary sibling, renamed into place at the end
+    with output_dir(args.out, overwrite=args.overwrite) as tmp:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = _load_model(args.model, device=args.device, dtype=args.dtype,
+                            format=args.format)
+        trace = _read_trace(Path(args.trace), model, args.format, doc)
+        if trace.truncated:
+            print("warning: the thinking never closes (truncated trace); there is no summary",
+                  file=sys.stderr)
+        result = step_saliency(model, trace, target=args.target, low_memory=args.low_memory,
+                               progress=True)
+        result.meta["model"] = args.model
+        result.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(trace_metrics(result), indent=1))
+        fig = plot_step_maps(result.head_mean(), result.segments, layers=result.layers,
+                             title=f"{args.model}: step saliency (target {args.target})")
+        fig.savefig(tmp / "maps.png", dpi=110)
+    print(f"{trace!r}\nwrote {args.out}/step_saliency.safetensors, steps.json, metrics.json, "
           f"maps.png", file=sys.stderr)
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    from stepsal_lens.demo import run_demo
+    from stepsal_lens.demo import load_questions, run_demo
+    from stepsal_lens.outputs import check_output_dir
 
+    _check_common(args)
+    if args.data is not None:
+        load_questions(args.data)
+    check_output_dir(args.out, overwrite=args.overwrite)
     model = args.model
     if model.startswith("random:"):
         model = _load_model(model, device=args.device, dtype=None, format=None)
     result = run_demo(model, n=args.n, out=args.out, seed=args.seed, data=args.data,
                       max_new_tokens=args.max_new_tokens, device=args.device,
-                      stepflow=None if args.no_stepflow else StepFlowConfig())
+                      stepflow=None if args.no_stepflow else StepFlowConfig(),
+                      overwrite=args.overwrite)
     print(f"accuracy {100 * result.accuracy:.1f}% on {len(result.records)} problems; "
           f"wrote {result.out}/report.html", file=sys.stderr)
     return 0
@@ -126,22 +188,32 @@ def _stepflow_settings(args: argparse.Namespace) -> StepFlowConfig | None:
 
 def generate_cmd(args: argparse.Namespace) -> int:
     from stepsal_lens.generation import generate
+    from stepsal_lens.outputs import check_new_file, write_text_atomic
 
     if (args.question is None) == (args.prompt_file is None):
         raise StepSalError("pass exactly one of --question and --prompt-file")
+    if args.question is not None and not args.question.strip():
+        raise StepSalError(f"--question is empty ({args.question!r}); pass the question text, "
+                           f"e.g. --question 'What is 2+3?'")
+    _check_common(args)
     settings = _stepflow_settings(args)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
-        if not path.exists():
+        if not path.is_file():
             raise StepSalError(f"prompt file {str(path)!r} does not exist")
-        kwargs = {"prompts": [path.read_text()]}
+        prompt = path.read_text(encoding="utf-8")
+        if not prompt.strip():
+            raise StepSalError(f"prompt file {str(path)!r} is empty; write the raw prompt "
+                               f"into it, or pass --question")
+        kwargs = {"prompts": [prompt]}
     else:
         kwargs = {"questions": [args.question]}
+    out = check_new_file(args.out, overwrite=args.overwrite)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
     [gen] = generate(model, **kwargs, max_new_tokens=args.max_new_tokens, stepflow=settings,
                      temperature=args.temperature, seed=args.seed, progress=False)
-    gen.save(args.out)
+    write_text_atomic(out, json.dumps(gen.to_dict(), indent=1, ensure_ascii=False) + "\n")
     seg = gen.segments()
     print(f"{len(gen.completion_ids)} tokens ({'finished' if gen.finished else 'budget reached'}"
           f"); summary: {seg['summary']!r}; wrote {args.out}", file=sys.stderr)
@@ -149,15 +221,32 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.evaluate import evaluate, load_problems
+    from stepsal_lens.evaluate import (check_eval_settings, check_run_folder, evaluate,
+                                       load_problems)
+    from stepsal_lens.outputs import run_lock
 
+    _check_common(args)
     settings = _stepflow_settings(args)
+    check_eval_settings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        samples=args.samples, temperature=args.temperature, seed=args.seed)
     problems = load_problems(args.data, limit=args.limit)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
-    run = evaluate(model, problems, args.out, stepflow=settings, max_new_tokens=args.max_new_tokens,
-                   batch_size=args.batch_size, samples=args.samples, temperature=args.temperature,
-                   seed=args.seed, model_name=args.model, data_name=str(args.data))
+    # the folder's lock, permissions and settings are checked before the model is loaded
+    known = {"model": args.model, "data": str(args.data),
+             "stepflow": None if settings is None else settings.to_dict(),
+             "max_new_tokens": args.max_new_tokens, "samples": args.samples,
+             "temperature": args.temperature, "seed": args.seed}
+    if args.format is not None:
+        from stepsal_lens.formats import get_format
+
+        known["format"] = get_format(args.format).name
+    check_run_folder(args.out, known)
+    with run_lock(args.out):
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
+        run = evaluate(model, problems, args.out, stepflow=settings,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       samples=args.samples, temperature=args.temperature, seed=args.seed,
+                       model_name=args.model, data_name=str(args.data))
     s = run.summary
     print(f"accuracy {100 * s['accuracy']:.1f}% ({s['correct']}/{s['n']}, 95% CI "
           f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}); wrote {run.out}/results.jsonl, "
@@ -264,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local checkpoint folder, hub name, or random:ARCH")
     p.add_argument("--trace", required=True,
                    help='JSON with {"question","thinking","summary"} or {"text"}')
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder as a whole")
     p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
     p.add_argument("--target", default="lm", choices=["lm", "summary", "answer"])
     p.add_argument("--device", default=None)
@@ -278,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate, grade and compare correct vs wrong traces")
     d.add_argument("--model", default="tiny-lrm", help="model (default: the bundled tiny-lrm)")
     d.add_argument("--n", type=int, default=40, help="number of problems (default 40)")
-    d.add_argument("--out", default="stepsal-demo", help="output folder")
+    d.add_argument("--out", default="stepsal-demo", help="output folder (must be new or empty)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder as a whole")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data", default=None,
                    help='JSONL of {"question", "answer"} instead of the built-in task')
@@ -292,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="tiny-lrm, a local folder, hub name, or random:ARCH")
     g.add_argument("--question", default=None, help="question (wrapped in the model's format)")
     g.add_argument("--prompt-file", default=None, help="file holding a raw prompt instead")
-    g.add_argument("--out", required=True, help="output JSON file")
+    g.add_argument("--out", required=True, help="output JSON file (must not exist)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_generation_options(g)
     g.set_defaults(func=generate_cmd)
 
@@ -331,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     except StepSalError as err:
         print(f"stepsal: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        # eval's message says how far it got and how to resume; the other commands write
+        # their output atomically, so nothing half-written is left
+        print(f"stepsal: {err or 'interrupted; nothing was written'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -136,50 +136,65 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
              seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
              device: str | None = None, stepflow: StepFlowConfig | None = StepFlowConfig(),
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, overwrite: bool = False) -> DemoResult:
     """The whole demo; see the module docstring. ``model`` is a name, a path or a model.
 
     ``stepflow``: also generate with StepFlow (a :class:`~stepsal_lens.StepFlowConfig`,
     default the paper's settings; None to skip) and compare accuracy and Step-Saliency
     with the baseline.
+
+    ``out`` must be a new or empty folder (``overwrite=True`` replaces it as a whole).
+    Everything is checked before the model is loaded; the files are written into a
+    temporary sibling that becomes ``out`` only when the demo has finished, so no file
+    of an earlier run survives beside the new report and a failed run changes nothing.
     """
     from stepsal_lens.evaluate import compare_runs
     from stepsal_lens.metrics import compare
-    from stepsal_lens.models import load_lrm
+    from stepsal_lens.models import check_device, load_lrm
+    from stepsal_lens.outputs import output_dir
     from stepsal_lens.report import write_demo_report
 
-    if n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
-    out = Path(out)
-    name = model_name(model)
-    if isinstance(model, (str, Path)):
-        if progress:
-            print(f"loading {model} ...", file=sys.stderr)
-        model = load_lrm(model, device=device)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise StepSalError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
+    if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
+        raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
+    check_device(device)
     rows = load_questions(data)[:n] if data is not None else task_questions(n, seed)
-    records, metrics, saliencies = _analyse(model, rows, stepflow=None, label="baseline",
-                                            max_new_tokens=max_new_tokens, progress=progress)
-    right = [s for s in saliencies if s.meta["correct"]]
-    wrong = [s for s in saliencies if not s.meta["correct"]]
-    comparison = compare(right, wrong) if len(right) >= 2 and len(wrong) >= 2 else None
+    name = model_name(model)
+    with output_dir(out, overwrite=overwrite) as tmp:
+        if isinstance(model, (str, Path)):
+            if progress:
+                print(f"loading {model} ...", file=sys.stderr)
+            model = load_lrm(model, device=device)
+        records, metrics, saliencies = _analyse(model, rows, stepflow=None, label="baseline",
+                                                max_new_tokens=max_new_tokens,
+                                                progress=progress)
+        right = [s for s in saliencies if s.meta["correct"]]
+        wrong = [s for s in saliencies if not s.meta["correct"]]
+        comparison = compare(right, wrong) if len(right) >= 2 and len(wrong) >= 2 else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "traces.jsonl", records)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    if comparison is not None:
-        comparison.to_csv(out / "compare.csv", index=False)
-    flow = None
-    if stepflow is not None:
-        settings = stepflow.resolve(model.cfg.n_layers)
-        sf_records, sf_metrics, _ = _analyse(model, rows, stepflow=settings, label="StepFlow",
-                                             max_new_tokens=max_new_tokens, progress=progress)
-        _write_jsonl(out / "traces_stepflow.jsonl", sf_records)
-        sf_metrics.to_csv(out / "metrics_stepflow.csv", index=False)
-        flow = {"settings": settings.to_dict(), "records": sf_records,
-                "metrics": sf_metrics,
-                "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
-    result = DemoResult(out, records, metrics, comparison, saliencies, flow)
-    write_demo_report(result, model_name=name)
+        _write_jsonl(tmp / "traces.jsonl", records)
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        if comparison is not None:
+            comparison.to_csv(tmp / "compare.csv", index=False)
+        flow = None
+        if stepflow is not None:
+            settings = stepflow.resolve(model.cfg.n_layers)
+            sf_records, sf_metrics, _ = _analyse(model, rows, stepflow=settings,
+                                                 label="StepFlow",
+                                                 max_new_tokens=max_new_tokens,
+                                                 progress=progress)
+            _write_jsonl(tmp / "traces_stepflow.jsonl", sf_records)
+            sf_metrics.to_csv(tmp / "metrics_stepflow.csv", index=False)
+            flow = {"settings": settings.to_dict(), "records": sf_records,
+                    "metrics": sf_metrics,
+                    "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
+        result = DemoResult(tmp, records, metrics, comparison, saliencies, flow)
+        write_demo_report(result, model_name=name)
+    result.out = Path(out)
     return result
 
 

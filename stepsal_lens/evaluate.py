@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from stepsal_lens.results.config import StepFlowConfig
 __all__ = [
     "EvalRun",
     "Problem",
+    "check_eval_settings",
+    "check_run_folder",
     "compare_runs",
     "evaluate",
     "extract_answer",
@@ -80,39 +83,80 @@ class Problem:
         return text + self.instruction
 
 
+def _missing(value: Any) -> bool:
+    """None, NaN (an empty CSV cell) or a blank string."""
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
 def _field(row: dict[str, Any], *names: str) -> Any:
-    lower = {k.lower(): v for k, v in row.items()}
+    lower = {str(k).lower(): v for k, v in row.items()}
     for n in names:
-        if n.lower() in lower and lower[n.lower()] is not None:
+        if n.lower() in lower and not _missing(lower[n.lower()]):
             return lower[n.lower()]
     return None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+_ROW_FIX = ('each problem must be an object like {"problem": "...", "answer": "..."} '
+            '(or GPQA\'s Question / Correct Answer / Incorrect Answer 1-3)')
+
+
+def _read_rows(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) pairs: ``where`` names the file and line or row for messages."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise StepSalError(f"{path}:{i} is not valid JSON ({err})") from None
+                    raise StepSalError(f"{path}:{i} is not valid JSON ({err}); {_ROW_FIX}") from None
+                rows.append((f"{path}:{i}", row))
         return rows
     if suffix == ".json":
-        doc = json.loads(path.read_text())
-        return doc if isinstance(doc, list) else doc.get("data", doc.get("rows", []))
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise StepSalError(f"data file {str(path)!r} is not valid JSON ({err})") from None
+        if isinstance(doc, dict):
+            keys = [k for k in ("data", "rows") if k in doc]
+            if not keys:
+                raise StepSalError(f"data file {str(path)!r} holds an object with keys "
+                                   f"{sorted(doc)[:8]}; expected a list of problems, or "
+                                   f"{{\"data\": [...]}} / {{\"rows\": [...]}}")
+            doc = doc[keys[0]]
+            if not isinstance(doc, list):
+                raise StepSalError(f"data file {str(path)!r}: {keys[0]!r} holds "
+                                   f"{str(doc)[:40]} ({type(doc).__name__}), not a list of "
+                                   f"problems")
+        if not isinstance(doc, list):
+            raise StepSalError(f"data file {str(path)!r} holds a JSON {type(doc).__name__}; "
+                               f"expected a list of problems")
+        return [(f"{path} item {i}", row) for i, row in enumerate(doc)]
     if suffix in (".parquet", ".csv"):
         import pandas as pd
 
-        df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
-        return df.to_dict(orient="records")
+        try:
+            df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        except Exception as err:  # pandas/pyarrow raise many types for a bad file
+            raise StepSalError(f"cannot read data file {str(path)!r} as {suffix[1:]}: "
+                               f"{type(err).__name__}: {err}") from err
+        return [(f"{path} row {i + 1}", row) for i, row in
+                enumerate(df.to_dict(orient="records"))]
     raise StepSalError(f"cannot read {str(path)!r}: use .jsonl, .json, .parquet or .csv")
 
 
-def _gpqa(row: dict[str, Any], i: int, source: str) -> Problem:
+def _gpqa(row: dict[str, Any], i: int, source: str, where: str) -> Problem:
     """GPQA: options shuffled with a seed taken from the record, so runs agree."""
     pid = str(_field(row, "Record ID", "id") or i)
+    names = ["Question", "Correct Answer"] + [f"Incorrect Answer {k}" for k in (1, 2, 3)]
+    empty = [n for n in names if _field(row, n) is None]
+    if empty:
+        raise StepSalError(f"{where}: GPQA row has empty {empty}; fill them in or drop the row")
     correct = str(_field(row, "Correct Answer")).strip()
     options = [correct] + [str(_field(row, f"Incorrect Answer {k}")).strip() for k in (1, 2, 3)]
     rng = random.Random(int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16))
@@ -121,14 +165,22 @@ def _gpqa(row: dict[str, Any], i: int, source: str) -> Problem:
                    "choice", tuple(options), source, CHOICE_INSTRUCTION)
 
 
-def _row_problem(row: dict[str, Any], i: int, source: str) -> Problem:
-    if _field(row, "Correct Answer") is not None and _field(row, "Incorrect Answer 1") is not None:
-        return _gpqa(row, i, source)
+def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
+    if not isinstance(row, dict):
+        raise StepSalError(f"{where} holds a {type(row).__name__}, not an object; {_ROW_FIX}")
+    if _field(row, "Correct Answer") is not None or _field(row, "Incorrect Answer 1") is not None:
+        return _gpqa(row, i, source, where)
     question = _field(row, "problem", "question", "prompt")
     answer = _field(row, "answer", "final_answer", "expected_answer")
     if question is None or answer is None:
+        empty = [k for k, v in row.items() if _missing(v) and str(k).lower() in (
+            "problem", "question", "prompt", "answer", "final_answer", "expected_answer")]
+        if empty:
+            raise StepSalError(f"{where} has an empty {' and '.join(map(repr, empty))}; every "
+                               f"problem needs a question and an answer (fill them in or "
+                               f"drop the row)")
         raise StepSalError(
-            f"{source}: row {i} has fields {sorted(row)}; expected a question field "
+            f"{where} has fields {sorted(map(str, row))}; expected a question field "
             f"(problem / question / Question) and an answer field (answer / Answer), or "
             f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
     pid = str(_field(row, "unique_id", "id", "idx", "record id") or i)
@@ -160,8 +212,11 @@ def load_problems(data: str | Path, *, limit: int | None = None) -> list[Problem
         letter or index). ``tiny:id`` / ``tiny:long`` / ``tiny:hard``: held-out problems of
         the bundled task (seed 20000, as in tiny-lrm's ``eval.json``; 500 by default).
     limit
-        Keep the first ``limit`` problems.
+        Keep the first ``limit`` problems (None: all; at least 1).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise StepSalError(f"limit must be a whole number >= 1 (or None for all problems); got "
+                           f"{limit!r}")
     if isinstance(data, str) and data.startswith("tiny:"):
         from stepsal_lens.zoo.evaluate import EVAL_SEED
         from stepsal_lens.zoo.task import generate
@@ -174,11 +229,14 @@ def load_problems(data: str | Path, *, limit: int | None = None) -> list[Problem
     if not path.exists():
         raise StepSalError(f"data file {str(path)!r} does not exist (nothing is downloaded: "
                            f"save the benchmark locally first)")
+    if path.is_dir():
+        raise StepSalError(f"data file {str(path)!r} is a folder; pass a .jsonl, .json, "
+                           f".parquet or .csv file")
     rows = _read_rows(path)
     if not rows:
         raise StepSalError(f"data file {str(path)!r} holds no problems")
-    problems = [_row_problem(r, i, path.name) for i, r in enumerate(rows)]
-    return problems[:limit] if limit else problems
+    problems = [_row_problem(r, i, path.name, where) for i, (where, r) in enumerate(rows)]
+    return problems[:limit] if limit is not None else problems
 
 
 # ---- runs ---------------------------------------------------------------------------------
@@ -227,6 +285,88 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
             "config": config}
 
 
+def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, samples: int = 1,
+                        temperature: float = 0.0, seed: int = 0,
+                        grading_timeout: float | int = 10.0) -> None:
+    """Refuse bad evaluation settings (no model needed: the CLI calls it before loading)."""
+    def whole(name: str, value: Any, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise StepSalError(f"{name} must be a whole number >= {low}; got {value!r}")
+
+    whole("max_new_tokens", max_new_tokens, 1)
+    whole("batch_size", batch_size, 1)
+    whole("samples", samples, 1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise StepSalError(f"seed must be a whole number; got {seed!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
+                           f"{temperature!r}")
+    if samples > 1 and temperature <= 0:
+        raise StepSalError("samples > 1 with greedy decoding gives identical samples; pass "
+                           "temperature > 0 (e.g. 0.6)")
+    if isinstance(grading_timeout, bool) or not isinstance(grading_timeout, (int, float)) \
+            or not math.isfinite(grading_timeout) or grading_timeout <= 0:
+        raise StepSalError(f"grading_timeout must be a positive number of seconds; got "
+                           f"{grading_timeout!r}")
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings of ``new`` that differ from ``old``; a StepFlow value of None in ``new``
+    (not resolved yet: layers before the model is loaded) matches anything."""
+    diff = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if key == "stepflow" and isinstance(value, dict) and isinstance(before, dict):
+            inner = {k: (before.get(k), v) for k, v in value.items()
+                     if v is not None and before.get(k) != v}
+            if inner:
+                diff[key] = inner
+        elif before != value:
+            diff[key] = (before, value)
+    return diff
+
+
+def _read_run_json(out: Path) -> dict[str, Any] | None:
+    run_file = out / "run.json"
+    if not run_file.exists():
+        return None
+    try:
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StepSalError(f"{str(run_file)!r} is not valid JSON ({err}); the run folder is "
+                           f"damaged: choose another --out folder or delete this one") from None
+    if not isinstance(old, dict):
+        raise StepSalError(f"{str(run_file)!r} does not hold a run's settings; choose another "
+                           f"--out folder or delete this one")
+    return old
+
+
+def check_run_folder(out: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse a run folder before any work: one another process is writing, one that is
+    not a folder or not writable, or one holding a run with other ``settings`` (the keys
+    of ``run.json``; leave out what is not known yet, e.g. the format before loading)."""
+    from stepsal_lens.outputs import check_unlocked, check_writable
+
+    out = Path(out)
+    check_writable(out, what="run folder")
+    if not out.exists():
+        return
+    check_unlocked(out)
+    old = _read_run_json(out)
+    if old is None:
+        if (out / "results.jsonl").exists():
+            raise StepSalError(f"{str(out)!r} holds results.jsonl but no run.json, so its "
+                               f"settings are unknown; choose another --out folder or delete "
+                               f"this one")
+        return
+    diff = _settings_diff(old, settings)
+    if diff:
+        raise StepSalError(
+            f"{str(out)!r} holds a run with other settings {diff} (old, new); run with the "
+            f"old settings to resume it, or choose another --out folder (or delete this one)")
+
+
 def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
              stepflow: StepFlowConfig | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
@@ -251,18 +391,23 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     grading_timeout
         Seconds the grader may spend on one answer's symbolic comparisons; past it the
         record is not correct and its ``grading_error`` says why.
+
+    Every setting is checked before ``run.json`` is written. One process writes a folder
+    at a time (``.stepsal.lock``); a second :func:`evaluate` on it refuses while the first
+    runs. Ctrl-C raises ``KeyboardInterrupt("interrupted after N of M; ...")`` with the
+    finished records saved: call it again to resume.
     """
-    from tqdm.auto import tqdm
+    from stepsal_lens.outputs import run_lock
 
-    from stepsal_lens.generation import generate
-
-    if samples < 1:
-        raise StepSalError(f"samples must be at least 1; got {samples}")
-    if samples > 1 and temperature <= 0:
-        raise StepSalError("samples > 1 with greedy decoding gives identical samples; pass "
-                           "temperature > 0 (e.g. 0.6)")
+    check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
+                        temperature=temperature, seed=seed, grading_timeout=grading_timeout)
     if not problems:
         raise StepSalError("no problems to evaluate")
+    ids = [p.id for p in problems]
+    if len(set(ids)) < len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise StepSalError(f"problem ids {dup} occur more than once; records are keyed by id, "
+                           f"so give every problem its own id")
     out = Path(out)
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
@@ -270,31 +415,70 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     config = {"model": model_name or name_of(model), "data": data_name,
               "stepflow": None if sf is None else sf.to_dict(), "max_new_tokens": max_new_tokens, "samples": samples,
               "temperature": temperature, "seed": seed, "format": info_of(model).format.name}
-    out.mkdir(parents=True, exist_ok=True)
+    # everything is checked before run.json is written: a refused run leaves no trace
+    check_run_folder(out, config)
+    with run_lock(out):
+        return _evaluate_locked(model, problems, out, config, sf, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, samples=samples, temperature=temperature,
+                                seed=seed, grading_timeout=grading_timeout, progress=progress)
+
+
+def _read_results(results_file: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in results_file.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interrupt: redo it
+                continue
+            if isinstance(r, dict) and "id" in r and "sample" in r:
+                done[(r["id"], r["sample"])] = r
+    return done
+
+
+def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
+                     max_new_tokens: int, batch_size: int, samples: int, temperature: float,
+                     seed: int, grading_timeout: float | int, progress: bool) -> EvalRun:
+    """The body of :func:`evaluate`, run while holding the folder's lock."""
+    from tqdm.auto import tqdm
+
+    from stepsal_lens.outputs import write_text_atomic
+
+    check_run_folder(out, config)  # again, now that the folder is ours
     run_file, results_file = out / "run.json", out / "results.jsonl"
-    if run_file.exists():
-        old = json.loads(run_file.read_text())
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
-            raise StepSalError(
-                f"{out} holds a run with other settings {diff} (old, new); choose another "
-                f"--out folder or delete this one")
-    run_file.write_text(json.dumps(config, indent=1) + "\n")
+    write_text_atomic(run_file, json.dumps(config, indent=1) + "\n")
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if results_file.exists():
-        for line in results_file.read_text().splitlines():
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interrupt: redo it
-                    continue
-                done[(r["id"], r["sample"])] = r
-        # rewrite without a possibly cut last line
-        results_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in done.values()))
+        done = _read_results(results_file)
+        # rewrite without a possibly cut last line (or a duplicate)
+        write_text_atomic(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                for r in done.values()))
+    keys = [(p.id, s) for p in problems for s in range(samples)]
     todo = [(p, s) for p in problems for s in range(samples) if (p.id, s) not in done]
     bar = tqdm(total=len(todo), desc="evaluating", unit="problem", disable=not progress)
-    with open(results_file, "a") as f:
+    try:
+        _generate_and_grade(model, todo, done, results_file, sf, bar,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            temperature=temperature, seed=seed, grading_timeout=grading_timeout)
+    except KeyboardInterrupt:
+        n_done = sum(k in done for k in keys)
+        raise KeyboardInterrupt(
+            f"interrupted after {n_done} of {len(keys)}; the finished records are in "
+            f"{str(results_file)!r}: run the same command to resume") from None
+    finally:
+        bar.close()
+    records = [done[k] for k in keys]
+    summary = _summarize(records, config)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return EvalRun(out, records, summary, config)
+
+
+def _generate_and_grade(model, todo, done, results_file: Path, sf, bar, *, max_new_tokens: int,
+                        batch_size: int, temperature: float, seed: int,
+                        grading_timeout: float | int) -> None:
+    from stepsal_lens.generation import generate
+
+    with open(results_file, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             gens = generate(model, [p.prompt_question() for p, _ in chunk], stepflow=sf,
@@ -319,12 +503,6 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(chunk))
-    bar.close()
-    keys = [(p.id, s) for p in problems for s in range(samples)]
-    records = [done[k] for k in keys]
-    summary = _summarize(records, config)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return EvalRun(out, records, summary, config)
 
 
 def _load_run(run: str | Path | EvalRun) -> dict[tuple[str, int], bool]:

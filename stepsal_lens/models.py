@@ -39,6 +39,7 @@ __all__ = [
     "ModelSpec",
     "SUPPORTED_ARCHITECTURES",
     "attach",
+    "check_device",
     "detect_format",
     "format_of",
     "info_of",
@@ -218,6 +219,110 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+#: config.json keys every supported architecture needs (positive integers).
+_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict, or a StepSalError naming the file and what is wrong."""
+    cfg_file = path / "config.json"
+    fix = "re-save the checkpoint with model.save_pretrained(path) or download it again"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StepSalError(f"{str(cfg_file)!r} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(cfg, dict):
+        raise StepSalError(f"{str(cfg_file)!r} holds a JSON {type(cfg).__name__}, not an "
+                           f"object of settings; {fix}")
+    missing = [k for k in _CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise StepSalError(f"{str(cfg_file)!r} lacks {missing} (every model config has "
+                           f"{list(_CONFIG_KEYS)}); {fix}")
+    bad = {k: cfg[k] for k in _CONFIG_KEYS
+           if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1}
+    if bad:
+        raise StepSalError(f"{str(cfg_file)!r} has {bad}; these must be positive integers; {fix}")
+    return cfg
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file's size."""
+    import struct
+
+    fix = "the file is damaged or incomplete: download or save the checkpoint again"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StepSalError(f"{str(file)!r} is {size} bytes, too short for a safetensors "
+                               f"file; {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise StepSalError(f"{str(file)!r} claims a {n}-byte header but holds {size} "
+                               f"bytes; {fix}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StepSalError(f"{str(file)!r} has an unreadable header ({err}); {fix}") from None
+    if not isinstance(header, dict):
+        raise StepSalError(f"{str(file)!r} has a header that is not a JSON object; {fix}")
+    data = size - 8 - n
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = (int(x) for x in t["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise StepSalError(f"{str(file)!r}: tensor {name!r} has no valid data_offsets; "
+                               f"{fix}") from None
+        if not 0 <= a <= b <= data:
+            raise StepSalError(f"{str(file)!r}: tensor {name!r} lies at bytes {a}-{b} but the "
+                               f"file holds {data} bytes of data (truncated?); {fix}")
+    ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    if max(ends, default=0) != data:
+        raise StepSalError(f"{str(file)!r} holds {data} bytes of data but its tensors cover "
+                           f"{max(ends, default=0)}; {fix}")
+    return header
+
+
+def _check_weights(path: Path, cfg: dict[str, Any]) -> None:
+    """Safetensors files readable, and the embedding's shape the one config.json says."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if not any(path.glob("pytorch_model*.bin")):
+            raise StepSalError(f"no weights in {str(path)!r} (no *.safetensors); save them "
+                               f"with model.save_pretrained(path)")
+        return
+    expect = (cfg["vocab_size"], cfg["hidden_size"])
+    for file in files:
+        for name, t in _safetensors_header(file).items():
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")) \
+                    and tuple(t.get("shape", ())) != expect:
+                raise StepSalError(
+                    f"{str(file)!r}: {name} has shape {tuple(t.get('shape', ()))} but "
+                    f"config.json says vocab_size x hidden_size = {expect}; the weights "
+                    f"belong to another config - put the checkpoint's own config.json beside them")
+
+
+def _shape_mismatches(path: Path) -> list[str]:
+    """Tensors whose saved shape differs from the shape config.json implies (what
+    Hugging Face refuses without naming them), as ``name (saved) vs (config)``."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):  # shapes only: no memory, no init
+        ref = transformers.AutoModelForCausalLM.from_config(cfg)
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    out = []
+    for file in sorted(path.glob("*.safetensors")):
+        for key, t in _safetensors_header(file).items():
+            shape = tuple(t.get("shape", ())) if isinstance(t, dict) else ()
+            if key in expected and shape != expected[key]:
+                out.append(f"{key} saved {shape}, config.json implies {expected[key]}")
+    return out
+
+
 def _check_local(path: Path) -> str:
     """Validate a checkpoint folder and return its architecture."""
     if not path.is_dir():
@@ -230,12 +335,48 @@ def _check_local(path: Path) -> str:
         raise StepSalError(f"no tokenizer in {str(path)!r} (tokenizer.json or "
                            f"tokenizer_config.json); save the tokenizer with "
                            f"tokenizer.save_pretrained(path)")
-    archs = json.loads(cfg_file.read_text()).get("architectures") or []
-    arch = archs[0] if archs else None
+    cfg = _read_config(path)
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise StepSalError(f"architecture {arch!r} of {str(path)!r} is not supported; "
                            f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+    _check_weights(path, cfg)
     return arch
+
+
+def check_device(device: str | None) -> str | None:
+    """Refuse a device name torch does not know or this machine cannot use.
+
+    >>> check_device("cpu")
+    'cpu'
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise StepSalError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+                           ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch build has no CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise StepSalError(f"device {device!r} is not available: {why} (torch "
+                               f"{torch.__version__}); use --device cpu, or install a CUDA "
+                               f"build of PyTorch on a machine with a GPU")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise StepSalError(f"device {device!r} does not exist: this machine has {n} CUDA "
+                               f"device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise StepSalError(f"device {device!r} is not available on this machine (no Apple "
+                               f"MPS backend); use --device cpu")
+    elif dev.type != "cpu":
+        raise StepSalError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' "
+                           f"or 'mps'")
+    return device
 
 
 def _hub_offline() -> bool:
@@ -317,6 +458,8 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     from transformer_lens.model_bridge import TransformerBridge
 
     name = os.fspath(name_or_path)
+    check_device(device)
+    torch_dtype = _dtype(dtype)
     spec = _MODELS.get(name) if name in _MODELS else None
     local = BUNDLED.get(name, Path(name).expanduser())
     if name in BUNDLED and not (local / "config.json").exists():
@@ -340,11 +483,30 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     if device is None and "device_map" not in boot_kwargs:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = TransformerBridge.boot_transformers(source, device=device, dtype=_dtype(dtype),
+        model = TransformerBridge.boot_transformers(source, device=device, dtype=torch_dtype,
                                                     **boot_kwargs)
+    except StepSalError:
+        raise
     except OSError as err:
+        if Path(source).is_dir():
+            raise StepSalError(f"could not load {name!r} from {str(source)!r}: {err}; check "
+                               f"its files or save the checkpoint again") from err
         raise StepSalError(f"could not load {name!r}: {err}. Without network, pass a local "
                            f"checkpoint folder") from err
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as err:  # HF's mismatched shapes, bad configs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "mismatch" in str(err):
+            found = _shape_mismatches(Path(source)) if Path(source).is_dir() else []
+            detail = "; ".join(found[:3]) + (f"; ... ({len(found)} in all)" if len(found) > 3
+                                             else "") if found else first
+            raise StepSalError(f"could not load {name!r}: its config.json and weights do not "
+                               f"match ({detail}); put the checkpoint's own config.json beside "
+                               f"its weights") from err
+        raise StepSalError(f"could not load {name!r} from {str(source)!r}: {first}; check its "
+                           f"config.json and weights (the chained error has the details)"
+                           ) from err
     _keep_own_tokenizer(model, source)
     if fmt is None:
         detected = detect_format(model.tokenizer, arch)

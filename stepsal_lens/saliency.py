@@ -123,6 +123,24 @@ def get_target(name: str | Target) -> Target:
     return name if callable(name) else _TARGETS.get(name)
 
 
+def _check_target_kwargs(fn: Target, target: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse keywords the target does not take, before the forward pass."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: cannot tell
+        return
+    try:
+        sig.bind(None, None, **kwargs)
+    except TypeError:
+        name = target if isinstance(target, str) else getattr(target, "__name__", "custom")
+        params = [p.name for p in list(sig.parameters.values())[2:]
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise StepSalError(f"target {name!r} does not take {sorted(kwargs)}; its options are "
+                           f"{params or 'none'} (targets: {list_targets()})") from None
+
+
 def _lm_target(logits: Tensor, trace: Trace) -> Tensor:
     ids = trace.token_ids.to(logits.device)
     return F.cross_entropy(logits[0, :-1], ids[1:])
@@ -292,22 +310,20 @@ class StepSaliency:
 
     @classmethod
     def load(cls, directory: str | Path) -> StepSaliency:
-        """Read what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
+        """Read what :meth:`save` wrote, checking shapes, dtypes, finiteness and that the
+        step count of ``steps.json`` matches the maps."""
         directory = Path(directory)
         files = [directory / "step_saliency.safetensors", directory / "steps.json"]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written "
                                f"by StepSaliency.save or `stepsal analyze`")
-        tensors = load_file(files[0])
-        doc = json.loads(files[1].read_text())
+        tensors, doc = _read_saved(files)
         steps = [Step(s["index"], s["segment"], s["text"],
                       (s.get("char_start", -1), s.get("char_end", -1)),
                       (s["token_start"], s["token_end"])) for s in doc["steps"]]
         meta = {k: doc.get(k) for k in ("model", "format", "target", "n_layers", "n_heads")}
-        meta.update(doc.get("meta", {}))
+        meta.update(doc.get("meta") or {})
         layers = doc.get("layers") or list(range(tensors["maps"].shape[0]))
         return cls(tensors["maps"], layers, steps, tensors["token_ids"], meta)
 
@@ -315,6 +331,59 @@ class StepSaliency:
         n_l, n_h, n_s, _ = self.maps.shape
         return (f"StepSaliency({n_l} layers x {n_h} heads x {n_s}x{n_s} steps, "
                 f"target={self.meta.get('target')!r}, model={self.meta.get('model')!r})")
+
+
+def _read_saved(files: list[Path]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and check what :meth:`StepSaliency.save` wrote: every failure names the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tfile, jfile = files
+    fix = "write it again with StepSaliency.save or `stepsal analyze`"
+    try:
+        tensors = load_file(tfile)
+    except (SafetensorError, OSError) as err:
+        raise StepSalError(f"{str(tfile)!r} is not a readable safetensors file ({err}); {fix}"
+                           ) from None
+    try:
+        doc = json.loads(jfile.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StepSalError(f"{str(jfile)!r} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
+        raise StepSalError(f"{str(jfile)!r} has no list of 'steps'; {fix}")
+    missing = sorted({"maps", "token_ids"} - set(tensors))
+    if missing:
+        raise StepSalError(f"{str(tfile)!r} lacks the tensor(s) {missing}; {fix}")
+    maps, ids = tensors["maps"], tensors["token_ids"]
+    if maps.dim() != 4 or not maps.dtype.is_floating_point:
+        raise StepSalError(f"{str(tfile)!r}: maps must be a 4-d float tensor [layer, head, "
+                           f"step, step]; got {maps.dtype} of shape {tuple(maps.shape)}; {fix}")
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise StepSalError(f"{str(tfile)!r}: token_ids must be a 1-d integer tensor; got "
+                           f"{ids.dtype} of shape {tuple(ids.shape)}; {fix}")
+    n = len(doc["steps"])
+    if maps.shape[2] != maps.shape[3] or maps.shape[2] != n:
+        raise StepSalError(f"{str(tfile)!r} holds maps over {tuple(maps.shape[2:])} steps but "
+                           f"{str(jfile)!r} lists {n} steps; the two files are from different "
+                           f"runs - {fix}")
+    if not bool(torch.isfinite(maps).all()):
+        bad = int((~torch.isfinite(maps)).sum())
+        raise StepSalError(f"{str(tfile)!r}: {bad} map values are NaN or infinite; saliency is "
+                           f"never saved non-finite, so the file was altered - {fix}")
+    layers = doc.get("layers")
+    if layers is not None and (not isinstance(layers, list) or len(layers) != maps.shape[0]
+                               or not all(isinstance(l, int) for l in layers)):
+        raise StepSalError(f"{str(jfile)!r}: 'layers' must list {maps.shape[0]} layer indices "
+                           f"(one per map); got {layers!r}; {fix}")
+    keys = ("index", "segment", "text", "token_start", "token_end")
+    for i, st in enumerate(doc["steps"]):
+        if not isinstance(st, dict) or any(k not in st for k in keys):
+            raise StepSalError(f"{str(jfile)!r}: step {i} needs the keys {list(keys)}; {fix}")
+        a, b = st["token_start"], st["token_end"]
+        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(ids)):
+            raise StepSalError(f"{str(jfile)!r}: step {i} spans tokens {a}-{b}, outside the "
+                               f"{len(ids)} saved token ids; {fix}")
+    return {"maps": maps.float(), "token_ids": ids.long()}, doc
 
 
 # ---- hooks --------------------------------------------------------------------------------
@@ -395,9 +464,12 @@ def _refuse_float16(model) -> None:
                            "float32's range) or dtype='float32'")
 
 
-def _backward(loss: Tensor, target: Any) -> None:
+def _backward(loss: Any, target: Any) -> None:
     """``loss.backward()`` after checking that the target is finite."""
     target = target if isinstance(target, str) else getattr(target, "__name__", "custom")
+    if not isinstance(loss, Tensor):
+        raise StepSalError(f"the saliency target {target!r} returned a {type(loss).__name__}; "
+                           f"it must return a scalar tensor computed from the logits")
     if loss.dim() != 0:
         raise StepSalError(f"the saliency target must be a scalar; {target!r} gave shape "
                            f"{tuple(loss.shape)}")
@@ -405,6 +477,9 @@ def _backward(loss: Tensor, target: Any) -> None:
         raise StepSalError(f"the saliency target {target!r} is {loss.item()}: the model gives "
                            f"non-finite logits on this trace; check its weights for NaN/inf "
                            f"(torch.isfinite on each parameter) and load it in float32")
+    if not loss.requires_grad:
+        raise StepSalError(f"the saliency target {target!r} does not depend on the logits (no "
+                           f"gradient); compute it from the logits it is given")
     loss.backward()
 
 
@@ -427,6 +502,7 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     tokens; ``[n_heads, n_tokens, n_tokens]`` float32 each, so keep traces short.
     """
     fn = get_target(target)
+    _check_target_kwargs(fn, target, target_kwargs)
     if not 0 <= layer < model.cfg.n_layers:
         raise StepSalError(f"layer {layer} is not valid for a model with {model.cfg.n_layers} "
                            f"layers")
@@ -490,6 +566,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         result is never returned.
     """
     fn = get_target(target)
+    _check_target_kwargs(fn, target, target_kwargs)
     n_layers = model.cfg.n_layers
     layers = sorted(set(range(n_layers) if layers is None else layers))
     bad = [l for l in layers if not 0 <= l < n_layers]

@@ -80,6 +80,11 @@ class Step:
 _DIGITS_ONLY = re.compile(r"[\d\s.,:;+\-*/=()%$]*")
 # A GFM table delimiter row: cells of hyphens with optional colons ("| --- | :-: |").
 _TABLE_RULE = re.compile(r"\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?")
+# Line breaks: LF, CRLF and a lone CR alike (matched, never rewritten, so character
+# offsets into the caller's text stay valid).
+_EOL = r"(?:\r\n|\r(?!\n)|\n)"
+_BLANK_LINE = re.compile(_EOL + r"[ \t]*" + _EOL + r"\s*")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
 
 
 def _strip_all(text: str, spans: list[Span]) -> list[Span]:
@@ -133,6 +138,8 @@ def _not_a_thinking_step(piece: str) -> bool:
 def paper_splitter(text: str, segment: str) -> list[Span]:
     """The reference paper's rule: thinking on ``\\.\\s+``, summary on blank lines.
 
+    Line breaks may be LF, CRLF or a lone CR.
+
     Thinking pieces shorter than 15 characters, digit-and-separator pieces (list
     numbers such as ``"2."``) and markdown table rules join the next piece; summary
     pieces shorter than 10 characters join the next piece; the last piece of a segment is
@@ -143,7 +150,7 @@ def paper_splitter(text: str, segment: str) -> list[Span]:
         spans = _pieces(text, re.compile(r"\.\s+"), keep_chars=1)
         return _join_small(text, spans, _not_a_thinking_step)
     if segment == "summary":
-        spans = _pieces(text, re.compile(r"\n[ \t]*\n\s*"), keep_chars=0)
+        spans = _pieces(text, _BLANK_LINE, keep_chars=0)
         return _join_small(text, spans, lambda s: len(s) < 10)
     return _strip_all(text, [(0, len(text))])
 
@@ -152,7 +159,7 @@ def newline_splitter(text: str, segment: str) -> list[Span]:
     """One step per non-empty line (the question stays one step)."""
     if segment == "question":
         return paper_splitter(text, segment)
-    return _pieces(text, re.compile(r"\n+"), keep_chars=0)
+    return _pieces(text, _LINE_BREAKS, keep_chars=0)
 
 
 def regex_splitter(pattern: str, *, keep_separator: bool = False,
@@ -377,6 +384,13 @@ class Trace:
         The text is decoded from the ids and each token keeps the characters it decoded
         to, so a non-canonical tokenisation (which sampling can produce) is kept as is.
         A leading BOS id decodes to its string and is part of the text.
+
+        For the ids of ``Trace.from_text(text, ...)`` the decoded text is ``text`` as the
+        tokenizer normalises it (``tokenizer.backend_tokenizer.normalizer.normalize_str(text)``):
+        equal to ``text`` when it is already in that form. Qwen's, Llama's and the tiny
+        tokenizers apply NFC, so a combining sequence such as ``"e\\u0301"`` comes back
+        composed (``"\\u00e9"``); pass ``unicodedata.normalize("NFC", text)`` to
+        ``from_text`` to get equal texts and character offsets.
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
@@ -529,7 +543,14 @@ class Trace:
         return self.steps[idx[0]].token_span[0], self.steps[idx[-1]].token_span[1]
 
     def decode_step(self, index: int) -> str:
-        """Decode a step's tokens (stripped): equals the step's text."""
+        """Decode a step's tokens (stripped).
+
+        Equals the step's text as the tokenizer normalises it (NFC for most tokenizers;
+        see :meth:`from_token_ids`), except where a step starts with a character split
+        over several byte tokens: the first bytes decode to nothing on their own and
+        belong to the step before (as StepFlow's tracker places them), so the decoded
+        string starts with U+FFFD.
+        """
         a, b = self.steps[index].token_span
         return self.tokenizer.decode(self.token_ids[a:b].tolist()).strip()
 
