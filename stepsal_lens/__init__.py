@@ -32,23 +32,39 @@ from stepsal_lens.saliency import (
     step_saliency,
     token_saliency,
 )
+from stepsal_lens.causal import (
+    ReceiverHeads,
+    StepEffects,
+    correlation_summary,
+    patch_step,
+    receiver_heads,
+    saliency_effect_correlation,
+    step_attention,
+    step_effects,
+)
+from stepsal_lens.knockout import Knockout, Suppression, step_knockout
 from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ModelInfo",
+    "Knockout",
     "ReasoningFormat",
+    "ReceiverHeads",
     "SegmentTracker",
     "Step",
     "StepSalError",
     "StepFlow",
     "StepFlowConfig",
+    "StepEffects",
     "StepFlowStats",
     "StepSaliency",
+    "Suppression",
     "Trace",
     "attach",
     "compare",
+    "correlation_summary",
     "default_layer_split",
     "detect_format",
     "format_of",
@@ -60,12 +76,18 @@ __all__ = [
     "list_splitters",
     "list_targets",
     "load_lrm",
+    "patch_step",
+    "receiver_heads",
     "odds_equal_bridge",
     "regex_splitter",
     "register_format",
     "register_model",
     "register_splitter",
     "register_target",
+    "saliency_effect_correlation",
+    "step_attention",
+    "step_effects",
+    "step_knockout",
     "step_momentum",
     "step_saliency",
     "stepflow",

@@ -4,6 +4,9 @@
 
 ``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
 ``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
+``stepsal effects --model M --trace TRACE.json --out DIR [--layers [L,...]]`` writes the
+causal effect matrix (``step_effects.safetensors``), ``steps.json``, ``effects.json``
+(Spearman per layer against the trace's Step-Saliency) and ``effects.png``.
 ``stepsal generate --model M --question Q --out FILE.json [--stepflow ...]`` writes one
 generation: prompt, text, token ids, segments and StepFlow's stats.
 
@@ -141,6 +144,44 @@ def analyze(args: argparse.Namespace) -> int:
         fig.savefig(tmp / "maps.png", dpi=110)
     print(f"{trace!r}\nwrote {args.out}/step_saliency.safetensors, steps.json, metrics.json, "
           f"maps.png", file=sys.stderr)
+    return 0
+
+
+def effects_cmd(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from stepsal_lens.causal import plot_effects, saliency_effect_correlation, step_effects
+    from stepsal_lens.saliency import step_saliency
+
+    per_layer = args.layers is not None
+    layers = None if args.layers in (None, "all") else _layers(args.layers)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = _load_model(args.model, device=args.device, dtype=args.dtype, format=args.format)
+    trace = _read_trace(Path(args.trace), model, args.format)
+    eff = step_effects(model, trace, layers=layers, per_layer=per_layer,
+                       batch_size=args.batch_size, progress=True)
+    eff.meta["model"] = args.model
+    sal = step_saliency(model, trace, target=args.target, progress=True)
+    sal.meta["model"] = args.model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"effects": eff.effects.float().contiguous(),
+               "token_ids": eff.token_ids.long().contiguous()}
+    if eff.per_layer is not None:
+        tensors["effects_per_layer"] = eff.per_layer.float().contiguous()
+    save_file(tensors, out / "step_effects.safetensors")
+    (out / "steps.json").write_text(json.dumps(sal.steps_json(), indent=1, ensure_ascii=False))
+    corr = saliency_effect_correlation(sal, eff)
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in corr.drop(columns="trace").to_dict(orient="records")]
+    doc = {"model": args.model, "format": trace.format.name, "saliency_target": args.target,
+           "effect_layers": eff.layers, "per_layer": per_layer,
+           "measure": eff.meta["measure"], "spearman": rows}
+    (out / "effects.json").write_text(json.dumps(doc, indent=1))
+    fig = plot_effects(eff, title=f"{args.model}: causal effects of cutting each step")
+    fig.savefig(out / "effects.png", dpi=110)
+    print(f"{trace!r}\nwrote {out}/step_effects.safetensors, steps.json, effects.json, "
+          f"effects.png", file=sys.stderr)
     return 0
 
 
@@ -365,6 +406,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", action="store_true",
                    help="recompute layer by layer: peak memory of one layer's attention")
     p.set_defaults(func=analyze)
+
+    f = sub.add_parser("effects", help="causal effect matrix of one trace (step knockouts)")
+    f.add_argument("--model", required=True,
+                   help="local checkpoint folder, hub name, or random:ARCH")
+    f.add_argument("--trace", required=True,
+                   help='JSON with {"question","thinking","summary"} or {"text"}')
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--format", default=None, help="reasoning format (default: the model's)")
+    f.add_argument("--layers", nargs="?", const="all", default=None,
+                   help="also the effects with the cut in one layer at a time: every layer, "
+                        "or e.g. --layers 0,2")
+    f.add_argument("--target", default="lm", choices=["lm", "summary", "answer"],
+                   help="Step-Saliency target the effects are correlated with (default lm)")
+    f.add_argument("--batch-size", type=int, default=8, help="cuts per forward pass")
+    f.add_argument("--device", default=None)
+    f.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+    f.set_defaults(func=effects_cmd)
 
     d = sub.add_parser("demo", help="generate, grade and compare correct vs wrong traces")
     d.add_argument("--model", default="tiny-lrm", help="model (default: the bundled tiny-lrm)")

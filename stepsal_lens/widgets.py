@@ -400,7 +400,8 @@ def trace_tokens(trace: Any):
                                    for s in trace.step_of_token.tolist()]))
 
 
-def explore(result: Any, *, model: Any = None, trace: Any = None) -> StepExplorer:
+def explore(result: Any, *, model: Any = None, trace: Any = None,
+            effects: Any = None) -> StepExplorer:
     """Open a :class:`~stepsal_lens.StepSaliency` in an interactive explorer.
 
     Parameters
@@ -410,7 +411,14 @@ def explore(result: Any, *, model: Any = None, trace: Any = None) -> StepExplore
     model, trace
         The model and trace it came from: enables clicking a cell to see that step
         pair's token-level saliency and attention.
+    effects
+        A :class:`~stepsal_lens.StepEffects` of the same trace: adds a "saliency | causal
+        effect" toggle on the map (:func:`stepsal_lens.causal.causal_explorer`).
     """
+    if effects is not None:
+        from stepsal_lens.causal import causal_explorer
+
+        return causal_explorer(result, effects, model=model, trace=trace)
     return StepExplorer(result, model=model, trace=trace)
 
 
