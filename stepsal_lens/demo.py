@@ -33,6 +33,8 @@ class DemoResult:
     saliencies: list[Any] = field(default_factory=list)
     #: StepFlow on the same questions: settings, records, metrics, paired McNemar test
     stepflow: dict[str, Any] | None = None
+    #: Saliency vs causality (:func:`stepsal_lens.causal.demo_causality`), None when off
+    causal: dict[str, Any] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -136,12 +138,14 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
              seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
              device: str | None = None, stepflow: StepFlowConfig | None = StepFlowConfig(),
-             progress: bool = True, overwrite: bool = False) -> DemoResult:
+             progress: bool = True, overwrite: bool = False, causal: int = 8) -> DemoResult:
     """The whole demo; see the module docstring. ``model`` is a name, a path or a model.
 
     ``stepflow``: also generate with StepFlow (a :class:`~stepsal_lens.StepFlowConfig`,
     default the paper's settings; None to skip) and compare accuracy and Step-Saliency
-    with the baseline.
+    with the baseline. ``causal``: on that many baseline traces, the causal effect
+    matrix and its Spearman correlation with Step-Saliency per layer (``causal.csv``;
+    0 turns it off).
 
     ``out`` must be a new or empty folder (``overwrite=True`` replaces it as a whole).
     Everything is checked before the model is loaded; the files are written into a
@@ -180,6 +184,11 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
         metrics.to_csv(tmp / "metrics.csv", index=False)
         if comparison is not None:
             comparison.to_csv(tmp / "compare.csv", index=False)
+        from stepsal_lens.causal import demo_causality
+
+        causal_part = demo_causality(model, saliencies, limit=causal) if causal else None
+        if causal_part is not None:
+            causal_part["per_trace"].to_csv(tmp / "causal.csv", index=False)
         flow = None
         if stepflow is not None:
             settings = stepflow.resolve(model.cfg.n_layers)
@@ -192,7 +201,8 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
             flow = {"settings": settings.to_dict(), "records": sf_records,
                     "metrics": sf_metrics,
                     "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
-        result = DemoResult(tmp, records, metrics, comparison, saliencies, flow)
+        result = DemoResult(tmp, records, metrics, comparison, saliencies, flow,
+                            causal_part)
         write_demo_report(result, model_name=name)
     result.out = Path(out)
     return result

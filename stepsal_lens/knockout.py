@@ -332,6 +332,8 @@ class Knockout:
 
 def _span(x: Any, trace: Any, what: str) -> Span:
     if isinstance(x, (tuple, list)) and len(x) == 2:
+        if x[1] is None and what == "query step":
+            return int(x[0]), None
         return int(x[0]), int(x[1])
     if trace is None:
         raise StepSalError(f"{what} {x!r} is a step index, which needs trace=...; or pass token "
@@ -369,8 +371,9 @@ def step_knockout(model: Any, trace: Any = None, keys: Any = (), *, queries: Any
     keys
         Key steps to suppress: step indices, ``(start, end)`` token spans, or a mix.
     queries
-        Query steps (indices or spans) that lose access to every key step. Default
-        ``None``: for each key step, every token after it (generated tokens included).
+        Query steps (indices or spans; ``(start, None)`` runs to the end, generated tokens
+        included) that lose access to every key step. Default ``None``: for each key
+        step, every token after it (generated tokens included).
     layers, heads
         Where to cut (default: every layer, every head).
 

@@ -163,6 +163,10 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
                      "comparison.</p>")
     if getattr(result, "stepflow", None):
         parts.append(_stepflow_section(result, result.stepflow, out))
+    if getattr(result, "causal", None):
+        from stepsal_lens.causal import causality_section
+
+        parts.append(causality_section(result.causal, out))
     rows = "".join(
         f"<tr><td>{r['index']}</td><td>{html.escape(r['split'])}</td>"
         f"<td class='{'ok' if r['correct'] else 'bad'}'>{'yes' if r['correct'] else 'no'}</td>"

@@ -147,7 +147,8 @@ def test_knockout_in_generation_cached_uncached_batched(arch, models):
     model = models[arch]
     prompts = ["Start with 7. Add 5, then multiply by 2. What is the result?",
                "Start with 3. Add 4. What is it?"]
-    kw = dict(max_new_tokens=10, do_sample=False, verbose=False, stop_at_eos=False)
+    kw = dict(max_new_tokens=10, do_sample=False, verbose=False, stop_at_eos=False,
+              return_type="tokens")
     keys = [(1, 6)]  # each row's own tokens 1..5, padding excluded
     outs = {}
     with step_knockout(model, keys=keys) as ko:
