@@ -202,8 +202,9 @@ def _check_trace(model: Any, trace: Trace) -> Tensor:
 
 
 def _model_name(model: Any) -> str:
-    spec = getattr(model, "stepsal_spec", None)
-    return spec.name if spec else str(getattr(model.cfg, "model_name", ""))
+    from stepsal_lens.models import model_name
+
+    return model_name(model)
 
 
 def _steps_doc(steps: Sequence[Step]) -> list[dict[str, Any]]:
