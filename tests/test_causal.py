@@ -341,10 +341,10 @@ def test_cli_effects_writes_the_contract(tmp_path, checkpoints, models):
     doc = {"question": QUESTION, "thinking": THINKING, "summary": SUMMARY}
     (tmp_path / "t.json").write_text(json.dumps(doc))
     out = tmp_path / "out"
-    assert main(["effects", "--model", str(checkpoints["gpt-oss"]), "--trace",
-                 str(tmp_path / "t.json"), "--out", str(out), "--format", "gpt-oss",
+    assert main(["effects", "--model", str(checkpoints["llama"]), "--trace",
+                 str(tmp_path / "t.json"), "--out", str(out), "--format", "deepseek-r1",
                  "--layers"]) == 0
-    trace = Trace.from_segments(QUESTION, THINKING, SUMMARY, models["gpt-oss"])
+    trace = Trace.from_segments(QUESTION, THINKING, SUMMARY, models["llama"])
     t = load_file(out / "step_effects.safetensors")
     assert t["effects"].shape == (trace.n_steps, trace.n_steps)
     assert t["effects"].dtype == torch.float32 and t["token_ids"].tolist() == trace.token_ids.tolist()
