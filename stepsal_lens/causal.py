@@ -568,14 +568,11 @@ class ReceiverHeads:
 
     def plot(self):
         """Layer x head heat maps of the mean kurtosis, one panel per source."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from stepsal_lens.plots import new_figure
 
         sources = list(self.kurtosis)
-        fig, axes = plt.subplots(1, len(sources), figsize=(3.6 * len(sources) + 0.6, 3.2),
-                                 squeeze=False, constrained_layout=True)
+        fig = new_figure(3.6 * len(sources) + 0.6, 3.2)
+        axes = fig.subplots(1, len(sources), squeeze=False)
         for ax, source in zip(axes[0], sources):
             m = self.mean(source).numpy()
             im = ax.imshow(m, cmap="viridis", aspect="auto", interpolation="nearest")
@@ -954,10 +951,7 @@ def plot_effects(effects: StepEffects, *, layers: Sequence[int] | None = None,
     ``log`` shows ``log10`` of the effects (zeros at the floor), which spreads out KL
     values spanning orders of magnitude.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from stepsal_lens.plots import new_figure
 
     from stepsal_lens.plots import segment_boundaries
 
@@ -974,8 +968,8 @@ def plot_effects(effects: StepEffects, *, layers: Sequence[int] | None = None,
         data = [torch.log10(d.clamp_min(floor)).masked_fill(~below, float("nan")) for d in data]
     vmin = float(np.nanmin([np.nanmin(d.numpy()) for d in data])) if n > 1 else 0
     vmax = float(np.nanmax([np.nanmax(d.numpy()) for d in data])) if n > 1 else 1
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 0.8, 3.4),
-                             squeeze=False, constrained_layout=True)
+    fig = new_figure(3.4 * len(panels) + 0.8, 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     runs = segment_boundaries(effects.segments)
     letters = {"question": "Q", "thinking": "T", "summary": "S"}
     for ax, (name, _), d in zip(axes[0], panels, data):
@@ -1081,15 +1075,13 @@ def causality_section(causal: dict, out: Path) -> str:
     """The demo report's "Saliency vs causality" section (HTML), with its figure."""
     import html
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from stepsal_lens.plots import new_figure
 
     from stepsal_lens.plots import figure_png, img_tag
 
     per, summ = causal["per_trace"], causal["summary"]
-    fig, ax = plt.subplots(figsize=(5, 3.2), constrained_layout=True)
+    fig = new_figure(5, 3.2)
+    ax = fig.subplots()
     for layer, grp in per.groupby("layer"):
         ax.scatter([layer] * len(grp), grp.rho, color="tab:gray", s=12)
     ax.errorbar(summ.layer, summ.mean_rho, yerr=summ.std_rho, color="tab:blue", marker="o",

@@ -179,6 +179,7 @@ def test_library_leaves_the_matplotlib_backend_alone(case):
     import matplotlib.pyplot as plt
 
     from stepsal_lens import layer_metrics
+    from stepsal_lens.causal import plot_effects, receiver_heads, step_effects
     from stepsal_lens.plots import plot_map_pair, plot_step_maps
     from stepsal_lens.report import plot_condition_curves, plot_group_curves
     from stepsal_lens.widgets import compare, compare_stepflow
@@ -190,7 +191,11 @@ def test_library_leaves_the_matplotlib_backend_alone(case):
     try:
         df = layer_metrics(sal)
         df["correct"] = [True, False]
+        effects = step_effects(model, trace, progress=False)
         calls = {
+            "plot_effects": lambda: plot_effects(effects),
+            "receiver_heads.plot": lambda: receiver_heads(model, [trace], k=1,
+                                                          progress=False).plot(),
             "plot_step_maps": lambda: plot_step_maps(sal.head_mean(), sal.segments),
             "plot_map_pair": lambda: plot_map_pair(step_map(sal, 0), step_map(sal, 1),
                                                    sal.segments, titles=("a", "b", "b - a"),
