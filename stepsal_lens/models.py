@@ -266,7 +266,7 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
                 f"<think> or harmony markers); pass format=... (one of {list_formats()})"
             )
         fmt = get_format(detected)
-    model.enable_compatibility_mode()
+    model.enable_compatibility_mode(no_processing=True)
     model.eval()
     model.stepsal_format = fmt
     model.stepsal_spec = spec

@@ -107,9 +107,30 @@ Target = Callable[..., Tensor]
 _TARGETS: Registry[Target] = Registry("saliency target", "register_target(name, fn)")
 
 
-def register_target(name: str, fn: Target, *, overwrite: bool = False) -> None:
-    """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``."""
+#: Memory-lean forms of targets, ``lean(hidden, unembed, trace, **kwargs) -> scalar``: from
+#: the final hidden states ``[1, token, d_model]`` and the unembedding, so the fused engine
+#: never holds all ``[token, vocab]`` logits (see :mod:`stepsal_lens.fused`).
+_LEAN: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_target(name: str, fn: Target, *, overwrite: bool = False,
+                    lean: Callable[..., Tensor] | None = None) -> None:
+    """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``.
+
+    ``lean(hidden, unembed, trace, **kwargs)``, optional, computes the same scalar from
+    the final hidden states and the unembedding (e.g. in chunks of positions); the fused
+    engine uses it instead of materialising all logits.
+    """
     _TARGETS.register(name, fn, overwrite=overwrite)
+    if lean is not None:
+        _LEAN[name] = lean
+    else:
+        _LEAN.pop(name, None)
+
+
+def get_lean_target(name: str | Target) -> Callable[..., Tensor] | None:
+    """The memory-lean form of a registered target (None if it has none)."""
+    return _LEAN.get(name) if isinstance(name, str) else None
 
 
 def list_targets() -> list[str]:
@@ -184,10 +205,16 @@ def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
     return logits[0, pos, token]
 
 
-register_target("lm", _lm_target)
-register_target("summary", _summary_target)
-register_target("answer", _answer_target)
-register_target("logit", _logit_target)
+def _register_builtin_targets() -> None:
+    from stepsal_lens import fused
+
+    register_target("lm", _lm_target, lean=fused.lean_lm)
+    register_target("summary", _summary_target, lean=fused.lean_summary)
+    register_target("answer", _answer_target, lean=fused.lean_answer)
+    register_target("logit", _logit_target, lean=fused.lean_logit)
+
+
+_register_builtin_targets()
 
 
 # ---- result -------------------------------------------------------------------------------
@@ -407,10 +434,85 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     return kept["saliency"], kept["pattern"][0].float().cpu()
 
 
+#: Step-Saliency engines: ``fused`` (attention x gradient pooled inside a fused attention
+#: backward, :mod:`stepsal_lens.fused`) and ``hook_pattern`` (hooks on the bridge's eager
+#: ``hook_pattern``: the readable reference, and the one that sees users' hooks).
+ENGINES = ("auto", "fused", "hook_pattern")
+
+
+def _choose_engine(model, engine: str) -> tuple[str, str]:
+    """The engine to run and why."""
+    from stepsal_lens.fused import attention_hooks_in_use
+
+    if engine not in ENGINES:
+        raise StepSalError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    if engine == "hook_pattern":
+        return engine, "requested"
+    hooked = attention_hooks_in_use(model)
+    if not hooked:
+        return "fused", "requested" if engine == "fused" else "default"
+    if engine == "fused":
+        raise StepSalError(
+            f"the fused engine does not run the bridge's hooks, and hooks are attached to "
+            f"{hooked[:4]}{' ...' if len(hooked) > 4 else ''}; use engine='hook_pattern' "
+            f"(or engine='auto'), or remove the hooks (model.reset_hooks())")
+    return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
+
+
+def _hook_pattern_maps(model, trace: Trace, fn: Target, layers: list[int], low_memory: bool,
+                       bar, target_kwargs: dict[str, Any]) -> list[Tensor]:
+    device = next(model.parameters()).device
+    tokens = trace.token_ids[None].to(device)
+    out: dict[int, Tensor] = {}
+    with _activation_grads_only(model), torch.enable_grad():
+        fwd, bwd = _saliency_hooks(layers, trace.step_of_token.to(device), trace.n_steps,
+                                   out, bar)
+        fwd.append(("hook_embed", _require_grad))
+        with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            logits = model(tokens)
+            fn(logits.float(), trace, **target_kwargs).backward()
+    return [out[l] for l in layers]
+
+
+def _fused_maps(model, trace: Trace, target: str | Target, layers: list[int],
+                low_memory: bool, chunk_size: int | None, bar,
+                target_kwargs: dict[str, Any]) -> list[Tensor]:
+    from stepsal_lens import fused
+
+    fn, lean = get_target(target), get_lean_target(target)
+    hf = model.original_model
+    tokens = trace.token_ids[None].to(next(model.parameters()).device)
+    spans = [s.token_span for s in trace.steps]
+    maps: dict[int, Tensor] = {}
+
+    def done(layer: int) -> None:
+        bar.update(1)
+
+    with _activation_grads_only(model), torch.enable_grad(), _checkpointed(model, low_memory):
+        with fused.fused_attention(model, spans, layers, chunk=chunk_size,
+                                   on_layer_done=done) as state:
+            hidden = fused.final_hidden(model, tokens)
+            unembed = hf.get_output_embeddings()
+            if lean is not None:
+                loss = lean(hidden, unembed, trace, **target_kwargs)
+            else:
+                loss = fn(unembed(hidden).float(), trace, **target_kwargs)
+            del hidden
+            loss.backward()
+        for layer in layers:
+            sums = state.plans[layer].sums
+            if sums is None:  # the target does not depend on this layer's attention
+                sums = torch.zeros(model.cfg.n_heads, trace.n_steps, trace.n_steps)
+            maps[layer] = fused.step_means(sums, state.starts, state.ends).cpu()
+    return [maps[l] for l in layers]
+
+
 def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
-                  layers: Sequence[int] | None = None, low_memory: bool = False,
+                  layers: Sequence[int] | None = None, engine: str = "auto",
+                  low_memory: bool = False, chunk_size: int | None = None,
                   progress: bool = False, **target_kwargs: Any) -> StepSaliency:
-    """Step-Saliency of a trace: ``|A * dL/dA|`` on ``hook_pattern``, pooled per step pair.
+    """Step-Saliency of a trace: ``|A * dL/dA|`` of every attention pattern, pooled per
+    step pair.
 
     Parameters
     ----------
@@ -422,14 +524,25 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         ``"lm"`` (mean next-token loss over the whole trace, as Hugging Face computes
         it for ``labels=input_ids``), ``"summary"`` (the same restricted to summary
         tokens), ``"answer"`` (log-prob of the answer's tokens; ``answer=`` or the last
-        ``\\boxed{}``), ``"logit"`` (``position=``, ``token=``; the compatibility-mode
-        logit, which is centred over the vocabulary), or a registered/callable target.
+        ``\\boxed{}``), ``"logit"`` (``position=``, ``token=``), or a registered/callable
+        target.
     layers
         Layers to measure (default: all).
+    engine
+        ``"fused"``: the attention x gradient product is formed and pooled inside a
+        fused attention backward, one block of query rows at a time (time and memory
+        close to one plain forward+backward; :mod:`stepsal_lens.fused`).
+        ``"hook_pattern"``: hooks on the bridge's ``hook_pattern`` (the readable
+        reference; it runs the users' hooks, e.g. StepFlow's). ``"auto"`` (default):
+        fused, unless hooks are attached to the model. ``meta["engine"]`` records which
+        ran and ``meta["engine_reason"]`` why.
     low_memory
-        Activation checkpointing per layer: peak memory holds one layer's attention
-        instead of all layers'. Same maps; about one extra forward pass of time. Runs
-        the model in training mode for the call (these models have no dropout).
+        Activation checkpointing per layer: backward recomputes one layer at a time, so
+        one layer's activations are alive. Same maps; about one extra forward pass of
+        time. Runs the model in training mode for the call (these models have no dropout).
+    chunk_size
+        Fused engine: query rows per block (default: from a memory budget, 48 MiB of
+        blocks on CPU, a quarter of free memory up to 4 GiB on CUDA).
     progress
         Show a tqdm bar over layers.
     **target_kwargs
@@ -450,24 +563,23 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     if int(trace.token_ids.max()) >= model.cfg.d_vocab:
         raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
                            "Trace with this model (Trace.from_text(text, model))")
-    device = next(model.parameters()).device
-    tokens = trace.token_ids[None].to(device)
-    out: dict[int, Tensor] = {}
+    if chunk_size is not None and chunk_size < 1:
+        raise StepSalError(f"chunk_size must be a positive number of query rows; got {chunk_size}")
+    used, reason = _choose_engine(model, engine)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(layers), desc="step saliency", unit="layer", disable=not progress)
+    bar = tqdm(total=len(layers), desc=f"step saliency ({used})", unit="layer",
+               disable=not progress)
     try:
-        with _activation_grads_only(model), torch.enable_grad():
-            fwd, bwd = _saliency_hooks(layers, trace.step_of_token.to(device), trace.n_steps,
-                                       out, bar)
-            fwd.append(("hook_embed", _require_grad))
-            with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-                logits = model(tokens)
-                fn(logits.float(), trace, **target_kwargs).backward()
+        if used == "fused":
+            maps = _fused_maps(model, trace, target, layers, low_memory, chunk_size, bar,
+                               target_kwargs)
+        else:
+            maps = _hook_pattern_maps(model, trace, fn, layers, low_memory, bar, target_kwargs)
     finally:
         bar.close()
-    maps = torch.stack([out[l] for l in layers]).cpu()
+    maps = torch.stack(maps).cpu()
     spec = getattr(model, "stepsal_spec", None)
     meta = {
         "model": spec.name if spec else str(getattr(model.cfg, "model_name", "")),
@@ -477,6 +589,8 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         "n_heads": int(maps.shape[1]),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "truncated": trace.truncated,
+        "engine": used,
+        "engine_reason": reason,
         "low_memory": low_memory,
         "text": trace.text,
         **{f"target_{k}": v for k, v in target_kwargs.items()},
