@@ -28,11 +28,11 @@ of one forward and backward pass with a fused attention kernel:
 Examples
 --------
 >>> import torch
->>> sal = torch.arange(12.0).reshape(1, 3, 4)      # [head, query, key]
+>>> sal = torch.arange(16.0).reshape(1, 4, 4)      # [head, query, key]
 >>> starts, ends = torch.tensor([0, 2]), torch.tensor([2, 4])  # steps: tokens 0-1, 2-3
 >>> pool_block(sal, starts, ends, row0=0, key0=0)  # sums over each step pair
-tensor([[[ 5.,  9.],
-         [17., 21.]]])
+tensor([[[10., 18.],
+         [42., 50.]]])
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def key_step_sums(x: Float[Tensor, "*rows key"], starts: Int[Tensor, " step"],
     csum = F.pad(x.cumsum(-1, dtype=torch.float64), (1, 0))
     lo = (starts - key0).clamp(0, n)
     hi = (ends - key0).clamp(0, n)
-    return (csum[..., hi] - csum[..., lo]).to(x.dtype)
+    return (csum.index_select(-1, hi) - csum.index_select(-1, lo)).to(x.dtype)
 
 
 def row_step_sums(x: Float[Tensor, "head row key"], starts: Int[Tensor, " step"],
@@ -219,15 +219,16 @@ _STATE: list[EngineState] = []  # the active engine (a stack, for nesting)
 def _mask_block(s: Tensor, q0: int, k0: int, window: int | None) -> None:
     """-inf where key > query (causal) or key <= query - window, in place.
 
-    ``s`` is ``[..., query, key]`` for queries ``q0...`` and keys ``k0...``."""
-    n_q, n_k = s.shape[-2:]
-    q = torch.arange(q0, q0 + n_q, device=s.device)[:, None]
+    ``s`` is ``[..., query, group, key]`` for queries ``q0...`` and keys ``k0...`` (the
+    query heads sharing a key/value head in ``group``)."""
+    n_q, n_k = s.shape[-3], s.shape[-1]
+    q = torch.arange(q0, q0 + n_q, device=s.device)[:, None, None]
     if window is None:  # only the diagonal block [q0, q0 + n_q) can be masked
         c0 = q0 - k0
-        k = torch.arange(q0, q0 + n_k - c0, device=s.device)[None, :]
+        k = torch.arange(q0, q0 + n_k - c0, device=s.device)[None, None, :]
         s[..., c0:].masked_fill_(k > q, float("-inf"))
         return
-    k = torch.arange(k0, k0 + n_k, device=s.device)[None, :]
+    k = torch.arange(k0, k0 + n_k, device=s.device)[None, None, :]
     s.masked_fill_((k > q) | (k <= q - window), float("-inf"))
 
 
@@ -248,7 +249,7 @@ def _forward_chunked(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, scal
         k0 = _key_start(a, window)
         qc = rearrange(q[:, :, a:b].float() * scale, "kv g r d -> kv (g r) d")
         s = torch.bmm(qc, k[:, k0:b].float().transpose(1, 2)).view(n_kv, g, b - a, b - k0)
-        _mask_block(s, a, k0, window)
+        _mask_block(s.transpose(1, 2), a, k0, window)
         m = s.amax(-1)
         if sink is not None:
             m = torch.maximum(m, sink)
@@ -307,52 +308,72 @@ class FusedAttention(torch.autograd.Function):
         q, k, v, sinks, out, lse = ctx.saved_tensors
         plan, state, scale, window = ctx.plan, ctx.state, ctx.scale, ctx.window
         _, n_heads, n, d = q.shape
-        n_kv = k.shape[1]
+        n_kv, dv_ = k.shape[1], v.shape[-1]
         g = n_heads // n_kv
-        # float32 copies, query heads grouped under their key/value head: [kv, g, T, d]
-        qf = rearrange(q[0].float() * scale, "(kv g) t d -> kv g t d", kv=n_kv)
-        kf, vf = k[0].float(), v[0].float()
-        do = rearrange(grad_out[0].float(), "t (kv g) d -> kv g t d", kv=n_kv)
-        o = rearrange(out[0].float(), "(kv g) t d -> kv g t d", kv=n_kv)
-        lse_g = rearrange(lse, "(kv g) t -> kv g t", kv=n_kv)
-        delta = (do * o).sum(-1)  # rowsum(P) = dO . O, [kv, g, T]
-        del o
-        dq = torch.empty_like(qf)
+        # float32, query heads grouped under their key/value head and rows outermost,
+        # [kv, T, g, d], so a block of rows is a view [kv, (rows g), d]. The extra
+        # column of q holds -lse against a column of ones in k: q k^T s - lse in one matmul.
+        qa = q.new_empty(n_kv, n, g, d + 1, dtype=torch.float32)
+        qa[..., :d] = rearrange(q[0], "(kv g) t d -> kv t g d", kv=n_kv)
+        qa[..., :d] *= scale
+        qa[..., d] = rearrange(lse, "(kv g) t -> kv t g", kv=n_kv).neg()
+        ka = k.new_ones(n_kv, n, d + 1, dtype=torch.float32)
+        ka[..., :d] = k[0]
+        kf, vf = ka[..., :d].contiguous(), v[0].float()
+        do = rearrange(grad_out[0].float(), "t (kv g) d -> kv t g d", kv=n_kv).contiguous()
+        # rowsum(A * dL/dA) = dO . O (the sink has no value), [kv, T, g]
+        delta = (do * rearrange(out[0].float(), "(kv g) t d -> kv t g d", kv=n_kv)).sum(-1)
+        dq = torch.empty_like(do)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
         pool = plan.pool
         if pool and plan.sums is None:
             plan.sums = q.new_zeros(n_heads, len(state.starts), len(state.starts),
                                     dtype=torch.float32)
-        chunk = plan.chunk or choose_chunk(n_heads, n, state.budget)
+        chunk = min(n, plan.chunk or choose_chunk(n_heads, n, state.budget))
+        # three reused [kv, (rows g), key] blocks: A, P (then dS), |P|
+        bufs = [q.new_empty(n_kv * g * chunk * n, dtype=torch.float32) for _ in range(3 if pool else 2)]
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             r, k0 = b - a, _key_start(a, window)
-            qc = rearrange(qf[:, :, a:b], "kv g r d -> kv (g r) d")
-            doc = rearrange(do[:, :, a:b], "kv g r d -> kv (g r) d")
-            # A = exp(q k^T s - lse): the pattern itself (sink column excluded)
-            att = torch.baddbmm(-lse_g[:, :, a:b].reshape(n_kv, g * r, 1), qc,
-                                kf[:, k0:b].transpose(1, 2))
-            _mask_block(att.view(n_kv, g, r, b - k0), a, k0, window)
-            att.exp_()
+            shape = (n_kv, r * g, b - k0)
+            size = n_kv * r * g * (b - k0)
+            att, p = (buf[:size].view(shape) for buf in bufs[:2])
+            qc = qa[:, a:b].reshape(n_kv, r * g, d + 1)
+            doc = do[:, a:b].reshape(n_kv, r * g, dv_)
+            torch.bmm(qc, ka[:, k0:b].transpose(1, 2), out=att)
+            _mask_block(att.view(n_kv, r, g, b - k0), a, k0, window)
+            att.exp_()  # A, the pattern (sink column excluded)
             dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
-            p = torch.bmm(doc, vf[:, k0:b].transpose(1, 2)).mul_(att)  # P = A * dL/dA
+            torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)
+            p.mul_(att)  # P = A * dL/dA
             if pool:
-                pool_block(p.abs().view(n_heads, r, b - k0), state.starts, state.ends,
-                           row0=a, key0=k0, out=plan.sums)
-            p.addcmul_(att, delta[:, :, a:b].reshape(n_kv, g * r, 1), value=-1.0)  # dS
-            del att
-            dq[:, :, a:b] = torch.bmm(p, kf[:, k0:b]).view(n_kv, g, r, d).mul_(scale)
-            dk[:, k0:b].baddbmm_(p.transpose(1, 2), qc)
-            del p
+                sal = torch.abs(p, out=bufs[2][:size].view(shape))
+                _pool_grouped(sal.view(n_kv, r, g * (b - k0)), g, state.starts, state.ends,
+                              a, k0, plan.sums)
+            p.addcmul_(att, delta[:, a:b].reshape(n_kv, r * g, 1), value=-1.0)  # dS
+            dq[:, a:b] = torch.bmm(p, kf[:, k0:b]).view(n_kv, r, g, d)
+            dk[:, k0:b].baddbmm_(p.transpose(1, 2), qc[..., :d])
+        del bufs
+        dq.mul_(scale)  # dk needs no scale: qa held q * scale
         dsinks = None
         if ctx.has_sinks and ctx.needs_input_grad[3]:
             p_sink = (sinks.float()[:, None] - lse).exp()  # [head, T]
-            dsinks = -(p_sink * rearrange(delta, "kv g t -> (kv g) t")).sum(-1).to(sinks.dtype)
+            dsinks = -(p_sink * rearrange(delta, "kv t g -> (kv g) t")).sum(-1).to(sinks.dtype)
         if pool and state.on_layer_done is not None:
             state.on_layer_done(plan.layer)
-        return (rearrange(dq, "kv g t d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
+        return (rearrange(dq, "kv t g d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
                 dv[None].to(v.dtype), dsinks, None, None, None, None)
+
+
+def _pool_grouped(sal: Float[Tensor, "kv row gkey"], g: int, starts: Int[Tensor, " step"],
+                  ends: Int[Tensor, " step"], row0: int, key0: int,
+                  out: Float[Tensor, "head step step"]) -> None:
+    """:func:`pool_block` for a block laid out ``[kv, row, (group key)]``."""
+    rows, seg = row_step_sums(sal, starts, ends, row0)  # [kv, seg, (g key)]
+    if len(seg):
+        sums = key_step_sums(rows.view(*rows.shape[:2], g, -1), starts, ends, key0)
+        out[:, seg] += rearrange(sums, "kv seg g step -> (kv g) seg step")
 
 
 def _fused_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -68,7 +68,8 @@ def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor
         ``[1, head, token, token]`` post-softmax pattern and its gradient (any dtype);
         causal (zero above the diagonal), as for every supported model.
     step_of_token
-        ``[token]`` step index of each token, ``-1`` for tokens in no step.
+        ``[token]`` step index of each token, ``-1`` for tokens in no step; each step's
+        tokens form one contiguous range (query row ``i`` is token ``key - query + i``).
     n_steps
         Number of steps.
     chunk
@@ -81,23 +82,42 @@ def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor
         ``[head, step, step]``: the mean saliency over all (query, key) pairs of two
         steps, causally masked pairs (zeros) included.
     """
+    from stepsal_lens.fused import pool_block, step_bounds, step_means
+
     if pattern.shape[0] != 1:
         raise StepSalError(f"pool_saliency takes one sequence; got batch {pattern.shape[0]}")
     n_heads, n_q, n_k = pattern.shape[1:]
-    idx = torch.where(step_of_token < 0, n_steps, step_of_token).to(pattern.device)
+    starts, ends = step_bounds(spans_of_steps(step_of_token, n_steps), pattern.device)
     offset = n_k - n_q  # keys before the first query (0 without a KV cache)
-    # Segment sums with index_add: tokens in no step go to a dropped bucket. Query rows are
-    # taken in chunks so temporaries stay small, and each chunk stops at its last visible
-    # key: the pattern is exactly 0 beyond it (causal mask), so the sums are unchanged.
-    rows = torch.zeros(n_heads, n_steps + 1, n_k, device=pattern.device)
+    # Query rows in chunks so temporaries stay small; each chunk stops at its last visible
+    # key (the pattern is exactly 0 beyond it), and steps are pooled by their boundaries.
+    sums = torch.zeros(n_heads, n_steps, n_steps, device=pattern.device)
     for a in range(0, n_q, chunk):
         b = min(a + chunk, n_q)
         k = b + offset
         sal = (pattern[0, :, a:b, :k].float() * grad[0, :, a:b, :k].float()).abs_()
-        rows[:, :, :k].index_add_(1, idx[a:b], sal)
-    sums = rows.new_zeros(n_heads, n_steps + 1, n_steps + 1).index_add_(2, idx[-n_k:], rows)
-    counts = torch.bincount(idx, minlength=n_steps + 1)[:n_steps].float()
-    return sums[:, :n_steps, :n_steps] / (counts[:, None] * counts[None, :])
+        pool_block(sal, starts, ends, row0=a + offset, key0=0, out=sums)
+    return step_means(sums, starts, ends)
+
+
+def spans_of_steps(step_of_token: Int[Tensor, " token"], n_steps: int) -> list[tuple[int, int]]:
+    """Token span of each step from a per-token step index (``-1``: no step); every step's
+    tokens must be one contiguous range, as in a :class:`~stepsal_lens.Trace`.
+
+    >>> spans_of_steps(torch.tensor([-1, 0, 0, -1, 1]), 2)
+    [(1, 3), (4, 5)]
+    """
+    spans = []
+    for i in range(n_steps):
+        where = (step_of_token == i).nonzero().flatten()
+        if len(where) == 0:
+            raise StepSalError(f"step {i} has no tokens (n_steps={n_steps})")
+        a, b = int(where[0]), int(where[-1]) + 1
+        if len(where) != b - a:
+            raise StepSalError(f"step {i}'s tokens are not one contiguous range "
+                               f"({where.tolist()[:8]}...); steps are contiguous token spans")
+        spans.append((a, b))
+    return spans
 
 
 # ---- targets ------------------------------------------------------------------------------

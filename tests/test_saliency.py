@@ -46,15 +46,13 @@ def test_maps_equal_hugging_face_eager(arch, target, checkpoints, models, traces
     assert rel < 1e-4, f"{arch}/{target}: max |ours - HF| / max |HF| = {rel:.2e}"
 
 
-def test_logit_target_equals_centred_hf_logit(checkpoints, models, traces):
-    """Compatibility mode centres the unembedding: its logit is HF's minus the vocab mean."""
+@pytest.mark.parametrize("engine", ["fused", "hook_pattern"])
+def test_logit_target_equals_hf_logit(engine, checkpoints, models, traces):
+    """The model's own parameterisation (no_processing): the logit is Hugging Face's."""
     trace = traces["qwen2"]
-
-    def centred(logits, tr, position, token):
-        return logits[0, position, token] - logits[0, position].mean()
-
-    ours = step_saliency(models["qwen2"], trace, target="logit", position=40, token=7).maps
-    ref = hf_reference(checkpoints["qwen2"], trace, centred, position=40, token=7)
+    ours = step_saliency(models["qwen2"], trace, target="logit", position=40, token=7,
+                         engine=engine).maps
+    ref = hf_reference(checkpoints["qwen2"], trace, "logit", position=40, token=7)
     rel = ((ours - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4, f"max rel diff {rel:.2e}"
 
