@@ -198,6 +198,7 @@ class LayerPlan:
     layer: int
     pool: bool
     chunk: int | None = None  # query rows per block; None = from the budget
+    input_grads: bool = True  # False in the lowest measured layer: nothing below needs them
     sums: Tensor | None = None  # [head, step, step] float32, filled in backward
 
 
@@ -326,7 +327,7 @@ class FusedAttention(torch.autograd.Function):
         dq = torch.empty_like(do)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
-        pool = plan.pool
+        pool, grads = plan.pool, plan.input_grads
         if pool and plan.sums is None:
             plan.sums = q.new_zeros(n_heads, len(state.starts), len(state.starts),
                                     dtype=torch.float32)
@@ -344,24 +345,29 @@ class FusedAttention(torch.autograd.Function):
             torch.bmm(qc, ka[:, k0:b].transpose(1, 2), out=att)
             _mask_block(att.view(n_kv, r, g, b - k0), a, k0, window)
             att.exp_()  # A, the pattern (sink column excluded)
-            dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
+            if grads:
+                dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
             torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)
             p.mul_(att)  # P = A * dL/dA
             if pool:
                 sal = torch.abs(p, out=bufs[2][:size].view(shape))
                 _pool_grouped(sal.view(n_kv, r, g * (b - k0)), g, state.starts, state.ends,
                               a, k0, plan.sums)
+            if not grads:
+                continue
             p.addcmul_(att, delta[:, a:b].reshape(n_kv, r * g, 1), value=-1.0)  # dS
             dq[:, a:b] = torch.bmm(p, kf[:, k0:b]).view(n_kv, r, g, d)
             dk[:, k0:b].baddbmm_(p.transpose(1, 2), qc[..., :d])
         del bufs
+        if pool and state.on_layer_done is not None:
+            state.on_layer_done(plan.layer)
+        if not grads:
+            return None, None, None, None, None, None, None, None
         dq.mul_(scale)  # dk needs no scale: qa held q * scale
         dsinks = None
         if ctx.has_sinks and ctx.needs_input_grad[3]:
             p_sink = (sinks.float()[:, None] - lse).exp()  # [head, T]
             dsinks = -(p_sink * rearrange(delta, "kv t g -> (kv g) t")).sum(-1).to(sinks.dtype)
-        if pool and state.on_layer_done is not None:
-            state.on_layer_done(plan.layer)
         return (rearrange(dq, "kv t g d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
                 dv[None].to(v.dtype), dsinks, None, None, None, None)
 
@@ -477,34 +483,51 @@ def fused_attention(model, spans: Sequence[tuple[int, int]], layers: Sequence[in
     hf = model.original_model
     device = next(model.parameters()).device
     starts, ends = step_bounds(spans, device)
-    state = EngineState(starts, ends, {l: LayerPlan(l, pool=True, chunk=chunk) for l in layers},
+    lowest = min(layers)
+    plans = {l: LayerPlan(l, pool=True, chunk=chunk, input_grads=l != lowest) for l in layers}
+    state = EngineState(starts, ends, plans,
                         budget if budget is not None else default_budget(device),
                         on_layer_done)
     slots = _attention_slots(model)
     _register()
     old_impl = hf.config._attn_implementation
     swapped: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+    handle = None
     try:
         for hf_layer, bridge_attn, hf_attn in slots:
             hf_layer.self_attn = hf_attn
             swapped.append((hf_layer, bridge_attn))
         hf.config._attn_implementation = ATTN_IMPLEMENTATION
+        # The gradient path starts at the input of the lowest measured layer: the layers
+        # below run without a graph, and nothing needs gradients below it.
+        handle = model.blocks[lowest].register_forward_pre_hook(_grad_from_here, with_kwargs=True)
         _STATE.append(state)
         yield state
     finally:
         if _STATE and _STATE[-1] is state:
             _STATE.pop()
+        if handle is not None:
+            handle.remove()
         hf.config._attn_implementation = old_impl
         for hf_layer, bridge_attn in swapped:
             hf_layer.self_attn = bridge_attn
 
 
+def _grad_from_here(module, args, kwargs):
+    """Forward pre-hook: the block's input becomes a leaf that requires grad."""
+    if args:
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+    return args, kwargs
+
+
 def final_hidden(model, tokens: Int[Tensor, "1 token"]) -> Float[Tensor, "1 token d_model"]:
-    """The last hidden state (after the final norm) of ``model.original_model``, with a
-    gradient path from the input embeddings (weights stay frozen)."""
-    hf = model.original_model
-    embeds = hf.get_input_embeddings()(tokens).detach().requires_grad_(True)
-    return hf.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    """The last hidden state (after the final norm) of ``model.original_model``.
+
+    Inside :func:`fused_attention` it has a gradient path from the lowest measured layer
+    (weights stay frozen)."""
+    return model.original_model.model(input_ids=tokens, use_cache=False).last_hidden_state
 
 
 # ---- memory-lean targets --------------------------------------------------------------------
