@@ -212,6 +212,7 @@ class EngineState:
     budget: int
     on_layer_done: Callable[[int], None] | None = None
     calls: dict[int, int] = field(default_factory=dict)
+    cpu_kernels: bool = True  # use the CPU flash kernels where they apply (tests turn it off)
 
 
 _STATE: list[EngineState] = []  # the active engine (a stack, for nesting)
@@ -265,11 +266,12 @@ def _forward_chunked(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, scal
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, scale: float,
-             window: int | None, budget: int) -> tuple[Tensor, Tensor]:
+             window: int | None, budget: int, cpu_kernels: bool = True
+             ) -> tuple[Tensor, Tensor]:
     """Output ``[1, head, T, d]`` (input dtype) and ``lse`` ``[head, T]`` float32."""
     n_heads, n = q.shape[1], q.shape[2]
     n_kv = k.shape[1]
-    if q.device.type == "cpu" and window is None:
+    if q.device.type == "cpu" and window is None and cpu_kernels:
         # The CPU flash kernel returns the log-normaliser too (GQA handled inside).
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, True, scale=scale)
@@ -298,7 +300,7 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale, window, plan, state):  # type: ignore[override]
-        out, lse = _forward(q, k, v, sinks, scale, window, state.budget)
+        out, lse = _forward(q, k, v, sinks, scale, window, state.budget, state.cpu_kernels)
         ctx.save_for_backward(q, k, v, sinks if sinks is not None else q.new_empty(0), out, lse)
         ctx.scale, ctx.window, ctx.plan, ctx.state = scale, window, plan, state
         ctx.has_sinks = sinks is not None
@@ -308,68 +310,93 @@ class FusedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, sinks, out, lse = ctx.saved_tensors
         plan, state, scale, window = ctx.plan, ctx.state, ctx.scale, ctx.window
-        _, n_heads, n, d = q.shape
-        n_kv, dv_ = k.shape[1], v.shape[-1]
-        g = n_heads // n_kv
-        # float32, query heads grouped under their key/value head and rows outermost,
-        # [kv, T, g, d], so a block of rows is a view [kv, (rows g), d]. The extra
-        # column of q holds -lse against a column of ones in k: q k^T s - lse in one matmul.
-        qa = q.new_empty(n_kv, n, g, d + 1, dtype=torch.float32)
-        qa[..., :d] = rearrange(q[0], "(kv g) t d -> kv t g d", kv=n_kv)
-        qa[..., :d] *= scale
-        qa[..., d] = rearrange(lse, "(kv g) t -> kv t g", kv=n_kv).neg()
-        ka = k.new_ones(n_kv, n, d + 1, dtype=torch.float32)
-        ka[..., :d] = k[0]
-        kf, vf = ka[..., :d].contiguous(), v[0].float()
-        do = rearrange(grad_out[0].float(), "t (kv g) d -> kv t g d", kv=n_kv).contiguous()
+        grads = None
+        kernel = q.device.type == "cpu" and window is None and state.cpu_kernels
+        if plan.input_grads and kernel:
+            # The CPU flash backward, given the sink-inclusive lse and output, is exact
+            # with sinks too: it recomputes A = exp(q k^T s - lse) and uses dO . O.
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out.transpose(1, 2), q, k, v, out, lse[None], 0.0, True, scale=scale)
+        if plan.pool or (plan.input_grads and not kernel):
+            blocks = _backward_blocks(q, k, v, out, lse, grad_out, scale, window, plan, state,
+                                      grads=plan.input_grads and not kernel)
+            grads = grads if grads is not None else blocks
+        if plan.pool and state.on_layer_done is not None:
+            state.on_layer_done(plan.layer)
+        if not plan.input_grads:
+            return None, None, None, None, None, None, None, None
+        dsinks = None
+        if ctx.has_sinks and ctx.needs_input_grad[3]:
+            # d lse / d sink = p_sink; d L / d sink = -p_sink * dO . O per row
+            delta = (grad_out[0].float() * out[0].transpose(0, 1).float()).sum(-1)  # [T, head]
+            p_sink = (sinks.float()[:, None] - lse).exp()  # [head, T]
+            dsinks = -(p_sink * delta.T).sum(-1).to(sinks.dtype)
+        dq, dk, dv = grads
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def _backward_blocks(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     grad_out: Tensor, scale: float, window: int | None, plan: LayerPlan,
+                     state: EngineState, *, grads: bool
+                     ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Attention backward block by block of query rows: pools ``|A * dL/dA|`` into
+    ``plan.sums`` when ``plan.pool``, and returns ``dq``, ``dk``, ``dv`` when ``grads``."""
+    _, n_heads, n, d = q.shape
+    n_kv, dv_ = k.shape[1], v.shape[-1]
+    g = n_heads // n_kv
+    # float32, query heads grouped under their key/value head and rows outermost,
+    # [kv, T, g, d], so a block of rows is a view [kv, (rows g), d]. The extra column of
+    # q holds -lse against a column of ones in k: q k^T s - lse in one matmul.
+    qa = q.new_empty(n_kv, n, g, d + 1, dtype=torch.float32)
+    qa[..., :d] = rearrange(q[0], "(kv g) t d -> kv t g d", kv=n_kv)
+    qa[..., :d] *= scale
+    qa[..., d] = rearrange(lse, "(kv g) t -> kv t g", kv=n_kv).neg()
+    ka = k.new_ones(n_kv, n, d + 1, dtype=torch.float32)
+    ka[..., :d] = k[0]
+    vf = v[0].float()
+    do = rearrange(grad_out[0].float(), "t (kv g) d -> kv t g d", kv=n_kv).contiguous()
+    if grads:
+        kf = ka[..., :d].contiguous()
         # rowsum(A * dL/dA) = dO . O (the sink has no value), [kv, T, g]
         delta = (do * rearrange(out[0].float(), "(kv g) t d -> kv t g d", kv=n_kv)).sum(-1)
         dq = torch.empty_like(do)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
-        pool, grads = plan.pool, plan.input_grads
-        if pool and plan.sums is None:
-            plan.sums = q.new_zeros(n_heads, len(state.starts), len(state.starts),
-                                    dtype=torch.float32)
-        chunk = min(n, plan.chunk or choose_chunk(n_heads, n, state.budget))
-        # three reused [kv, (rows g), key] blocks: A, P (then dS), |P|
-        bufs = [q.new_empty(n_kv * g * chunk * n, dtype=torch.float32) for _ in range(3 if pool else 2)]
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
-            r, k0 = b - a, _key_start(a, window)
-            shape = (n_kv, r * g, b - k0)
-            size = n_kv * r * g * (b - k0)
-            att, p = (buf[:size].view(shape) for buf in bufs[:2])
-            qc = qa[:, a:b].reshape(n_kv, r * g, d + 1)
-            doc = do[:, a:b].reshape(n_kv, r * g, dv_)
-            torch.bmm(qc, ka[:, k0:b].transpose(1, 2), out=att)
-            _mask_block(att.view(n_kv, r, g, b - k0), a, k0, window)
-            att.exp_()  # A, the pattern (sink column excluded)
-            if grads:
-                dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
-            torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)
-            p.mul_(att)  # P = A * dL/dA
-            if pool:
-                sal = torch.abs(p, out=bufs[2][:size].view(shape))
-                _pool_grouped(sal.view(n_kv, r, g * (b - k0)), g, state.starts, state.ends,
-                              a, k0, plan.sums)
-            if not grads:
-                continue
+    if plan.pool and plan.sums is None:
+        plan.sums = q.new_zeros(n_heads, len(state.starts), len(state.starts),
+                                dtype=torch.float32)
+    chunk = min(n, plan.chunk or choose_chunk(n_heads, n, state.budget))
+    # reused [kv, (rows g), key] blocks: A, P (then dS), |P|
+    bufs = [q.new_empty(n_kv * g * chunk * n, dtype=torch.float32)
+            for _ in range(2 + plan.pool)]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        r, k0 = b - a, _key_start(a, window)
+        shape = (n_kv, r * g, b - k0)
+        size = n_kv * r * g * (b - k0)
+        att, p = (buf[:size].view(shape) for buf in bufs[:2])
+        qc = qa[:, a:b].reshape(n_kv, r * g, d + 1)
+        doc = do[:, a:b].reshape(n_kv, r * g, dv_)
+        torch.bmm(qc, ka[:, k0:b].transpose(1, 2), out=att)
+        _mask_block(att.view(n_kv, r, g, b - k0), a, k0, window)
+        att.exp_()  # A, the pattern (sink column excluded)
+        if grads:
+            dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
+        torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)
+        p.mul_(att)  # P = A * dL/dA
+        if plan.pool:
+            sal = torch.abs(p, out=bufs[2][:size].view(shape))
+            _pool_grouped(sal.view(n_kv, r, g * (b - k0)), g, state.starts, state.ends,
+                          a, k0, plan.sums)
+        if grads:
             p.addcmul_(att, delta[:, a:b].reshape(n_kv, r * g, 1), value=-1.0)  # dS
             dq[:, a:b] = torch.bmm(p, kf[:, k0:b]).view(n_kv, r, g, d)
             dk[:, k0:b].baddbmm_(p.transpose(1, 2), qc[..., :d])
-        del bufs
-        if pool and state.on_layer_done is not None:
-            state.on_layer_done(plan.layer)
-        if not grads:
-            return None, None, None, None, None, None, None, None
-        dq.mul_(scale)  # dk needs no scale: qa held q * scale
-        dsinks = None
-        if ctx.has_sinks and ctx.needs_input_grad[3]:
-            p_sink = (sinks.float()[:, None] - lse).exp()  # [head, T]
-            dsinks = -(p_sink * rearrange(delta, "kv t g -> (kv g) t")).sum(-1).to(sinks.dtype)
-        return (rearrange(dq, "kv t g d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
-                dv[None].to(v.dtype), dsinks, None, None, None, None)
+    if not grads:
+        return None
+    dq.mul_(scale)  # dk needs no scale: qa held q * scale
+    return (rearrange(dq, "kv t g d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
+            dv[None].to(v.dtype))
 
 
 def _pool_grouped(sal: Float[Tensor, "kv row gkey"], g: int, starts: Int[Tensor, " step"],

@@ -295,9 +295,12 @@ def _eager_attention(q, k, v, sinks, scale, window):
     return a @ v, a
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("window, with_sinks, chunk", [(None, False, 5), (None, True, 16),
                                                        (6, True, 4), (6, False, 64)])
-def test_fused_attention_kernel_against_eager_autograd(window, with_sinks, chunk):
+def test_fused_attention_kernel_against_eager_autograd(window, with_sinks, chunk, cpu_kernels):
+    """Output and gradients (q, k, v, sinks) equal eager autograd; the pooled map equals
+    loops. ``cpu_kernels=False`` runs the portable path (the one used on GPUs)."""
     torch.manual_seed(1)
     n, h, kv, d = 37, 6, 2, 8
     q = (2 * torch.randn(1, h, n, d)).requires_grad_()
@@ -316,7 +319,7 @@ def test_fused_attention_kernel_against_eager_autograd(window, with_sinks, chunk
         x.grad = None
 
     starts, ends = fused.step_bounds(spans)
-    state = fused.EngineState(starts, ends, {}, budget=1 << 20)
+    state = fused.EngineState(starts, ends, {}, budget=1 << 20, cpu_kernels=cpu_kernels)
     plan = fused.LayerPlan(0, pool=True, chunk=chunk)
     out = fused.FusedAttention.apply(q, k, v, sinks, 0.3, window, plan, state)
     torch.testing.assert_close(out, ref_out.transpose(1, 2), rtol=1e-5, atol=1e-6)
