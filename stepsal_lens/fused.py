@@ -321,8 +321,11 @@ class FusedAttention(torch.autograd.Function):
             blocks = _backward_blocks(q, k, v, out, lse, grad_out, scale, window, plan, state,
                                       grads=plan.input_grads and not kernel)
             grads = grads if grads is not None else blocks
-        if plan.pool and state.on_layer_done is not None:
-            state.on_layer_done(plan.layer)
+        if plan.pool:
+            if plan.sums is not None and plan.sums.device.type != "cpu":
+                plan.sums = plan.sums.cpu()  # maps grow as steps^2: keep them off the GPU
+            if state.on_layer_done is not None:
+                state.on_layer_done(plan.layer)
         if not plan.input_grads:
             return None, None, None, None, None, None, None, None
         dsinks = None
@@ -366,9 +369,9 @@ def _backward_blocks(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         plan.sums = q.new_zeros(n_heads, len(state.starts), len(state.starts),
                                 dtype=torch.float32)
     chunk = min(n, plan.chunk or choose_chunk(n_heads, n, state.budget))
-    # reused [kv, (rows g), key] blocks: A, P (then dS), |P|
+    # reused [kv, (rows g), key] blocks: A, P (then dS), and |P| when P is needed signed
     bufs = [q.new_empty(n_kv * g * chunk * n, dtype=torch.float32)
-            for _ in range(2 + plan.pool)]
+            for _ in range(2 + (plan.pool and grads))]
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         r, k0 = b - a, _key_start(a, window)
@@ -382,10 +385,13 @@ def _backward_blocks(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         att.exp_()  # A, the pattern (sink column excluded)
         if grads:
             dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
-        torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)
-        p.mul_(att)  # P = A * dL/dA
+        torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)  # dL/dA
+        if grads:
+            p.mul_(att)  # P = A * dL/dA, signed, for dS
+            sal = torch.abs(p, out=bufs[2][:size].view(shape)) if plan.pool else p
+        else:
+            sal = p.abs_().mul_(att)  # |A * dL/dA| = A |dL/dA| (A >= 0)
         if plan.pool:
-            sal = torch.abs(p, out=bufs[2][:size].view(shape))
             _pool_grouped(sal.view(n_kv, r, g * (b - k0)), g, state.starts, state.ends,
                           a, k0, plan.sums)
         if grads:
