@@ -152,7 +152,7 @@ def test_custom_target_through_full_logits(hard):
 @pytest.mark.parametrize("arch_", ["qwen2", "gpt-oss"])
 def test_bfloat16_pools_in_float32(arch_, hard):
     """bfloat16 weights and activations; the fused engine recomputes A and dL/dA in
-    float32. Tolerance 5% of the largest value against the float32 HF reference (the
+    float32. Tolerance 2% of the largest value (measured: 0.3-0.8%) against the float32 HF reference (the
     hook_pattern engine, which multiplies bfloat16 patterns and gradients, is allowed the
     same)."""
     path, _, trace = hard[arch_]
@@ -162,8 +162,8 @@ def test_bfloat16_pools_in_float32(arch_, hard):
     hooked = step_saliency(model, trace, engine="hook_pattern")
     assert ours.maps.dtype == torch.float32 and ours.meta["dtype"] == "bfloat16"
     e, e_hook = rel_err(ours.maps, ref), rel_err(hooked.maps, ref)
-    assert e < 0.05, f"bfloat16 fused vs float32 HF: {e:.2e} (hook_pattern: {e_hook:.2e})"
-    assert e_hook < 0.05, f"bfloat16 hook_pattern vs float32 HF: {e_hook:.2e}"
+    assert e < 0.02, f"bfloat16 fused vs float32 HF: {e:.2e} (hook_pattern: {e_hook:.2e})"
+    assert e_hook < 0.02, f"bfloat16 hook_pattern vs float32 HF: {e_hook:.2e}"
 
 
 def _pattern(model, tokens, layer=1):
