@@ -221,16 +221,15 @@ _STATE: list[EngineState] = []  # the active engine (a stack, for nesting)
 def _mask_block(s: Tensor, q0: int, k0: int, window: int | None) -> None:
     """-inf where key > query (causal) or key <= query - window, in place.
 
-    ``s`` is ``[..., query, group, key]`` for queries ``q0...`` and keys ``k0...`` (the
-    query heads sharing a key/value head in ``group``)."""
-    n_q, n_k = s.shape[-3], s.shape[-1]
-    q = torch.arange(q0, q0 + n_q, device=s.device)[:, None, None]
+    ``s`` is ``[..., query, key]`` for queries ``q0...`` and keys ``k0...``."""
+    n_q, n_k = s.shape[-2:]
+    q = torch.arange(q0, q0 + n_q, device=s.device)[:, None]
     if window is None:  # only the diagonal block [q0, q0 + n_q) can be masked
         c0 = q0 - k0
-        k = torch.arange(q0, q0 + n_k - c0, device=s.device)[None, None, :]
+        k = torch.arange(q0, q0 + n_k - c0, device=s.device)[None, :]
         s[..., c0:].masked_fill_(k > q, float("-inf"))
         return
-    k = torch.arange(k0, k0 + n_k, device=s.device)[None, None, :]
+    k = torch.arange(k0, k0 + n_k, device=s.device)[None, :]
     s.masked_fill_((k > q) | (k <= q - window), float("-inf"))
 
 
@@ -251,7 +250,7 @@ def _forward_chunked(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, scal
         k0 = _key_start(a, window)
         qc = rearrange(q[:, :, a:b].float() * scale, "kv g r d -> kv (g r) d")
         s = torch.bmm(qc, k[:, k0:b].float().transpose(1, 2)).view(n_kv, g, b - a, b - k0)
-        _mask_block(s.transpose(1, 2), a, k0, window)
+        _mask_block(s, a, k0, window)
         m = s.amax(-1)
         if sink is not None:
             m = torch.maximum(m, sink)
@@ -347,42 +346,47 @@ def _backward_blocks(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     _, n_heads, n, d = q.shape
     n_kv, dv_ = k.shape[1], v.shape[-1]
     g = n_heads // n_kv
-    # float32, query heads grouped under their key/value head and rows outermost,
-    # [kv, T, g, d], so a block of rows is a view [kv, (rows g), d]. The extra column of
-    # q holds -lse against a column of ones in k: q k^T s - lse in one matmul.
-    qa = q.new_empty(n_kv, n, g, d + 1, dtype=torch.float32)
-    qa[..., :d] = rearrange(q[0], "(kv g) t d -> kv t g d", kv=n_kv)
+    # float32, query heads grouped under their key/value head, [kv, g, T, d], so one
+    # matmul per key/value head serves its whole group (keys and values never repeated).
+    # The extra column of q holds -lse against a column of ones in k: q k^T s - lse in one
+    # matmul, and exp of it is the pattern.
+    qa = q.new_empty(n_kv, g, n, d + 1, dtype=torch.float32)
+    qa[..., :d] = rearrange(q[0], "(kv g) t d -> kv g t d", kv=n_kv)
     qa[..., :d] *= scale
-    qa[..., d] = rearrange(lse, "(kv g) t -> kv t g", kv=n_kv).neg()
+    qa[..., d] = rearrange(lse, "(kv g) t -> kv g t", kv=n_kv).neg()
     ka = k.new_ones(n_kv, n, d + 1, dtype=torch.float32)
     ka[..., :d] = k[0]
     vf = v[0].float()
-    do = rearrange(grad_out[0].float(), "t (kv g) d -> kv t g d", kv=n_kv).contiguous()
+    do = rearrange(grad_out[0].float(), "t (kv g) d -> kv g t d", kv=n_kv)
     if grads:
         kf = ka[..., :d].contiguous()
-        # rowsum(A * dL/dA) = dO . O (the sink has no value), [kv, T, g]
-        delta = (do * rearrange(out[0].float(), "(kv g) t d -> kv t g d", kv=n_kv)).sum(-1)
-        dq = torch.empty_like(do)
+        # rowsum(A * dL/dA) = dO . O (the sink has no value), [kv, g, T]
+        delta = (do * rearrange(out[0].float(), "(kv g) t d -> kv g t d", kv=n_kv)).sum(-1)
+        dq = q.new_empty(n_kv, g, n, d, dtype=torch.float32)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
     if plan.pool and plan.sums is None:
         plan.sums = q.new_zeros(n_heads, len(state.starts), len(state.starts),
                                 dtype=torch.float32)
     chunk = min(n, plan.chunk or choose_chunk(n_heads, n, state.budget))
-    # reused [kv, (rows g), key] blocks: A, P (then dS), and |P| when P is needed signed
+    # reused [kv, (g rows), key] blocks: A, P (then dS), and |P| when P is needed signed
     bufs = [q.new_empty(n_kv * g * chunk * n, dtype=torch.float32)
             for _ in range(2 + (plan.pool and grads))]
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         r, k0 = b - a, _key_start(a, window)
-        shape = (n_kv, r * g, b - k0)
-        size = n_kv * r * g * (b - k0)
+        shape = (n_kv, g * r, b - k0)
+        size = n_kv * g * r * (b - k0)
         att, p = (buf[:size].view(shape) for buf in bufs[:2])
-        qc = qa[:, a:b].reshape(n_kv, r * g, d + 1)
-        doc = do[:, a:b].reshape(n_kv, r * g, dv_)
+        qc = qa[:, :, a:b].reshape(n_kv, g * r, d + 1)
+        doc = do[:, :, a:b].reshape(n_kv, g * r, dv_)
         torch.bmm(qc, ka[:, k0:b].transpose(1, 2), out=att)
-        _mask_block(att.view(n_kv, r, g, b - k0), a, k0, window)
-        att.exp_()  # A, the pattern (sink column excluded)
+        if window is None:  # exp, then zero the future keys of the diagonal block
+            att.exp_()
+            att.view(n_kv, g, r, b - k0)[..., a - k0:].tril_()
+        else:
+            _mask_block(att.view(n_kv, g, r, b - k0), a, k0, window)
+            att.exp_()  # A, the pattern (sink column excluded)
         if grads:
             dv[:, k0:b].baddbmm_(att.transpose(1, 2), doc)
         torch.bmm(doc, vf[:, k0:b].transpose(1, 2), out=p)  # dL/dA
@@ -392,27 +396,17 @@ def _backward_blocks(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         else:
             sal = p.abs_().mul_(att)  # |A * dL/dA| = A |dL/dA| (A >= 0)
         if plan.pool:
-            _pool_grouped(sal.view(n_kv, r, g * (b - k0)), g, state.starts, state.ends,
-                          a, k0, plan.sums)
+            pool_block(sal.view(n_heads, r, b - k0), state.starts, state.ends, row0=a,
+                       key0=k0, out=plan.sums)
         if grads:
-            p.addcmul_(att, delta[:, a:b].reshape(n_kv, r * g, 1), value=-1.0)  # dS
-            dq[:, a:b] = torch.bmm(p, kf[:, k0:b]).view(n_kv, r, g, d)
+            p.addcmul_(att, delta[:, :, a:b].reshape(n_kv, g * r, 1), value=-1.0)  # dS
+            dq[:, :, a:b] = torch.bmm(p, kf[:, k0:b]).view(n_kv, g, r, d)
             dk[:, k0:b].baddbmm_(p.transpose(1, 2), qc[..., :d])
     if not grads:
         return None
     dq.mul_(scale)  # dk needs no scale: qa held q * scale
-    return (rearrange(dq, "kv t g d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
+    return (rearrange(dq, "kv g t d -> 1 (kv g) t d").to(q.dtype), dk[None].to(k.dtype),
             dv[None].to(v.dtype))
-
-
-def _pool_grouped(sal: Float[Tensor, "kv row gkey"], g: int, starts: Int[Tensor, " step"],
-                  ends: Int[Tensor, " step"], row0: int, key0: int,
-                  out: Float[Tensor, "head step step"]) -> None:
-    """:func:`pool_block` for a block laid out ``[kv, row, (group key)]``."""
-    rows, seg = row_step_sums(sal, starts, ends, row0)  # [kv, seg, (g key)]
-    if len(seg):
-        sums = key_step_sums(rows.view(*rows.shape[:2], g, -1), starts, ends, key0)
-        out[:, seg] += rearrange(sums, "kv seg g step -> (kv g) seg step")
 
 
 def _fused_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
