@@ -16,14 +16,25 @@ of one forward and backward pass with a fused attention kernel:
   output and each row's log-normaliser ``lse`` (the CPU flash kernel, or query chunks),
   GPT-OSS sinks joining the normaliser, sliding windows as a key range per chunk. It
   saves ``q``, ``k``, ``v``, the output and ``lse``: O(T) memory per layer.
-* **Backward** (flash-attention style, per chunk of query rows, one ``[head, chunk, key]``
-  block alive): ``A = exp(q k^T s - lse)`` (exactly the pattern, rows summing below 1
-  with sinks), ``dA = dO v^T``, ``P = A * dA``; ``|P|`` is pooled into the step map at
-  once (:func:`pool_block`), and ``dS = P - A * rowsum(dO * O)`` gives ``dq``, ``dk``,
-  ``dv`` (query heads grouped per key/value head, never repeated). Everything is float32.
+* **Backward**, per chunk of query rows (one ``[head, chunk, key]`` block alive per
+  buffer): ``A = exp(q k^T s - lse)`` (exactly the pattern, rows summing below 1 with
+  sinks; ``-lse`` rides in the score matmul as an extra column), ``dA = dO v^T``, and
+  ``A |dA|`` is pooled into the step map at once (:func:`pool_block`); query heads are
+  grouped per key/value head, never repeated; everything in float32. ``dq``, ``dk``,
+  ``dv`` come from the CPU flash kernel's backward (exact with sinks, given the
+  sink-inclusive ``lse``), or, on other devices and for sliding windows, from the same
+  blocks, flash-attention style (``dS = A * (dA - rowsum(dO * O))``). The lowest
+  measured layer needs none, and the layers below it run without a graph.
 * **Pooling** uses the structure of the problem: steps are contiguous token ranges, so a
   block's rows are summed per step by one small matmul and its keys by one cumulative
   sum and one gather per step boundary (:func:`row_step_sums`, :func:`key_step_sums`).
+* **Targets** with a lean form (``lm``, ``summary``, ``answer``, ``logit``) start from
+  the final hidden states: the losses run through the unembedding in chunks of
+  positions, recomputed in backward (:func:`chunked_cross_entropy`), so ``[T, vocab]``
+  float32 logits never exist at once. Other targets get the full logits.
+* **Hooks.** The swapped-in attention does not run the bridge's attention hook points, so
+  :func:`stepsal_lens.step_saliency` uses this engine only on a model without hooks
+  (:func:`attention_hooks_in_use`) and the ``hook_pattern`` engine otherwise.
 
 Examples
 --------
@@ -56,6 +67,8 @@ __all__ = [
     "attention_hooks_in_use",
     "choose_chunk",
     "chunked_cross_entropy",
+    "default_budget",
+    "final_hidden",
     "fused_attention",
     "key_step_sums",
     "pool_block",
@@ -292,9 +305,9 @@ class FusedAttention(torch.autograd.Function):
 
     ``forward(q, k, v, sinks, scale, window, plan, state)`` with ``q`` ``[1, head, T, d]``,
     ``k``, ``v`` ``[1, kv_head, T, d]``, ``sinks`` ``[head]`` or None; returns the output
-    ``[1, T, head, d]`` (Hugging Face's layout). In backward it computes the gradients of
-    ``q``, ``k``, ``v`` (and ``sinks``) block by block and, when ``plan.pool``, adds each
-    block's ``|A * dL/dA|`` into ``plan.sums``.
+    ``[1, T, head, d]`` (Hugging Face's layout). In backward it returns the gradients of
+    ``q``, ``k``, ``v`` and ``sinks`` (unless ``plan.input_grads`` is False) and, when
+    ``plan.pool``, adds ``|A * dL/dA|`` of each block of query rows into ``plan.sums``.
     """
 
     @staticmethod
