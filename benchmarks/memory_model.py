@@ -13,9 +13,10 @@ per token, ``b`` = bytes per element of the model dtype):
   once: the final hidden state for the lean loss, 4 * D.
 
   transients in backward (one layer at a time)
+    gradients           about one layer's saved set (the gradients of its activations)
     float32 copies      4 * (3 * H * d + 5 * Hkv * d)     (q|lse, k|1, v, dO, dq, dk, dv)
     blocks              the chunk budget (min(4 GiB, free / 4) on CUDA, 48 MiB on CPU)
-    lean loss           512 MiB of float32 logits per chunk of positions
+    lean loss           at most 512 MiB of float32 logits (a chunk of positions)
 
   weights               b * n_params
 
@@ -68,31 +69,34 @@ def backward_copies_per_token(a: Arch) -> float:
 
 
 def estimate(a: Arch, n_tokens: int, *, b: int = 2, low_memory: bool = False,
-             gpu_gb: float = 80.0) -> dict[str, float]:
-    """GB of each part at ``n_tokens`` on a GPU with ``gpu_gb``."""
+             gpu_gb: float | None = 80.0) -> dict[str, float]:
+    """GB of each part at ``n_tokens`` on a GPU with ``gpu_gb`` (None: CPU)."""
     weights = b * a.n_params / GB
     layer = saved_per_token_layer(a, b) * n_tokens / GB
     saved = (a.n_layers * b * a.d_model * n_tokens / GB + layer) if low_memory else a.n_layers * layer
     saved += 4 * a.d_model * n_tokens / GB
-    copies = backward_copies_per_token(a) * n_tokens / GB
-    free = max(gpu_gb - weights - saved - copies, 0.0)
-    blocks = min(4 * 2**30 / GB, free / 4)
-    lean = 512 * 2**20 / GB
-    total = weights + saved + copies + blocks + lean
-    return {"weights": weights, "saved": saved, "bwd_copies": copies, "blocks": blocks,
-            "lean_logits": lean, "total": total, "fits": total <= gpu_gb}
+    transient = backward_copies_per_token(a) * n_tokens / GB + layer
+    lean = min(512 * 2**20, 4 * 4 * a.vocab * n_tokens) / GB
+    if gpu_gb is None:  # CPU: fixed 48 MiB of blocks
+        blocks = 48 * 2**20 / GB
+    else:
+        blocks = min(4 * 2**30 / GB, max(gpu_gb - weights - saved - transient - lean, 0.0) / 4)
+    total = weights + saved + transient + blocks + lean
+    return {"weights": weights, "saved": saved, "bwd_transient": transient, "blocks": blocks,
+            "lean_logits": lean, "total": total,
+            "fits": gpu_gb is None or total <= gpu_gb}
 
 
 def print_estimates() -> None:
-    print("| model | T | low_memory | weights | saved activations | backward copies | blocks "
-          "+ loss chunk | total (GB) | fits 80 GB |")
+    print("| model | T | low_memory | weights | saved activations | backward transients | "
+          "blocks + loss chunk | total (GB) | fits 80 GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for a in (R1_7B, R1_32B):
         for n in (8192, 16384, 32768):
             for low in (False, True):
                 e = estimate(a, n, low_memory=low)
                 print(f"| {a.name} | {n // 1024}k | {'yes' if low else 'no'} | {e['weights']:.1f} "
-                      f"| {e['saved']:.1f} | {e['bwd_copies']:.1f} "
+                      f"| {e['saved']:.1f} | {e['bwd_transient']:.1f} "
                       f"| {e['blocks'] + e['lean_logits']:.1f} | {e['total']:.1f} "
                       f"| {'yes' if e['fits'] else 'no'} |")
 
@@ -137,11 +141,37 @@ def check() -> None:
             print(f"| {dtype} | {t} | {got / 2**20:.1f} | {want / 2**20:.1f} | {got / want:.3f} |")
 
 
+def check_rss(path: str) -> None:
+    """The whole formula (weights excluded) against the RSS growth that
+    ``benchmarks/saliency.py --json`` measured for the fused engine (float32, CPU)."""
+    import json
+    from pathlib import Path
+
+    print("| T | low_memory | predicted (MiB) | measured RSS growth (MiB) | measured / predicted |")
+    print("|---|---|---|---|---|")
+    results = json.loads(Path(path).read_text())
+    for key in sorted(results, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))):
+        method = key.split("@")[0]
+        if method not in ("fused", "fused_low"):
+            continue
+        for r in results[key][:1]:
+            e = estimate(BENCH, r["n_tokens"], b=4, low_memory=method == "fused_low",
+                         gpu_gb=None)
+            want = (e["total"] - e["weights"]) * GB / 2**20
+            got = r["peak_rss_mib"] - r["rss_before_mib"]
+            print(f"| {r['n_tokens']} | {'yes' if method == 'fused_low' else 'no'} "
+                  f"| {want:.0f} | {got:.0f} | {got / want:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="measure and compare on CPU")
+    parser.add_argument("--check-rss", metavar="RESULTS_JSON",
+                        help="compare with RSS growth measured by benchmarks/saliency.py")
     args = parser.parse_args()
-    if args.check:
+    if args.check_rss:
+        check_rss(args.check_rss)
+    elif args.check:
         check()
     else:
         print_estimates()
