@@ -5,11 +5,15 @@ For layer ``l``, head ``h``, query ``q`` and key ``k``::
     I[l,h,q,k] = | A[l,h,q,k] * dL/dA[l,h,q,k] |
     M[l,h,i,j] = mean_{q in step i, k in step j} I[l,h,q,k]
 
-A forward hook keeps each layer's pattern (a view autograd saves anyway) and the
-backward hook multiplies it by the incoming gradient and pools it at once, so no
-layer's token-level saliency outlives its hook. ``low_memory=True`` checkpoints every
-layer and recomputes one at a time in backward, so only one layer's attention graph is
-alive.
+Two engines compute the same maps. ``fused`` (the default) swaps a fused attention into
+the bridge's Hugging Face model for the call: its backward recomputes ``A`` block by
+block of query rows and pools ``|A * dL/dA|`` at once, at about the cost of one plain
+forward+backward pass (:mod:`stepsal_lens.fused`). ``hook_pattern`` is the readable
+reference: a forward hook keeps each layer's pattern (a view autograd saves anyway) and
+the backward hook multiplies it by the incoming gradient and pools it, so no layer's
+token-level saliency outlives its hook; it also runs the users' hooks (StepFlow, knockouts),
+so a hooked model uses it. ``low_memory=True`` checkpoints every layer and recomputes one
+at a time in backward, with either engine.
 
 Examples
 --------
@@ -20,8 +24,8 @@ Examples
 >>> trace = Trace.from_segments("Start with 7. Add 5. What is the result?",
 ...     "We start with the number 7. Adding 5 to 7 gives 12.", "The result is 12.", model)
 >>> sal = step_saliency(model, trace)
->>> tuple(sal.maps.shape)  # [n_layers, n_heads, n_steps, n_steps]
-(2, 4, 4, 4)
+>>> tuple(sal.maps.shape), sal.meta["engine"]  # [n_layers, n_heads, n_steps, n_steps]
+((2, 4, 4, 4), 'fused')
 >>> bool((sal.maps[:, :, 0, 1:] == 0).all())  # the question cannot attend to later steps
 True
 """
