@@ -1,18 +1,20 @@
-"""Step-Saliency speed and memory, side by side in one run.
+"""Step-Saliency speed and memory, side by side in one table.
 
-Prints a Markdown table for a random 8-layer, d_model 256 Qwen2 model (8 heads, 4 kv
-heads) at several sequence lengths. Methods, each in a fresh process (medians of 3):
+A random 8-layer, d_model 256 Qwen2 (8 heads, 4 kv heads, vocabulary 600), synthetic
+reasoning traces with ~28-token steps. Every (method, T) runs in a fresh process: load,
+warm up on a 64-token trace, then time one call and read the peak RSS.
 
-  ours        step_saliency(), default engine
-  low_memory  step_saliency(low_memory=True)
-  hf_loops    what a user would otherwise write: HF eager + output_attentions +
-              retain_grad, all layers' saliency kept, pooled with Python loops over steps
-  hf_sdpa     plain HF sdpa forward + backward (the floor)
-  bridge      the bridge's own forward + backward (loss.backward(), weight grads on)
-  bridge_act  the bridge's forward + backward with activation gradients only (what our
-              engine runs, minus the saliency hooks)
+  fused         step_saliency(engine="fused")          (the default engine)
+  fused_low     step_saliency(engine="fused", low_memory=True)
+  hook_pattern  step_saliency(engine="hook_pattern")   (T <= 4096: it needs ~11 GiB at 4k)
+  hf_sdpa       Hugging Face sdpa forward + backward of the LM loss (the floor)
 
-Usage: python benchmarks/saliency.py [--lengths 512 1024 2048 4096] [--repeats 3]
+RSS growth = peak RSS of the child (ru_maxrss) minus its RSS just before the timed call.
+Long runs: run a few lengths per invocation with ``--json results.json`` (results merge
+into the file), then ``--table results.json`` prints the table of everything measured.
+
+Usage: python benchmarks/saliency.py [--lengths 1024 2048 4096] [--methods ...]
+       [--repeats 1] [--json FILE] [--table FILE]
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-METHODS = ["ours", "low_memory", "hf_loops", "hf_sdpa", "bridge", "bridge_act"]
+METHODS = ["fused", "fused_low", "hook_pattern", "hf_sdpa"]
+#: lengths above which a method is not run (it does not fit in 24 GiB)
+MAX_T = {"hook_pattern": 4096}
 
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def make_trace(model, n_tokens: int):
@@ -63,116 +73,106 @@ def worker(method: str, path: str, n_tokens: int) -> dict:
     warm = make_trace(model, 64)
     trace = make_trace(model, n_tokens)
     ids = trace.token_ids[None]
-    spans = [s.token_span for s in trace.steps]
-
-    if method in ("hf_loops", "hf_sdpa"):
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation="eager" if method == "hf_loops" else "sdpa")
+    if method == "hf_sdpa":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
         del model
 
-    def run(trace=trace, ids=ids, spans=spans):
-        if method == "ours":
-            step_saliency(model, trace)
-        elif method == "low_memory":
-            step_saliency(model, trace, low_memory=True)
-        elif method == "bridge":
-            model.zero_grad(set_to_none=True)
-            model(ids, return_type="loss").backward()
-        elif method == "bridge_act":
-            for p in model.parameters():
-                p.requires_grad_(False)
-
-            def grad_in(x, hook):
-                return x.detach().requires_grad_(True)
-
-            with model.hooks(fwd_hooks=[("hook_embed", grad_in)]):
-                model(ids, return_type="loss").backward()
-        elif method == "hf_sdpa":
+    def run(trace):
+        if method == "hf_sdpa":
             hf.zero_grad(set_to_none=True)
-            hf(ids, labels=ids).loss.backward()
-        elif method == "hf_loops":
-            hf.zero_grad(set_to_none=True)
-            out = hf(ids, labels=ids, output_attentions=True)
-            for a in out.attentions:
-                a.retain_grad()
-            out.loss.backward()
-            saliency = [(a * a.grad).abs()[0] for a in out.attentions]  # all layers kept
-            maps = torch.zeros(len(saliency), saliency[0].shape[0], len(spans), len(spans))
-            for layer, sal in enumerate(saliency):
-                for i, (a, b) in enumerate(spans):
-                    for j, (c, d) in enumerate(spans):
-                        maps[layer, :, i, j] = sal[:, a:b, c:d].mean((1, 2))
+            tokens = trace.token_ids[None]
+            hf(tokens, labels=tokens).loss.backward()
+        else:
+            engine = "hook_pattern" if method == "hook_pattern" else "fused"
+            sal = step_saliency(model, trace, engine=engine, low_memory=method == "fused_low")
+            assert sal.meta["engine"] == engine
 
-    # Warm up on a short trace so lazy initialisation is not measured; ru_maxrss is a
-    # high-water mark, so the short run cannot hide the long run's peak.
-    run(warm, warm.token_ids[None], [s.token_span for s in warm.steps])
-    before = rss_mib()
+    run(warm)
+    before = current_rss_mib()
     t0 = time.perf_counter()
-    run()
+    run(trace)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_rss_mib": rss_mib(), "rss_before_mib": before,
-            "n_tokens": trace.n_tokens, "n_steps": trace.n_steps}
+            "n_tokens": trace.n_tokens, "n_steps": trace.n_steps, "method": method,
+            "T": n_tokens, "threads": torch.get_num_threads()}
+
+
+def print_table(results: dict[str, list[dict]]) -> None:
+    def med(method, n, key):
+        runs = results.get(f"{method}@{n}", [])
+        return statistics.median(r[key] for r in runs) if runs else float("nan")
+
+    def growth(method, n):
+        return med(method, n, "peak_rss_mib") - med(method, n, "rss_before_mib")
+
+    lengths = sorted({r["T"] for runs in results.values() for r in runs})
+    methods = [m for m in METHODS if any(k.startswith(m + "@") for k in results)]
+    print("| T | steps | method | time (s) | x sdpa time | RSS growth (MiB) | x sdpa RSS growth |")
+    print("|---|---|---|---|---|---|---|")
+    for n in lengths:
+        for m in methods:
+            runs = results.get(f"{m}@{n}")
+            if not runs:
+                continue
+            t, g = med(m, n, "seconds"), growth(m, n)
+            print(f"| {runs[0]['n_tokens']} | {runs[0]['n_steps']} | {m} | {t:.2f} "
+                  f"| {t / med('hf_sdpa', n, 'seconds'):.2f} | {g:.0f} "
+                  f"| {g / growth('hf_sdpa', n):.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--json", help="merge the raw results into this file")
+    parser.add_argument("--table", help="print the table of a results file and exit")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per child")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         method, path, n = args.worker
         print(json.dumps(worker(method, path, int(n))))
         return
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()))
+        return
 
     from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 
     path = make_random_checkpoint("qwen2", tempfile.mkdtemp(prefix="bench-"), n_layers=8,
-                                  d_model=256, n_heads=8, n_kv_heads=4, n_ctx=8192)
-    results: dict[tuple[str, int], list[dict]] = {}
+                                  d_model=256, n_heads=8, n_kv_heads=4, n_ctx=40000)
+    results: dict[str, list[dict]] = {}
+    if args.json and Path(args.json).exists():
+        results = json.loads(Path(args.json).read_text())
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
     for n in args.lengths:
+        fresh: dict[str, list[dict]] = {}
         for rep in range(args.repeats):
             for method in args.methods:  # interleaved so machine noise hits all alike
-                proc = subprocess.run([sys.executable, __file__, "--worker", method, str(path),
-                                       str(n)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{method} T={n}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                if n > MAX_T.get(method, n):
                     continue
-                results.setdefault((method, n), []).append(json.loads(proc.stdout.splitlines()[-1]))
-                print(f"T={n} rep {rep} {method}: {results[(method, n)][-1]['seconds']:.2f}s",
-                      file=sys.stderr)
-
-    def med(method, n, key):
-        runs = results.get((method, n), [])
-        return statistics.median(r[key] for r in runs) if runs else float("nan")
-
-    print("| T | steps | method | time (s) | peak RSS (MiB) | RSS growth in call (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for n in args.lengths:
-        for method in args.methods:
-            if (method, n) not in results:
-                continue
-            r0 = results[(method, n)][0]
-            growth = med(method, n, "peak_rss_mib") - med(method, n, "rss_before_mib")
-            print(f"| {r0['n_tokens']} | {r0['n_steps']} | {method} | {med(method, n, 'seconds'):.2f} "
-                  f"| {med(method, n, 'peak_rss_mib'):.0f} | {growth:.0f} |")
-    print()
-    print("| T | ours / hf_loops time | low_memory / hf_loops call RSS growth | ours / bridge_act time (pooling overhead) | ours / bridge time | ours / hf_sdpa time |")
-    print("|---|---|---|---|---|---|")
-    for n in args.lengths:
-        def growth(m):
-            return med(m, n, "peak_rss_mib") - med(m, n, "rss_before_mib")
-        t = {m: med(m, n, "seconds") for m in args.methods}
-        print(f"| {n} | {t.get('ours', 0) / t.get('hf_loops', 1):.2f} "
-              f"| {growth('low_memory') / growth('hf_loops'):.2f} "
-              f"| {t.get('ours', 0) / t.get('bridge_act', 1):.2f} "
-              f"| {t.get('ours', 0) / t.get('bridge', 1):.2f} "
-              f"| {t.get('ours', 0) / t.get('hf_sdpa', 1):.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({f"{m}@{n}": v for (m, n), v in results.items()}, f, indent=1)
+                try:
+                    proc = subprocess.run([sys.executable, __file__, "--worker", method,
+                                           str(path), str(n)], capture_output=True, text=True,
+                                          env=env, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{method} T={n}: over {args.timeout:.0f} s", file=sys.stderr)
+                    continue
+                if proc.returncode != 0:
+                    print(f"{method} T={n}: failed (exit {proc.returncode})\n"
+                          f"{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                r = json.loads(proc.stdout.splitlines()[-1])
+                fresh.setdefault(f"{method}@{n}", []).append(r)
+                print(f"T={n} rep {rep} {method}: {r['seconds']:.2f} s, RSS growth "
+                      f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB", file=sys.stderr)
+        results.update(fresh)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    print_table(results)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ For layer ``l``, head ``h``, query ``q`` and key ``k``::
     I[l,h,q,k] = | A[l,h,q,k] * dL/dA[l,h,q,k] |
     M[l,h,i,j] = mean_{q in step i, k in step j} I[l,h,q,k]
 
-A forward hook keeps each layer's pattern (a view autograd saves anyway) and the
-backward hook multiplies it by the incoming gradient and pools it at once, so no
-layer's token-level saliency outlives its hook. ``low_memory=True`` checkpoints every
-layer and recomputes one at a time in backward, so only one layer's attention graph is
-alive.
+Two engines compute the same maps. ``fused`` (the default) swaps a fused attention into
+the bridge's Hugging Face model for the call: its backward recomputes ``A`` block by
+block of query rows and pools ``|A * dL/dA|`` at once, at about the cost of one plain
+forward+backward pass (:mod:`stepsal_lens.fused`). ``hook_pattern`` is the readable
+reference: a forward hook keeps each layer's pattern (a view autograd saves anyway) and
+the backward hook multiplies it by the incoming gradient and pools it, so no layer's
+token-level saliency outlives its hook; it also runs the users' hooks (StepFlow, knockouts),
+so a hooked model uses it. ``low_memory=True`` checkpoints every layer and recomputes one
+at a time in backward, with either engine.
 
 Examples
 --------
@@ -20,8 +24,8 @@ Examples
 >>> trace = Trace.from_segments("Start with 7. Add 5. What is the result?",
 ...     "We start with the number 7. Adding 5 to 7 gives 12.", "The result is 12.", model)
 >>> sal = step_saliency(model, trace)
->>> tuple(sal.maps.shape)  # [n_layers, n_heads, n_steps, n_steps]
-(2, 4, 4, 4)
+>>> tuple(sal.maps.shape), sal.meta["engine"]  # [n_layers, n_heads, n_steps, n_steps]
+((2, 4, 4, 4), 'fused')
 >>> bool((sal.maps[:, :, 0, 1:] == 0).all())  # the question cannot attend to later steps
 True
 """
@@ -69,7 +73,8 @@ def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor
         ``[1, head, token, token]`` post-softmax pattern and its gradient (any dtype);
         causal (zero above the diagonal), as for every supported model.
     step_of_token
-        ``[token]`` step index of each token, ``-1`` for tokens in no step.
+        ``[token]`` step index of each token, ``-1`` for tokens in no step; each step's
+        tokens form one contiguous range (query row ``i`` is token ``key - query + i``).
     n_steps
         Number of steps.
     chunk
@@ -82,23 +87,42 @@ def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor
         ``[head, step, step]``: the mean saliency over all (query, key) pairs of two
         steps, causally masked pairs (zeros) included.
     """
+    from stepsal_lens.fused import pool_block, step_bounds, step_means
+
     if pattern.shape[0] != 1:
         raise StepSalError(f"pool_saliency takes one sequence; got batch {pattern.shape[0]}")
     n_heads, n_q, n_k = pattern.shape[1:]
-    idx = torch.where(step_of_token < 0, n_steps, step_of_token).to(pattern.device)
+    starts, ends = step_bounds(spans_of_steps(step_of_token, n_steps), pattern.device)
     offset = n_k - n_q  # keys before the first query (0 without a KV cache)
-    # Segment sums with index_add: tokens in no step go to a dropped bucket. Query rows are
-    # taken in chunks so temporaries stay small, and each chunk stops at its last visible
-    # key: the pattern is exactly 0 beyond it (causal mask), so the sums are unchanged.
-    rows = torch.zeros(n_heads, n_steps + 1, n_k, device=pattern.device)
+    # Query rows in chunks so temporaries stay small; each chunk stops at its last visible
+    # key (the pattern is exactly 0 beyond it), and steps are pooled by their boundaries.
+    sums = torch.zeros(n_heads, n_steps, n_steps, device=pattern.device)
     for a in range(0, n_q, chunk):
         b = min(a + chunk, n_q)
         k = b + offset
         sal = (pattern[0, :, a:b, :k].float() * grad[0, :, a:b, :k].float()).abs_()
-        rows[:, :, :k].index_add_(1, idx[a:b], sal)
-    sums = rows.new_zeros(n_heads, n_steps + 1, n_steps + 1).index_add_(2, idx[-n_k:], rows)
-    counts = torch.bincount(idx, minlength=n_steps + 1)[:n_steps].float()
-    return sums[:, :n_steps, :n_steps] / (counts[:, None] * counts[None, :])
+        pool_block(sal, starts, ends, row0=a + offset, key0=0, out=sums)
+    return step_means(sums, starts, ends)
+
+
+def spans_of_steps(step_of_token: Int[Tensor, " token"], n_steps: int) -> list[tuple[int, int]]:
+    """Token span of each step from a per-token step index (``-1``: no step); every step's
+    tokens must be one contiguous range, as in a :class:`~stepsal_lens.Trace`.
+
+    >>> spans_of_steps(torch.tensor([-1, 0, 0, -1, 1]), 2)
+    [(1, 3), (4, 5)]
+    """
+    spans = []
+    for i in range(n_steps):
+        where = (step_of_token == i).nonzero().flatten()
+        if len(where) == 0:
+            raise StepSalError(f"step {i} has no tokens (n_steps={n_steps})")
+        a, b = int(where[0]), int(where[-1]) + 1
+        if len(where) != b - a:
+            raise StepSalError(f"step {i}'s tokens are not one contiguous range "
+                               f"({where.tolist()[:8]}...); steps are contiguous token spans")
+        spans.append((a, b))
+    return spans
 
 
 # ---- targets ------------------------------------------------------------------------------
@@ -108,9 +132,30 @@ Target = Callable[..., Tensor]
 _TARGETS: Registry[Target] = Registry("saliency target", "register_target(name, fn)")
 
 
-def register_target(name: str, fn: Target, *, overwrite: bool = False) -> None:
-    """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``."""
+#: Memory-lean forms of targets, ``lean(hidden, unembed, trace, **kwargs) -> scalar``: from
+#: the final hidden states ``[1, token, d_model]`` and the unembedding, so the fused engine
+#: never holds all ``[token, vocab]`` logits (see :mod:`stepsal_lens.fused`).
+_LEAN: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_target(name: str, fn: Target, *, overwrite: bool = False,
+                    lean: Callable[..., Tensor] | None = None) -> None:
+    """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``.
+
+    ``lean(hidden, unembed, trace, **kwargs)``, optional, computes the same scalar from
+    the final hidden states and the unembedding (e.g. in chunks of positions); the fused
+    engine uses it instead of materialising all logits.
+    """
     _TARGETS.register(name, fn, overwrite=overwrite)
+    if lean is not None:
+        _LEAN[name] = lean
+    else:
+        _LEAN.pop(name, None)
+
+
+def get_lean_target(name: str | Target) -> Callable[..., Tensor] | None:
+    """The memory-lean form of a registered target (None if it has none)."""
+    return _LEAN.get(name) if isinstance(name, str) else None
 
 
 def list_targets() -> list[str]:
@@ -208,10 +253,16 @@ def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
     return logits[0, pos, token]
 
 
-register_target("lm", _lm_target)
-register_target("summary", _summary_target)
-register_target("answer", _answer_target)
-register_target("logit", _logit_target)
+def _register_builtin_targets() -> None:
+    from stepsal_lens import fused
+
+    register_target("lm", _lm_target, lean=fused.lean_lm)
+    register_target("summary", _summary_target, lean=fused.lean_summary)
+    register_target("answer", _answer_target, lean=fused.lean_answer)
+    register_target("logit", _logit_target, lean=fused.lean_logit)
+
+
+_register_builtin_targets()
 
 
 # ---- result -------------------------------------------------------------------------------
@@ -260,6 +311,28 @@ class StepSaliency:
         from stepsal_lens.metrics import normalize_rows
 
         return normalize_rows(self.head_mean() if head is None else self.maps[:, head])
+
+    def replay(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(model, *args, target=..., **target_kwargs, **kwargs)`` the way this
+        result was made: the same target and target arguments, inside the same StepFlow
+        settings (if it was made with StepFlow on). The explorer's token drill-down uses
+        it, so the tokens shown pool exactly to the map shown."""
+        from contextlib import nullcontext
+
+        from stepsal_lens.results.config import StepFlowConfig
+        from stepsal_lens.stepflow import stepflow
+
+        target = self.meta.get("target", "lm")
+        if target not in _TARGETS:
+            raise StepSalError(f"this result was made with target {target!r}, which is not "
+                               f"registered; register it with register_target({target!r}, fn) "
+                               f"to replay it")
+        target_kwargs = {k[len("target_"):]: v for k, v in self.meta.items()
+                         if k.startswith("target_")}
+        flow = self.meta.get("stepflow")
+        ctx = stepflow(model, StepFlowConfig.from_dict(flow)) if flow else nullcontext()
+        with ctx:
+            return fn(model, *args, target=target, **target_kwargs, **kwargs)
 
     def metrics(self, k: int = 3):
         """Per-layer failure-mode metrics (:func:`stepsal_lens.metrics.layer_metrics`)."""
@@ -525,10 +598,92 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     return kept["saliency"], kept["pattern"][0].float().cpu()
 
 
+#: Step-Saliency engines: ``fused`` (attention x gradient pooled inside a fused attention
+#: backward, :mod:`stepsal_lens.fused`) and ``hook_pattern`` (hooks on the bridge's eager
+#: ``hook_pattern``: the readable reference, and the one that sees users' hooks).
+ENGINES = ("auto", "fused", "hook_pattern")
+
+
+def _choose_engine(model, engine: str) -> tuple[str, str]:
+    """The engine to run and why."""
+    from stepsal_lens.fused import attention_hooks_in_use
+
+    if engine not in ENGINES:
+        raise StepSalError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    if engine == "hook_pattern":
+        return engine, "requested"
+    hooked = attention_hooks_in_use(model)
+    from stepsal_lens.knockout import has_sinks
+
+    if engine == "auto" and not hooked and has_sinks(model) \
+            and next(model.parameters()).dtype != torch.float32:
+        # measured on a gpt-oss checkpoint with harmony's long prompt: the fused sink path
+        # in bfloat16 is off by 13.6% of the map maximum, the hook_pattern engine by 1.6%
+        return "hook_pattern", "attention sinks in a low-precision model"
+    if not hooked:
+        return "fused", "requested" if engine == "fused" else "default"
+    if engine == "fused":
+        raise StepSalError(
+            f"the fused engine does not run the bridge's hooks, and hooks are attached to "
+            f"{hooked[:4]}{' ...' if len(hooked) > 4 else ''}; use engine='hook_pattern' "
+            f"(or engine='auto'), or remove the hooks (model.reset_hooks())")
+    return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
+
+
+def _hook_pattern_maps(model, trace: Trace, fn: Target, layers: list[int], low_memory: bool,
+                       bar, target_kwargs: dict[str, Any], target: Any = None) -> list[Tensor]:
+    device = next(model.parameters()).device
+    tokens = trace.token_ids[None].to(device)
+    out: dict[int, Tensor] = {}
+    with _activation_grads_only(model), torch.enable_grad():
+        fwd, bwd = _saliency_hooks(layers, trace.step_of_token.to(device), trace.n_steps,
+                                   out, bar)
+        fwd.append(("hook_embed", _require_grad))
+        with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            logits = model(tokens)
+            _backward(fn(logits.float(), trace, **target_kwargs), target)
+    return [out[l] for l in layers]
+
+
+def _fused_maps(model, trace: Trace, target: str | Target, layers: list[int],
+                low_memory: bool, chunk_size: int | None, bar,
+                target_kwargs: dict[str, Any]) -> list[Tensor]:
+    from stepsal_lens import fused
+
+    fn, lean = get_target(target), get_lean_target(target)
+    hf = model.original_model
+    tokens = trace.token_ids[None].to(next(model.parameters()).device)
+    spans = [s.token_span for s in trace.steps]
+    maps: dict[int, Tensor] = {}
+
+    def done(layer: int) -> None:
+        bar.update(1)
+
+    with _activation_grads_only(model), torch.enable_grad(), _checkpointed(model, low_memory):
+        with fused.fused_attention(model, spans, layers, chunk=chunk_size,
+                                   on_layer_done=done) as state:
+            hidden = fused.final_hidden(model, tokens)
+            unembed = hf.get_output_embeddings()
+            if lean is not None:
+                loss = lean(hidden, unembed, trace, **target_kwargs)
+            else:
+                loss = fn(unembed(hidden).float(), trace, **target_kwargs)
+            del hidden
+            _backward(loss, target)
+        for layer in layers:
+            sums = state.plans[layer].sums
+            if sums is None:  # the target does not depend on this layer's attention
+                sums = torch.zeros(model.cfg.n_heads, trace.n_steps, trace.n_steps)
+            maps[layer] = fused.step_means(sums, state.starts, state.ends).cpu()
+    return [maps[l] for l in layers]
+
+
 def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
-                  layers: Sequence[int] | None = None, low_memory: bool = False,
+                  layers: Sequence[int] | None = None, engine: str = "auto",
+                  low_memory: bool = False, chunk_size: int | None = None,
                   progress: bool = False, **target_kwargs: Any) -> StepSaliency:
-    """Step-Saliency of a trace: ``|A * dL/dA|`` on ``hook_pattern``, pooled per step pair.
+    """Step-Saliency of a trace: ``|A * dL/dA|`` of every attention pattern, pooled per
+    step pair.
 
     Parameters
     ----------
@@ -544,10 +699,21 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         Hugging Face computes it), or a registered/callable target.
     layers
         Layers to measure (default: all).
+    engine
+        ``"fused"``: the attention x gradient product is formed and pooled inside a
+        fused attention backward, one block of query rows at a time (time and memory
+        close to one plain forward+backward; :mod:`stepsal_lens.fused`).
+        ``"hook_pattern"``: hooks on the bridge's ``hook_pattern`` (the readable
+        reference; it runs the users' hooks, e.g. StepFlow's). ``"auto"`` (default):
+        fused, unless hooks are attached to the model. ``meta["engine"]`` records which
+        ran and ``meta["engine_reason"]`` why.
     low_memory
-        Activation checkpointing per layer: peak memory holds one layer's attention
-        instead of all layers'. Same maps; about one extra forward pass of time. Runs
-        the model in training mode for the call (these models have no dropout).
+        Activation checkpointing per layer: backward recomputes one layer at a time, so
+        one layer's activations are alive. Same maps; about one extra forward pass of
+        time. Runs the model in training mode for the call (these models have no dropout).
+    chunk_size
+        Fused engine: query rows per block (default: from a memory budget, 48 MiB of
+        blocks on CPU, a quarter of free memory up to 4 GiB on CUDA).
     progress
         Show a tqdm bar over layers.
     **target_kwargs
@@ -577,33 +743,41 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     if int(trace.token_ids.max()) >= model.cfg.d_vocab:
         raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
                            "Trace with this model (Trace.from_text(text, model))")
-    device = next(model.parameters()).device
-    tokens = trace.token_ids[None].to(device)
-    out: dict[int, Tensor] = {}
+    if chunk_size is not None and chunk_size < 1:
+        raise StepSalError(f"chunk_size must be a positive number of query rows; got {chunk_size}")
+    used, reason = _choose_engine(model, engine)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(layers), desc="step saliency", unit="layer", disable=not progress)
+    bar = tqdm(total=len(layers), desc=f"step saliency ({used})", unit="layer",
+               disable=not progress)
     try:
-        with _activation_grads_only(model), torch.enable_grad():
-            fwd, bwd = _saliency_hooks(layers, trace.step_of_token.to(device), trace.n_steps,
-                                       out, bar)
-            fwd.append(("hook_embed", _require_grad))
-            with _checkpointed(model, low_memory), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-                logits = model(tokens)
-                _backward(fn(logits.float(), trace, **target_kwargs), target)
+        if used == "fused":
+            maps = _fused_maps(model, trace, target, layers, low_memory, chunk_size, bar,
+                               target_kwargs)
+        else:
+            maps = _hook_pattern_maps(model, trace, fn, layers, low_memory, bar, target_kwargs,
+                                      target)
     finally:
         bar.close()
-    maps = torch.stack([out[l] for l in layers]).cpu()
+    maps = torch.stack(maps).cpu()
     _refuse_non_finite(maps, layers, "saliency maps")
+    from stepsal_lens import __version__
+    from stepsal_lens.stepflow import active_stepflow
+
+    flow = active_stepflow(model)
     meta = {
         "model": model_name(model),
+        "stepsal_lens": __version__,
+        "stepflow": None if flow is None else flow.config.to_dict(),
         "format": trace.format.name,
         "target": target if isinstance(target, str) else getattr(target, "__name__", "custom"),
         "n_layers": n_layers,
         "n_heads": int(maps.shape[1]),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "truncated": trace.truncated,
+        "engine": used,
+        "engine_reason": reason,
         "low_memory": low_memory,
         "text": trace.text,
         **{f"target_{k}": v for k, v in target_kwargs.items()},

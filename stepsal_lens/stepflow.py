@@ -747,6 +747,12 @@ class StepFlow:
 _ACTIVE: weakref.WeakKeyDictionary[Any, StepFlow] = weakref.WeakKeyDictionary()
 
 
+def active_stepflow(model: Any) -> StepFlow | None:
+    """The StepFlow whose block is open on ``model`` (None outside any block); results
+    computed inside record its config."""
+    return _ACTIVE.get(model)
+
+
 def _smi_site(settings: dict[str, Any]) -> dict[str, Any]:
     """Map the removed ``smi_site`` option, or refuse it naming the new one."""
     site = settings.pop("smi_site", None)

@@ -294,8 +294,8 @@ class StepExplorer(_StaticTwin):
         layer, head, _ = self._current()
         real_layer = self.result.layers[layer]
         if real_layer not in self._tokens:
-            self._tokens[real_layer] = token_saliency(self.model, self.trace, real_layer,
-                                                      target=self.result.meta.get("target", "lm"))
+            self._tokens[real_layer] = self.result.replay(self.model, token_saliency,
+                                                          self.trace, real_layer)
         sal, att = self._tokens[real_layer]
         return token_values(sal, att, self.trace.steps[query_step].token_span,
                             self.trace.steps[key_step].token_span,

@@ -47,13 +47,15 @@ def test_maps_equal_hugging_face_eager(arch, target, checkpoints, models, traces
     assert rel < 1e-4, f"{arch}/{target}: max |ours - HF| / max |HF| = {rel:.2e}"
 
 
-def test_logit_target_is_the_models_own_logit(arch, checkpoints, models, traces):
+@pytest.mark.parametrize("engine", ["fused", "hook_pattern"])
+def test_logit_target_is_the_models_own_logit(engine, arch, checkpoints, models, traces):
     """The model's own parameterisation: the ``logit`` target is Hugging Face's raw logit
     (the default compatibility mode would centre it over the vocabulary)."""
     trace = traces[arch]
     # a position after the thinking: before it gpt-oss has only its system message
     pos = trace.steps[trace.steps_in("thinking")[-1]].token_span[1] + 2
-    ours = step_saliency(models[arch], trace, target="logit", position=pos, token=7).maps
+    ours = step_saliency(models[arch], trace, target="logit", position=pos, token=7,
+                         engine=engine).maps
     ref = hf_reference(checkpoints[arch], trace, "logit", position=pos, token=7)
     rel = ((ours - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4, f"{arch}: max rel diff {rel:.2e}"
@@ -166,3 +168,30 @@ def test_bad_input(models, traces):
     with pytest.raises(StepSalError, match="not found in the summary"):
         step_saliency(model, traces["qwen2"], target="answer", answer="42")
     assert {"lm", "summary", "answer", "logit"} <= set(list_targets())
+
+
+def test_results_record_their_provenance_and_replay_it(models, traces):
+    """A result says how it was made (target and its arguments, engine, StepFlow config,
+    version) and replays it: the token drill-down pools exactly to the map shown."""
+    from stepsal_lens import StepFlowConfig, __version__, stepflow, token_saliency
+    from stepsal_lens.saliency import pool_saliency
+
+    model, trace = models["qwen2"], traces["qwen2"]
+    pos = trace.steps[trace.steps_in("summary")[0]].token_span[1] - 1  # inside a step
+    plain = step_saliency(model, trace, target="logit", position=pos, token=7)
+    assert plain.meta["stepflow"] is None and plain.meta["stepsal_lens"] == __version__
+    cfg = StepFlowConfig(tau_max=0.5, alpha=1.0, oeb_layers=[0, 1])
+    with stepflow(model, cfg):
+        flow = step_saliency(model, trace, target="logit", position=pos, token=7)
+    assert flow.meta["stepflow"] == cfg.resolve(model.cfg.n_layers).to_dict()
+    assert flow.meta["engine"] == "hook_pattern"  # StepFlow's hooks: the reference engine
+    assert not torch.allclose(flow.maps, plain.maps)
+    for result in (plain, flow):
+        for layer in (0, 1):
+            tok, _ = result.replay(model, token_saliency, trace, layer)
+            pooled = pool_saliency(tok[None], torch.ones_like(tok[None]), trace.step_of_token,
+                                   trace.n_steps)
+            ref = result.maps[layer]
+            assert ref.abs().max() > 0
+            rel = float((pooled - ref).abs().max() / ref.abs().max())
+            assert rel < 1e-5, (layer, rel)
