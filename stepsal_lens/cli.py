@@ -135,6 +135,7 @@ def analyze(args: argparse.Namespace) -> int:
             print("warning: the thinking never closes (truncated trace); there is no summary",
                   file=sys.stderr)
         result = step_saliency(model, trace, target=args.target, low_memory=args.low_memory,
+                               engine=args.engine,
                                progress=True)
         result.meta["model"] = args.model
         result.save(tmp)
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None,
                    help="float32 (default) or bfloat16; float16 is refused (its attention "
                         "gradients underflow)")
+    p.add_argument("--engine", choices=["auto", "fused", "hook_pattern"], default="auto",
+                   help="saliency engine (default auto: fused unless hooks or a "
+                        "low-precision model with sinks need the hook_pattern reference)")
     p.add_argument("--low-memory", action="store_true",
                    help="recompute layer by layer: peak memory of one layer's attention")
     p.set_defaults(func=analyze)

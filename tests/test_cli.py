@@ -44,8 +44,10 @@ def test_analyze_text_trace_and_low_memory(tmp_path, checkpoints, models):
     (tmp_path / "t.json").write_text(json.dumps({"text": text}))
     assert main(["analyze", "--model", str(checkpoints["qwen3"]), "--trace",
                  str(tmp_path / "t.json"), "--out", str(tmp_path / "o"), "--format", "qwen3",
-                 "--low-memory"]) == 0
-    assert json.loads((tmp_path / "o" / "steps.json").read_text())["format"] == "qwen3"
+                 "--low-memory", "--engine", "hook_pattern"]) == 0
+    steps = json.loads((tmp_path / "o" / "steps.json").read_text())
+    assert steps["format"] == "qwen3"
+    assert steps["meta"]["engine"] == "hook_pattern" and steps["meta"]["low_memory"]
 
 
 @pytest.mark.parametrize("doc,message", [
