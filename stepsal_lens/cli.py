@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.outputs import read_jsonl_objects
 from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = ["main"]
@@ -308,32 +309,22 @@ def _grade_rows(path: Path) -> list[dict]:
     """Read and check every line of a ``stepsal grade`` input before grading any."""
     from stepsal_lens.answers import KINDS
 
-    if not path.exists():
-        raise StepSalError(f"input file {str(path)!r} does not exist")
-    rows = []
     fix = ('each line must be a JSON object like {"output": "... \\\\boxed{2}", "answer": "2", '
            '"kind": "math"}')
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StepSalError(f"{path}:{i} is not valid JSON ({err}); {fix}") from None
-        if not isinstance(row, dict):
-            raise StepSalError(f"{path}:{i} holds a {type(row).__name__}, not an object; {fix}")
+    rows = []
+    for where, row in read_jsonl_objects(path, fix, what="input file"):
         missing = [k for k in ("output", "answer") if row.get(k) is None]
         if missing:
-            raise StepSalError(f"{path}:{i} lacks {' and '.join(map(repr, missing))} (keys: "
+            raise StepSalError(f"{where} lacks {' and '.join(map(repr, missing))} (keys: "
                                f"{sorted(row)}); {fix}")
         if not isinstance(row["output"], str):
-            raise StepSalError(f"{path}:{i}: 'output' must be the model's text (a string), not "
+            raise StepSalError(f"{where}: 'output' must be the model's text (a string), not "
                                f"{type(row['output']).__name__}")
         if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
-            raise StepSalError(f"{path}:{i}: 'answer' must be a string or a number, not "
+            raise StepSalError(f"{where}: 'answer' must be a string or a number, not "
                                f"{type(row['answer']).__name__}")
         if row.get("kind", "math") not in KINDS:
-            raise StepSalError(f"{path}:{i} has kind {row['kind']!r}; use one of {list(KINDS)} "
+            raise StepSalError(f"{where} has kind {row['kind']!r}; use one of {list(KINDS)} "
                                f"(or leave it out for math)")
         rows.append(row)
     if not rows:

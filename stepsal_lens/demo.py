@@ -47,22 +47,17 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     An optional ``"kind"`` (``"math"``, the default, or ``"choice"``) says how the answer is
     graded (:func:`stepsal_lens.answers.grade_output`).
     """
+    from stepsal_lens.outputs import read_jsonl_objects
+
     path = Path(path)
-    if not path.exists():
-        raise StepSalError(f"data file {str(path)!r} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StepSalError(f"{path}:{i} is not valid JSON ({err})") from None
-        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-            raise StepSalError(f"{path}:{i} needs the keys 'question' and 'answer'")
+    fix = 'each line must be an object like {"question": "...", "answer": "..."}'
+    for where, row in read_jsonl_objects(path, fix):
+        if "question" not in row or "answer" not in row:
+            raise StepSalError(f"{where} needs the keys 'question' and 'answer'")
         kind = row.get("kind", "math")
         if kind not in ("math", "choice"):
-            raise StepSalError(f"{path}:{i} has kind {kind!r}; use 'math' or 'choice' (or leave "
+            raise StepSalError(f"{where} has kind {kind!r}; use 'math' or 'choice' (or leave "
                                f"it out for math)")
         rows.append({"question": str(row["question"]), "answer": str(row["answer"]),
                      "split": str(row.get("split", "data")), "kind": kind})

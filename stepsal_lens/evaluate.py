@@ -108,15 +108,9 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     """(where, row) pairs: ``where`` names the file and line or row for messages."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise StepSalError(f"{path}:{i} is not valid JSON ({err}); {_ROW_FIX}") from None
-                rows.append((f"{path}:{i}", row))
-        return rows
+        from stepsal_lens.outputs import read_jsonl_objects
+
+        return read_jsonl_objects(path, _ROW_FIX)
     if suffix == ".json":
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))

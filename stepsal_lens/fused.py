@@ -650,16 +650,9 @@ def lean_answer(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace,
 def lean_logit(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace,
                position: int = -2, token: int | str | None = None) -> Tensor:
     """Target ``logit`` from final hidden states (one row of logits)."""
-    n = hidden.shape[1]
-    if not -n <= position < n:
-        raise StepSalError(f"position {position} is outside the trace of {n} tokens")
-    pos = position % n
-    if token is None:
-        if pos + 1 >= n:
-            raise StepSalError("target 'logit' at the last position needs token=...")
-        token = int(trace.token_ids[pos + 1])
-    if isinstance(token, str):
-        token = trace.tokenizer.convert_tokens_to_ids(token)
+    from stepsal_lens.saliency import logit_position
+
+    pos, token = logit_position(trace, hidden.shape[1], position, token)
     return unembed(hidden[0, pos:pos + 1]).float()[0, token]
 
 

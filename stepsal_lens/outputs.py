@@ -44,8 +44,8 @@ from pathlib import Path
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["LOCK_NAME", "check_new_file", "check_output_dir", "check_unlocked", "check_writable", "lock_holder",
-           "output_dir", "run_lock",
+__all__ = ["LOCK_NAME", "check_new_file", "check_output_dir", "check_unlocked",
+           "check_writable", "lock_holder", "output_dir", "read_jsonl_objects", "run_lock",
            "write_text_atomic"]
 
 #: The lock file of a run folder.
@@ -66,6 +66,27 @@ def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def read_jsonl_objects(path: str | Path, fix: str, *,
+                       what: str = "data file") -> list[tuple[str, dict]]:
+    """``(where, object)`` for each non-empty line of a JSONL file; a missing file, a line
+    that is not JSON or not an object raises naming the file, the line and ``fix``."""
+    path = Path(path)
+    if not path.exists():
+        raise StepSalError(f"{what} {str(path)!r} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StepSalError(f"{path}:{i} is not valid JSON ({err}); {fix}") from None
+        if not isinstance(row, dict):
+            raise StepSalError(f"{path}:{i} holds a {type(row).__name__}, not an object; {fix}")
+        rows.append((f"{path}:{i}", row))
+    return rows
 
 
 def check_writable(folder: str | Path, *, what: str = "output folder", flag: str = "--out") -> None:

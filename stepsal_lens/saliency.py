@@ -238,9 +238,10 @@ def _answer_target(logits: Tensor, trace: Trace, answer: str | None = None) -> T
     return logits[0, pos - 1].log_softmax(-1).gather(-1, ids[pos, None]).sum()
 
 
-def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
-                  token: int | str | None = None) -> Tensor:
-    n = logits.shape[1]
+def logit_position(trace: Trace, n: int, position: int = -2,
+                   token: int | str | None = None) -> tuple[int, int]:
+    """The ``logit`` target's (position, token id): ``token`` defaults to the trace's next
+    token, a string is looked up in the tokenizer."""
     if not -n <= position < n:
         raise StepSalError(f"position {position} is outside the trace of {n} tokens")
     pos = position % n
@@ -250,6 +251,12 @@ def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
         token = int(trace.token_ids[pos + 1])
     if isinstance(token, str):
         token = trace.tokenizer.convert_tokens_to_ids(token)
+    return pos, token
+
+
+def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
+                  token: int | str | None = None) -> Tensor:
+    pos, token = logit_position(trace, logits.shape[1], position, token)
     return logits[0, pos, token]
 
 
