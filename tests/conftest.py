@@ -21,6 +21,12 @@ ARCH_FORMATS = {"qwen2": "deepseek-r1", "llama": "deepseek-r1", "qwen3": "qwen3"
 
 
 @pytest.fixture(scope="session")
+def arch_formats():
+    """architecture -> format (modules import no conftest: tests/realistic has its own)."""
+    return dict(ARCH_FORMATS)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()
 

@@ -19,7 +19,6 @@ from stepsal_lens import fused
 from stepsal_lens.saliency import get_target
 from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 
-from conftest import ARCH_FORMATS
 
 Q = "Start with 7. Add 5, then halve it. What is the result?"
 T = ("We start with 7 and add 5 which gives 12 here. Then half of 12 is 6 so we get 6. "
@@ -59,11 +58,11 @@ def _hard_checkpoint(arch, path, tokenizer, seed):
 
 
 @pytest.fixture(scope="module")
-def hard(tmp_path_factory, tokenizer):
+def hard(tmp_path_factory, tokenizer, arch_formats):
     """architecture -> (checkpoint folder, bridge, trace)."""
     root = tmp_path_factory.mktemp("hard")
     out = {}
-    for i, (arch, fmt) in enumerate(ARCH_FORMATS.items()):
+    for i, (arch, fmt) in enumerate(arch_formats.items()):
         path = _hard_checkpoint(arch, root / arch, tokenizer, i)
         model = load_lrm(path, device="cpu", format=fmt)
         out[arch] = (path, model, Trace.from_segments(Q, T, S, model))
@@ -158,13 +157,13 @@ def test_custom_target_through_full_logits(hard):
 
 
 @pytest.mark.parametrize("arch_", ["qwen2", "gpt-oss"])
-def test_bfloat16_pools_in_float32(arch_, hard):
+def test_bfloat16_pools_in_float32(arch_, hard, arch_formats):
     """bfloat16 weights and activations; the fused engine recomputes A and dL/dA in
     float32. Tolerance 2% of the largest value (measured: 0.3-0.8%) against the float32 HF reference (the
     hook_pattern engine, which multiplies bfloat16 patterns and gradients, is allowed the
     same)."""
     path, _, trace = hard[arch_]
-    model = load_lrm(path, device="cpu", dtype="bfloat16", format=ARCH_FORMATS[arch_])
+    model = load_lrm(path, device="cpu", dtype="bfloat16", format=arch_formats[arch_])
     ref, _ = hf_eager_reference(path, trace, "lm")
     # gpt-oss (sinks) in bfloat16: the default engine is the reference one, since the
     # fused sink path is off by ~14% there (docs/benchmarks.md)
