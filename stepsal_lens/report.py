@@ -16,7 +16,7 @@ __all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}pre{white-space:pre-wrap;background:#f7f7f7;padding:.7em;font-size:13px}
+th{background:#f3f3f3}pre{white-space:pre-wrap;overflow-wrap:anywhere;max-height:30em;overflow:auto;background:#f7f7f7;padding:.7em;font-size:13px}
 img{max-width:100%}.ok{color:#1a7f37}.bad{color:#c4302b}
 """
 
@@ -115,6 +115,21 @@ def _table(df, floats: str = "{:.4g}") -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _length_note(records: list[dict[str, Any]]) -> str:
+    """Correct and wrong traces often differ in length; say by how much, so the
+    per-layer differences are not read as failure modes alone."""
+    def mean_steps(ok: bool) -> float:
+        n = [r["n_steps"] for r in records if bool(r["correct"]) == ok and r.get("n_steps")]
+        return sum(n) / len(n) if n else float("nan")
+
+    right, wrong = mean_steps(True), mean_steps(False)
+    return (f"<p><b>Length confound.</b> Correct traces have {right:.1f} steps on average, "
+            f"wrong ones {wrong:.1f}: metrics that depend on the number of steps differ "
+            f"for that reason too (on tiny-lrm, wrong answers come from longer chains). "
+            f"Compare traces of equal length before reading a difference as a failure "
+            f"mode.</p>")
+
+
 def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     """Write the demo's PNGs and ``report.html`` into ``result.out``."""
     from stepsal_lens.plots import plot_step_maps
@@ -157,7 +172,7 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
             ["lock_in", "context_share", "thinking_share", "last_k_share"])]
         parts.append("<h2>Correct minus wrong, per layer</h2><p>Welch's t-test p-values and "
                      "Cohen's d; no correction for multiple comparisons.</p>"
-                     + _table(cmp.round(6)))
+                     + _length_note(recs) + _table(cmp, floats="{:.3g}"))
     else:
         parts.append("<h2>Correct vs wrong</h2><p>Fewer than two traces in a group: no "
                      "comparison.</p>")

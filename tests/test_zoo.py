@@ -121,6 +121,8 @@ def test_demo_end_to_end(tmp_path):
     assert "<think>" in text and "&lt;think&gt;" in raw and "<think>" not in raw
     assert text.split("\n")[0] in "".join(parser.text)
     assert "src=\"http" not in raw  # self-contained
+    if "Correct minus wrong" in raw:
+        assert "Length confound" in raw
     # StepFlow on the same questions: its own traces, stats and a section in the report
     flow = [json.loads(x) for x in (out / "traces_stepflow.jsonl").read_text().splitlines()]
     assert [r["question"] for r in flow] == [r["question"] for r in records]
@@ -150,3 +152,13 @@ def test_render_matches_training_format():
     prompt, text = render(p)
     fmt = get_format("think-tags")
     assert text.startswith(prompt) and fmt.parse(text).summary == p.reference_summary()
+
+
+def test_report_tables_keep_small_p_values():
+    """p-values are never rounded to 0 in the report."""
+    import pandas as pd
+
+    from stepsal_lens.report import _table
+
+    html = _table(pd.DataFrame({"metric": ["lock_in"], "p_value": [3.2e-9]}), floats="{:.3g}")
+    assert "3.2e-09" in html and ">0<" not in html
