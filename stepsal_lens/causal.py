@@ -85,6 +85,8 @@ def kl_per_position(logits_p: Float[Tensor, "pos vocab"],
                     logits_q: Float[Tensor, "pos vocab"]) -> Float[Tensor, " pos"]:
     """``KL(softmax(p) || softmax(q))`` per position, in nats, float32, clamped at 0.
 
+    Examples
+    --------
     >>> p = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     >>> [round(x, 4) for x in kl_per_position(p, torch.zeros(2, 2)).tolist()]
     [0.0, 0.3278]

@@ -386,6 +386,8 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         Seconds the grader may spend on one answer's symbolic comparisons; past it the
         record is not correct and its ``grading_error`` says why.
 
+    Notes
+    -----
     Every setting is checked before ``run.json`` is written. One process writes a folder
     at a time (``.stepsal.lock``); a second :func:`evaluate` on it refuses while the first
     runs. Ctrl-C raises ``KeyboardInterrupt("interrupted after N of M; ...")`` with the

@@ -141,6 +141,8 @@ class ReasoningFormat:
     description
         One line for :func:`list_formats`.
 
+    Notes
+    -----
     Where the model's tokenizer carries a chat template, the template is the truth
     for the prompt (:meth:`chat_prompt`); these markers are the fallback and equal it
     where both exist (tested on the real tokenizers).

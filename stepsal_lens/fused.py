@@ -592,6 +592,8 @@ def chunked_cross_entropy(hidden: Float[Tensor, "pos d_model"], unembed: Callabl
         Rows per chunk; default from ``budget`` (about four float32 copies of a chunk's
         logits are alive at once).
 
+    Examples
+    --------
     >>> w = torch.randn(10, 4)
     >>> h, y = torch.randn(6, 4), torch.tensor([1, 2, 3, 4, 5, 6])
     >>> lean = chunked_cross_entropy(h, lambda x: x @ w.T, y, chunk=4)

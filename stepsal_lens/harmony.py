@@ -122,6 +122,8 @@ def harmony_messages(text: str) -> list[HarmonyMessage]:
 
     Text before the first ``<|start|>`` is not a message.
 
+    Examples
+    --------
     >>> [(m.role, m.channel, m.end) for m in harmony_messages(
     ...     "<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>"
     ...     "Hello<|return|>")]
@@ -213,6 +215,8 @@ class HarmonyFormat(ReasoningFormat):
     model_identity
         The system message's first line.
 
+    Notes
+    -----
     A variant with other settings: ``fmt.with_options(reasoning_effort="high")``; pass
     it to :func:`~stepsal_lens.load_lrm` (``format=``) and every prompt of that model
     (``generate``, ``Trace.from_segments``) uses it.
@@ -370,6 +374,8 @@ class HarmonyFormat(ReasoningFormat):
         """Where the question, each analysis message and the final message lie in a
         text that may still be growing (see :meth:`regions`); never raises.
 
+        Examples
+        --------
         >>> from stepsal_lens import get_format
         >>> fmt = get_format("gpt-oss")
         >>> text = ("<|start|>user<|message|>Hi?<|end|><|start|>assistant<|channel|>analysis"
