@@ -155,8 +155,8 @@ def find_boxed(text: str | None) -> list[Answer]:
     ['\\\\frac{1}{2}', '\\\\{1, 2\\\\}']
     """
     found = []
-    for s, e in _boxes(text or ""):
-        assert text is not None
+    text = text or ""
+    for s, e in _boxes(text):
         s, e = _trim(text, s, e)
         if s < e:
             found.append(Answer(text[s:e], s, e, "boxed"))
@@ -513,11 +513,17 @@ class _Worker:
             raise StepSalError("the math-verify worker did not start; check that the package "
                                "math-verify is installed (pip install math-verify)")
 
+    def _pipe(self, name: str):
+        """The worker's stdin or stdout; the worker is started before either is used."""
+        pipe = getattr(self._proc, name, None)
+        if pipe is None:
+            raise RuntimeError(f"the math-verify worker has no {name}: it was not started")
+        return pipe
+
     def _read(self, deadline: float) -> dict | None:
         import select
 
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
+        fd = self._pipe("stdout").fileno()
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -556,9 +562,9 @@ class _Worker:
             op = max(1, int(timeout / 3))
             request = json.dumps({"pairs": pairs, "op_timeout": op}) + "\n"
             try:
-                assert self._proc is not None and self._proc.stdin is not None
-                self._proc.stdin.write(request.encode())
-                self._proc.stdin.flush()
+                stdin = self._pipe("stdin")
+                stdin.write(request.encode())
+                stdin.flush()
                 reply = self._read(deadline)
             except (BrokenPipeError, OSError):
                 reply = None
