@@ -44,10 +44,13 @@ from stepsal_lens.causal import (
 )
 from stepsal_lens.knockout import Knockout, Suppression, step_knockout
 from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
+from stepsal_lens.generation import Generation, generate
+from stepsal_lens.widgets import explore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Generation",
     "ModelInfo",
     "Knockout",
     "ReasoningFormat",
@@ -67,7 +70,9 @@ __all__ = [
     "correlation_summary",
     "default_layer_split",
     "detect_format",
+    "explore",
     "format_of",
+    "generate",
     "get_format",
     "info_of",
     "layer_metrics",
