@@ -56,6 +56,8 @@ from torch import Tensor
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.knockout import Knockout, Suppression
+from stepsal_lens.models import model_name
+from stepsal_lens.saliency import check_layers, trace_tokens
 from stepsal_lens.trace import Step, Trace
 from stepsal_lens.typing import StepMap
 
@@ -196,40 +198,6 @@ def _chunk(model: Any) -> int:
     return max(1, _CHUNK_BYTES // (4 * model.cfg.d_vocab))
 
 
-def _check_trace(model: Any, trace: Trace) -> Tensor:
-    if int(trace.token_ids.max()) >= model.cfg.d_vocab:
-        raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
-                           "Trace with this model (Trace.from_text(text, model))")
-    return trace.token_ids[None].to(next(model.parameters()).device)
-
-
-def _model_name(model: Any) -> str:
-    from stepsal_lens.models import model_name
-
-    return model_name(model)
-
-
-def _steps_doc(steps: Sequence[Step]) -> list[dict[str, Any]]:
-    return [{"index": s.index, "segment": s.segment, "text": s.text,
-             "token_start": s.token_span[0], "token_end": s.token_span[1],
-             "char_start": s.char_span[0], "char_end": s.char_span[1]} for s in steps]
-
-
-def _steps_from_doc(doc: list[dict[str, Any]]) -> list[Step]:
-    return [Step(s["index"], s["segment"], s["text"], (s.get("char_start", -1),
-                                                       s.get("char_end", -1)),
-                 (s["token_start"], s["token_end"])) for s in doc]
-
-
-def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise StepSalError(f"layers {bad or layers} are not valid for a model with {n_layers} "
-                           f"layers; pass indices in [0, {n_layers})")
-    return layers
-
-
 def _check_heads(heads: Sequence[int] | None, n_heads: int) -> list[int] | None:
     if heads is None:
         return None
@@ -324,6 +292,15 @@ class StepEffects:
         later = torch.tril(torch.ones(n, n), -1)
         return (self.effects * later).sum(0) / later.sum(0)
 
+    def tensors(self) -> dict[str, Tensor]:
+        """What ``step_effects.safetensors`` holds: ``effects`` float32, ``token_ids``
+        int64 and ``effects_per_layer`` if computed."""
+        out = {"effects": self.effects.float().contiguous(),
+               "token_ids": self.token_ids.long().contiguous()}
+        if self.per_layer is not None:
+            out["effects_per_layer"] = self.per_layer.float().contiguous()
+        return out
+
     def save(self, directory: str | Path) -> Path:
         """Write ``step_effects.safetensors`` (``effects`` float32 ``[n_steps, n_steps]``,
         ``token_ids`` int64, ``effects_per_layer`` if any) and ``step_effects.json``."""
@@ -331,13 +308,9 @@ class StepEffects:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"effects": self.effects.float().contiguous(),
-                   "token_ids": self.token_ids.long().contiguous()}
-        if self.per_layer is not None:
-            tensors["effects_per_layer"] = self.per_layer.float().contiguous()
-        save_file(tensors, directory / "step_effects.safetensors")
+        save_file(self.tensors(), directory / "step_effects.safetensors")
         doc = {"layers": self.layers, "heads": self.heads, "meta": self.meta,
-               "steps": _steps_doc(self.steps)}
+               "steps": [s.to_dict() for s in self.steps]}
         (directory / "step_effects.json").write_text(json.dumps(doc, indent=1,
                                                                 ensure_ascii=False))
         return directory
@@ -355,7 +328,7 @@ class StepEffects:
                                f"StepEffects.save or `stepsal effects`")
         t = load_file(files[0])
         doc = json.loads(files[1].read_text())
-        return cls(t["effects"], _steps_from_doc(doc["steps"]), t["token_ids"],
+        return cls(t["effects"], [Step.from_dict(s) for s in doc["steps"]], t["token_ids"],
                    t.get("effects_per_layer"), doc["layers"], doc["heads"], doc["meta"])
 
     def plot(self, **kwargs: Any):
@@ -424,11 +397,11 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
     from tqdm.auto import tqdm
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    layers = _check_layers(layers, n_layers)
+    layers = check_layers(layers, n_layers)
     heads = _check_heads(heads, n_heads)
     if batch_size < 1:
         raise StepSalError(f"batch_size must be at least 1; got {batch_size}")
-    tokens = _check_trace(model, trace)
+    tokens = trace_tokens(model, trace)
     n, n_tok = trace.n_steps, trace.n_tokens
     heads_t = None if heads is None else tuple(heads)
     # jobs: (row of the output, key step, layers cut)
@@ -474,7 +447,7 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
     if not bool(torch.isfinite(out).all()):
         raise StepSalError("the effect matrix holds NaN/inf: the model gives non-finite logits "
                            "on this trace; check its weights for NaN/inf and load it in float32")
-    meta = {"model": _model_name(model), "format": trace.format.name, "n_layers": n_layers,
+    meta = {"model": model_name(model), "format": trace.format.name, "n_layers": n_layers,
             "n_heads": n_heads, "measure": "KL(p || p_cut) of next-token distributions, nats",
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "truncated": trace.truncated, "text": trace.text}
@@ -501,8 +474,8 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     """
     from stepsal_lens.saliency import StepSaliency, pool_saliency
 
-    layers = _check_layers(layers, model.cfg.n_layers)
-    tokens = _check_trace(model, trace)
+    layers = check_layers(layers, model.cfg.n_layers)
+    tokens = trace_tokens(model, trace)
     step_of = trace.step_of_token.to(tokens.device)
     out: dict[int, Tensor] = {}
 
@@ -515,7 +488,7 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     with torch.no_grad():
         _final_states(model, tokens, hooks)
     maps = torch.stack([out[l] for l in layers])
-    meta = {"model": _model_name(model), "format": trace.format.name, "target": "attention",
+    meta = {"model": model_name(model), "format": trace.format.name, "target": "attention",
             "n_layers": model.cfg.n_layers, "n_heads": int(maps.shape[1]), "text": trace.text}
     return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
 
@@ -696,7 +669,7 @@ def receiver_heads(model: Any, traces: Sequence[Trace] | Trace, *, k: int = 4,
             if list(sal.token_ids.tolist()) != trace.token_ids.tolist():
                 raise StepSalError(f"saliencies[{t}] is not of traces[{t}] (other tokens)")
             out["saliency"].append(receiver_kurtosis(_restrict(sal.maps, segs, segments), k))
-    meta = {"model": _model_name(model), "n_traces": len(traces), "too_short": too_short,
+    meta = {"model": model_name(model), "n_traces": len(traces), "too_short": too_short,
             "kurtosis": "scipy.stats.kurtosis(fisher=True, bias=True) over key steps",
             "saliency_target": target if "saliency" in out else None}
     return ReceiverHeads({s: torch.stack(v) for s, v in out.items()},
@@ -790,7 +763,7 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     if site not in PATCH_SITES:
         raise StepSalError(f"site must be one of {sorted(PATCH_SITES)}; got {site!r}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    layers = _check_layers(layers, n_layers)
+    layers = check_layers(layers, n_layers)
     if site == "z":
         heads_l: list[int | None] = list(_check_heads(heads, n_heads) or range(n_heads))
     elif heads is not None:
@@ -801,7 +774,7 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     if batch_size < 1:
         raise StepSalError(f"batch_size must be at least 1; got {batch_size}")
     a, b = _check_patchable(source, target, step)
-    src_tokens, tgt_tokens = _check_trace(model, source), _check_trace(model, target)
+    src_tokens, tgt_tokens = trace_tokens(model, source), trace_tokens(model, target)
     pos = answer_token_positions(target, answer).to(tgt_tokens.device)
     ids = tgt_tokens[0, pos]
 

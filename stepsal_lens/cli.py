@@ -167,11 +167,7 @@ def effects_cmd(args: argparse.Namespace) -> int:
     sal.meta["model"] = args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"effects": eff.effects.float().contiguous(),
-               "token_ids": eff.token_ids.long().contiguous()}
-    if eff.per_layer is not None:
-        tensors["effects_per_layer"] = eff.per_layer.float().contiguous()
-    save_file(tensors, out / "step_effects.safetensors")
+    save_file(eff.tensors(), out / "step_effects.safetensors")
     (out / "steps.json").write_text(json.dumps(sal.steps_json(), indent=1, ensure_ascii=False))
     corr = saliency_effect_correlation(sal, eff)
     rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}

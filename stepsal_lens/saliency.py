@@ -368,10 +368,7 @@ class StepSaliency:
         keep = ("model", "format", "target", "n_layers", "n_heads")
         doc = {key: self.meta.get(key) for key in keep}
         doc["layers"] = self.layers
-        doc["steps"] = [{"index": s.index, "segment": s.segment, "text": s.text,
-                         "token_start": s.token_span[0], "token_end": s.token_span[1],
-                         "char_start": s.char_span[0], "char_end": s.char_span[1]}
-                        for s in self.steps]
+        doc["steps"] = [s.to_dict() for s in self.steps]
         doc["meta"] = {k: v for k, v in self.meta.items() if k not in keep}
         return doc
 
@@ -399,9 +396,7 @@ class StepSaliency:
             raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written "
                                f"by StepSaliency.save or `stepsal analyze`")
         tensors, doc = _read_saved(files)
-        steps = [Step(s["index"], s["segment"], s["text"],
-                      (s.get("char_start", -1), s.get("char_end", -1)),
-                      (s["token_start"], s["token_end"])) for s in doc["steps"]]
+        steps = [Step.from_dict(s) for s in doc["steps"]]
         meta = {k: doc.get(k) for k in ("model", "format", "target", "n_layers", "n_heads")}
         meta.update(doc.get("meta") or {})
         layers = doc.get("layers") or list(range(tensors["maps"].shape[0]))
@@ -637,6 +632,25 @@ def _choose_engine(model, engine: str) -> tuple[str, str]:
     return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
 
 
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Sorted distinct layer indices (None: all), refused when out of range or empty."""
+    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad or not layers:
+        raise StepSalError(f"layers {bad or layers} are not valid for a model with {n_layers} "
+                           f"layers; pass indices in [0, {n_layers})")
+    return layers
+
+
+def trace_tokens(model, trace: Trace) -> Tensor:
+    """``[1, n_tokens]`` ids on the model's device, refused when the trace was built with
+    another tokenizer (ids beyond the model's vocabulary)."""
+    if int(trace.token_ids.max()) >= model.cfg.d_vocab:
+        raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
+                           "Trace with this model (Trace.from_text(text, model))")
+    return trace.token_ids[None].to(next(model.parameters()).device)
+
+
 def _hook_pattern_maps(model, trace: Trace, fn: Target, layers: list[int], low_memory: bool,
                        bar, target_kwargs: dict[str, Any], target: Any = None) -> list[Tensor]:
     device = next(model.parameters()).device
@@ -741,15 +755,9 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     n_layers = model.cfg.n_layers
-    layers = sorted(set(range(n_layers) if layers is None else layers))
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise StepSalError(f"layers {bad or list(layers)} are not valid for a model with "
-                           f"{n_layers} layers; pass indices in [0, {n_layers})")
+    layers = check_layers(layers, n_layers)
     _refuse_float16(model)
-    if int(trace.token_ids.max()) >= model.cfg.d_vocab:
-        raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
-                           "Trace with this model (Trace.from_text(text, model))")
+    trace_tokens(model, trace)
     if chunk_size is not None and chunk_size < 1:
         raise StepSalError(f"chunk_size must be a positive number of query rows; got {chunk_size}")
     used, reason = _choose_engine(model, engine)

@@ -74,6 +74,19 @@ class Step:
     def n_tokens(self) -> int:
         return self.token_span[1] - self.token_span[0]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record result files write for a step."""
+        return {"index": self.index, "segment": self.segment, "text": self.text,
+                "token_start": self.token_span[0], "token_end": self.token_span[1],
+                "char_start": self.char_span[0], "char_end": self.char_span[1]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Step:
+        """Inverse of :meth:`to_dict` (char spans -1 where a file has none)."""
+        return cls(d["index"], d["segment"], d["text"],
+                   (d.get("char_start", -1), d.get("char_end", -1)),
+                   (d["token_start"], d["token_end"]))
+
 
 # ---- splitters --------------------------------------------------------------------------
 
