@@ -17,19 +17,19 @@ import statistics
 import tempfile
 import time
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import torch
 
 
 def _prompts(model, n):
-    from stepsal_lens.zoo.task import generate as task
+    from stepsal_lens.zoo.task import make_problems as task
 
     fmt = info_of(model).format
     return [fmt.prompt(p.question) for p in task(n, split="id", seed=5)]
 
 
 def _batch(model, prompts):
-    from stepsal_lens.generation import prompt_ids
+    from stepsal_lens.lens.generation import prompt_ids
 
     ids = [prompt_ids(model, p) for p in prompts]
     width = max(map(len, ids))
@@ -97,7 +97,7 @@ def bench(name, path, model, new_tokens, repeats, batches):
 
 def main(argv=None):
     from stepsal_lens import load_lrm
-    from stepsal_lens.models import BUNDLED
+    from stepsal_lens.lens.models import BUNDLED
     from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -7,7 +7,7 @@ AIME, AMC and GPQA problems), the gold ``answer``, ``kind`` (``math`` or ``choic
 ``label``: whether the output is really right, judged by hand. A grader is right on a
 line when its verdict equals the label (a grading error counts as "not correct").
 
-* **stepsal_lens**: :func:`stepsal_lens.answers.grade_output`.
+* **stepsal_lens**: :func:`stepsal_lens.eval.grading.grade_output`.
 * **math-verify**: ``verify(parse("$" + gold + "$"), parse(output))``, the library used
   as its README shows; for choice lines both sides are parsed with
   ``StringExtractionConfig()`` (its multiple-choice mode). It runs in this process's main
@@ -48,7 +48,7 @@ def math_verify_correct(output: str, answer: str, kind: str) -> bool:
 
 
 def ours_correct(output: str, answer: str, kind: str) -> bool:
-    from stepsal_lens.answers import grade_output
+    from stepsal_lens.eval.grading import grade_output
 
     return grade_output(output, answer, kind).correct
 

@@ -1,4 +1,4 @@
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 """StepFlow on tiny-lrm: accuracy with and without, a tau_max x alpha sweep, and what
 StepFlow does to Step-Saliency (lock-in, thinking share).
 
@@ -26,7 +26,8 @@ STRONG = {"tau_max": 0.5, "alpha": 0.5}
 
 
 def _run(model, split, n, runs: Path, name, stepflow, batch_size):
-    from stepsal_lens.evaluate import evaluate, load_problems
+    from stepsal_lens.eval.runs import evaluate
+    from stepsal_lens.eval.problems import load_problems
 
     return evaluate(model, load_problems(f"tiny:{split}", limit=n), runs / f"{split}-{name}",
                     stepflow=stepflow, batch_size=batch_size, model_name="tiny-lrm",
@@ -36,7 +37,7 @@ def _run(model, split, n, runs: Path, name, stepflow, batch_size):
 def accuracy_table(model, n, runs, batch_size):
     import pandas as pd
 
-    from stepsal_lens.evaluate import compare_runs
+    from stepsal_lens.eval.runs import compare_runs
 
     rows = []
     for split in ("id", "long", "hard"):
@@ -56,7 +57,7 @@ def accuracy_table(model, n, runs, batch_size):
 def sweep_table(model, n, runs, batch_size, split="hard"):
     import pandas as pd
 
-    from stepsal_lens.evaluate import compare_runs
+    from stepsal_lens.eval.runs import compare_runs
 
     base = _run(model, split, n, runs, "baseline", None, batch_size)
     rows = []
@@ -88,16 +89,16 @@ def saliency_table(model, runs, n_traces):
     StepFlow teacher-forced on the same baseline traces, and StepFlow's own traces."""
     import pandas as pd
 
-    from stepsal_lens.metrics import layer_metrics
-    from stepsal_lens.saliency import step_saliency
-    from stepsal_lens.stepflow import stepflow
-    from stepsal_lens.trace import Trace
+    from stepsal_lens.core.metrics import layer_metrics
+    from stepsal_lens.lens.saliency import step_saliency
+    from stepsal_lens.lens.stepflow import stepflow
+    from stepsal_lens.segments.trace import Trace
 
     def traces(name):
         lines = (runs / f"hard-{name}" / "results.jsonl").read_text().splitlines()
         recs = [json.loads(x) for x in lines][:n_traces]
         fmt = info_of(model).format
-        from stepsal_lens.evaluate import load_problems
+        from stepsal_lens.eval.problems import load_problems
 
         probs = {p.id: p for p in load_problems("tiny:hard", limit=len(lines))}
         out = []

@@ -1,53 +1,36 @@
 """stepsal_lens: Step-Saliency, failure-mode diagnostics and StepFlow for reasoning models.
 
-The public API is re-exported here; everything else lives in its module.
+The public API is re-exported here; everything else lives in its layer (docs/architecture.md):
+``segments`` (what a step is), ``core`` (pure tensor math), ``lens`` (the only code that
+touches TransformerLens), ``results`` (data and files), ``eval`` (answers, problems, runs)
+and ``apps`` (CLI, demo, report, figures, explorers).
 """
 
-from stepsal_lens.errors import StepSalError
-from stepsal_lens.formats import ReasoningFormat, get_format, list_formats, register_format
-from stepsal_lens.models import (
-    ModelInfo,
-    attach,
-    detect_format,
-    format_of,
-    info_of,
-    list_models,
-    load_lrm,
-    register_model,
-)
-from stepsal_lens.results import StepFlowConfig, default_layer_split
-from stepsal_lens.metrics import compare, layer_metrics, trace_metrics
-from stepsal_lens import stepflow  # the module is callable: `with stepflow(model):`
-from stepsal_lens.stepflow import (
-    SegmentTracker,
-    StepFlow,
-    StepFlowStats,
-    odds_equal_bridge,
-    step_momentum,
-)
-from stepsal_lens.saliency import (
-    StepSaliency,
-    list_targets,
-    register_target,
-    step_saliency,
-    token_saliency,
-)
-from stepsal_lens.causal import (
-    ReceiverHeads,
-    StepEffects,
-    correlation_summary,
-    patch_step,
-    receiver_heads,
-    saliency_effect_correlation,
-    step_attention,
-    step_effects,
-)
-from stepsal_lens.knockout import Knockout, Suppression, step_knockout
-from stepsal_lens.trace import Step, Trace, list_splitters, regex_splitter, register_splitter
-from stepsal_lens.generation import Generation, generate
-from stepsal_lens.widgets import explore
-
 __version__ = "0.1.0"
+
+from stepsal_lens.errors import StepSalError
+from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats, register_format
+from stepsal_lens.segments.splitters import list_splitters, regex_splitter, register_splitter
+from stepsal_lens.segments.trace import Step, Trace
+from stepsal_lens.segments.association import ModelInfo, attach, format_of, info_of
+from stepsal_lens.segments.tracker import SegmentTracker
+from stepsal_lens.core.interventions import odds_equal_bridge, step_momentum
+from stepsal_lens.core.metrics import compare, layer_metrics, trace_metrics
+from stepsal_lens.results import StepFlowConfig, StepFlowStats, StepSaliency, default_layer_split
+from stepsal_lens.lens.models import detect_format, list_models, load_lrm, register_model
+from stepsal_lens.lens.targets import list_targets, register_target
+from stepsal_lens.lens.saliency import step_saliency, token_saliency
+from stepsal_lens.lens.stepflow import StepFlow, stepflow
+from stepsal_lens.results.generation import Generation
+from stepsal_lens.lens.generation import generate
+from stepsal_lens.lens.knockout import Knockout, step_knockout
+from stepsal_lens.core.knockout import Suppression
+from stepsal_lens.results.effects import ReceiverHeads, StepEffects
+from stepsal_lens.core.causal import correlation_summary, saliency_effect_correlation
+from stepsal_lens.lens.causal import patch_step, receiver_heads, step_attention, step_effects
+from stepsal_lens.eval.runs import evaluate
+from stepsal_lens.apps.widgets import explore
+from stepsal_lens import zoo as _zoo  # noqa: E402, F401  (the bundled plug-in registers itself)
 
 __all__ = [
     "Generation",
@@ -70,6 +53,7 @@ __all__ = [
     "correlation_summary",
     "default_layer_split",
     "detect_format",
+    "evaluate",
     "explore",
     "format_of",
     "generate",

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from stepsal_lens import StepSalError, Trace
-from stepsal_lens.answers import (
-    extract_answer,
-    find_answer,
-    find_boxed,
-    grade,
-    grade_output,
-    judge,
-)
-from stepsal_lens.cli import main
+from stepsal_lens.eval.grading import extract_answer, grade, grade_output, judge
+from stepsal_lens.segments.answers import find_answer, find_boxed
+from stepsal_lens.apps.cli import main
 
 CORPUS = Path(__file__).parent / "data" / "grading_corpus.jsonl"
 
@@ -150,7 +144,7 @@ def test_grading_off_the_main_thread():
 
 
 def test_overrun_kills_the_worker_and_grading_goes_on():
-    from stepsal_lens.answers import _WORKER
+    from stepsal_lens.eval.grading import _WORKER
 
     _WORKER.compare([("1", "1")], timeout=30)  # started
     t0 = time.monotonic()
@@ -225,7 +219,8 @@ def test_grade_command_bad_lines(tmp_path, capsys, line, message):
 
 
 def test_eval_records_grading_errors(tmp_path, tiny_lrm):
-    from stepsal_lens.evaluate import evaluate, load_problems
+    from stepsal_lens.eval.runs import evaluate
+    from stepsal_lens.eval.problems import load_problems
 
     [plain, tower] = load_problems("tiny:id", limit=2)
     tower = dataclasses.replace(tower, answer="10^{10^{10}}")
@@ -242,7 +237,7 @@ def test_eval_records_grading_errors(tmp_path, tiny_lrm):
 
 
 def test_answer_target_covers_the_whole_fraction(models):
-    from stepsal_lens.saliency import answer_token_positions
+    from stepsal_lens.lens.targets import answer_token_positions
 
     model = models["qwen2"]
     trace = Trace.from_segments("What is one half?", "We need half of one. That is 0.5 here.",
@@ -257,10 +252,10 @@ def test_answer_target_covers_the_whole_fraction(models):
 
 def test_demo_grades_data_files_with_the_grader(tmp_path, tiny_lrm):
     """`stepsal demo --data`: "12.0" is a right answer to "12" (no exact string match)."""
-    from stepsal_lens.demo import run_demo
-    from stepsal_lens.zoo.task import generate
+    from stepsal_lens.apps.demo import run_demo
+    from stepsal_lens.zoo.task import make_problems
 
-    problems = generate(3, seed=5)
+    problems = make_problems(3, seed=5)
     data = tmp_path / "q.jsonl"
     data.write_text("\n".join(json.dumps({"question": p.question, "answer": f"{p.answer}.0"})
                               for p in problems))

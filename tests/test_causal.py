@@ -17,8 +17,9 @@ from causal_reference import reference_effects
 from stepsal_lens import (StepEffects, StepSalError, Suppression, Trace, correlation_summary,
                           patch_step, receiver_heads, saliency_effect_correlation,
                           step_effects, step_knockout, step_saliency, stepflow)
-from stepsal_lens.causal import receiver_kurtosis, vertical_scores
-from stepsal_lens.knockout import Knockout, suppress_attention
+from stepsal_lens.core.causal import receiver_kurtosis, vertical_scores
+from stepsal_lens.lens.knockout import Knockout
+from stepsal_lens.core.knockout import suppress_attention
 
 QUESTION = "Start with 7. Add 5, then multiply by 2. What is the result?"
 THINKING = ("We start with the number 7. Adding 5 to 7 gives 12 in total. "
@@ -272,7 +273,7 @@ def test_patching_the_embedding_equals_swapping_the_tokens(models, traces):
     df = patch_step(model, other, trace, step=step, layers=[0])
     swapped = trace.token_ids.clone()
     swapped[a:b] = other.token_ids[a:b]
-    from stepsal_lens.saliency import answer_token_positions
+    from stepsal_lens.lens.targets import answer_token_positions
 
     pos = answer_token_positions(trace)
     with torch.no_grad():
@@ -319,8 +320,8 @@ def test_spearman_per_layer_against_scipy(models, traces):
 
 
 def test_explorer_toggles_between_saliency_and_effects(models, traces):
-    from stepsal_lens.causal import effect_map
-    from stepsal_lens.widgets import explore, step_map
+    from stepsal_lens.apps.circuits import effect_map
+    from stepsal_lens.apps.widgets import explore, step_map
 
     model, trace = models["qwen2"], traces["qwen2"]
     sal = step_saliency(model, trace)
@@ -339,7 +340,7 @@ def test_explorer_toggles_between_saliency_and_effects(models, traces):
 
 
 def test_cli_effects_writes_the_contract(tmp_path, checkpoints, models):
-    from stepsal_lens.cli import main
+    from stepsal_lens.apps.cli import main
 
     doc = {"question": QUESTION, "thinking": THINKING, "summary": SUMMARY}
     (tmp_path / "t.json").write_text(json.dumps(doc))

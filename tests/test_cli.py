@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 from safetensors.torch import load_file
 
 from stepsal_lens import Trace
-from stepsal_lens.cli import main
+from stepsal_lens.apps.cli import main
 
 TRACE = {"question": "Start with 7. Add 5. What is the result?",
          "thinking": "We start with the number 7. Adding 5 to 7 gives 12 in total.",

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from stepsal_lens import StepFlowConfig, StepSalError, stepflow
-from stepsal_lens.generation import generate
+from stepsal_lens.lens.generation import generate
 
 
 @pytest.mark.parametrize("kwargs, message", [

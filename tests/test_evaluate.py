@@ -9,14 +9,9 @@ import pandas as pd
 import pytest
 
 from stepsal_lens import StepSalError
-from stepsal_lens.evaluate import (
-    Problem,
-    compare_runs,
-    evaluate,
-    extract_answer,
-    grade,
-    load_problems,
-)
+from stepsal_lens.eval.problems import Problem, load_problems
+from stepsal_lens.eval.runs import compare_runs, evaluate
+from stepsal_lens.eval.grading import extract_answer, grade
 
 # (prediction, reference, kind, expected)
 GRADING = [
@@ -155,7 +150,7 @@ def test_wilson_interval_and_mcnemar(tmp_path):
     with pytest.raises(StepSalError, match="not an evaluation run"):
         compare_runs(tmp_path, b)
 
-    from stepsal_lens.evaluate import _wilson
+    from stepsal_lens.eval.runs import _wilson
 
     k, n, z = 30, 50, 1.959963984540054
     p = k / n

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import transformers
 
 from stepsal_lens import StepSalError, Trace, load_lrm, step_saliency
-from stepsal_lens import fused
-from stepsal_lens.saliency import get_target
+from stepsal_lens.core import pooling
+from stepsal_lens.lens import fused, targets
+from stepsal_lens.lens.targets import get_target
 from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 
 
@@ -266,7 +267,7 @@ def test_chunked_cross_entropy_equals_plain_values_and_gradients():
     (g_plain,) = torch.autograd.grad(plain, h)
     for chunk in (1, 5, 23, 100):
         rows.clear()
-        lean = fused.chunked_cross_entropy(h, unembed, y, chunk=chunk)
+        lean = targets.chunked_cross_entropy(h, unembed, y, chunk=chunk)
         (g_lean,) = torch.autograd.grad(lean, h)
         torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(g_lean, g_plain, rtol=1e-5, atol=1e-7)
@@ -281,10 +282,10 @@ def test_lean_targets_equal_the_logit_targets(hard):
         logits = model(tokens).float()
         unembed = model.original_model.get_output_embeddings()
         for name, kw in TARGETS.items():
-            lean = fused.LEAN_TARGETS[name](hidden, unembed, trace, **kw)
+            lean = targets.LEAN_TARGETS[name](hidden, unembed, trace, **kw)
             full = get_target(name)(logits, trace, **kw)
             torch.testing.assert_close(lean, full, rtol=1e-5, atol=1e-5, msg=name)
-        torch.testing.assert_close(fused.lean_lm(hidden, unembed, trace, chunk=7),
+        torch.testing.assert_close(targets.lean_lm(hidden, unembed, trace, chunk=7),
                                    model(tokens, return_type="loss"), rtol=1e-5, atol=1e-6)
 
 
@@ -329,7 +330,7 @@ def test_fused_attention_kernel_against_eager_autograd(window, with_sinks, chunk
     for x in leaves:
         x.grad = None
 
-    starts, ends = fused.step_bounds(spans)
+    starts, ends = pooling.step_bounds(spans)
     state = fused.EngineState(starts, ends, {}, budget=1 << 20, cpu_kernels=cpu_kernels)
     plan = fused.LayerPlan(0, pool=True, chunk=chunk)
     out = fused.FusedAttention.apply(q, k, v, sinks, 0.3, window, plan, state)
@@ -342,7 +343,7 @@ def test_fused_attention_kernel_against_eager_autograd(window, with_sinks, chunk
     for i, (a0, a1) in enumerate(spans):
         for j, (b0, b1) in enumerate(spans):
             loops[:, i, j] = sal[:, a0:a1, b0:b1].mean((1, 2))
-    ours = fused.step_means(plan.sums, starts, ends)
+    ours = pooling.step_means(plan.sums, starts, ends)
     assert rel_err(ours, loops) < TOL
 
 
@@ -350,21 +351,21 @@ def test_pooling_functions_against_loops():
     torch.manual_seed(0)
     sal = torch.rand(3, 9, 12)  # rows are tokens 3..11, keys tokens 0..11
     spans = [(0, 2), (3, 6), (6, 7), (9, 12)]
-    starts, ends = fused.step_bounds(spans)
-    out = fused.pool_block(sal, starts, ends, row0=3, key0=0)
+    starts, ends = pooling.step_bounds(spans)
+    out = pooling.pool_block(sal, starts, ends, row0=3, key0=0)
     for i, (a, b) in enumerate(spans):
         for j, (c, d) in enumerate(spans):
             rows = slice(max(a, 3) - 3, max(b, 3) - 3)
             torch.testing.assert_close(out[:, i, j], sal[:, rows, c:d].sum((1, 2)))
-    keys = fused.key_step_sums(sal[:, :, 4:], starts, ends, key0=4)  # keys 4..11 only
+    keys = pooling.key_step_sums(sal[:, :, 4:], starts, ends, key0=4)  # keys 4..11 only
     torch.testing.assert_close(keys[..., 1], sal[:, :, 4:6].sum(-1))
     torch.testing.assert_close(keys[..., 0], torch.zeros(3, 9))
 
 
 def test_step_bounds_and_chunk_choice_errors():
     with pytest.raises(StepSalError, match="sorted and disjoint"):
-        fused.step_bounds([(0, 4), (3, 6)])
+        pooling.step_bounds([(0, 4), (3, 6)])
     with pytest.raises(StepSalError, match="no steps"):
-        fused.step_bounds([])
+        pooling.step_bounds([])
     assert fused.choose_chunk(8, 100, 1) == 16
     assert fused.choose_chunk(8, 100, 1 << 40) == 100

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 
 from stepsal_lens import StepSalError
-from stepsal_lens.generation import generate, prompt_ids, stop_ids
+from stepsal_lens.lens.generation import generate, prompt_ids, stop_ids
 
 
 def test_prompt_ids_follow_the_template_not_the_architecture(arch, models):
@@ -63,7 +63,7 @@ def test_bad_calls_are_named(tiny_lrm):
 
 def test_batched_generation_equals_one_by_one(tiny_lrm):
     """Left padding must not change what the model writes (guards the width logic)."""
-    from stepsal_lens.zoo.task import generate as task
+    from stepsal_lens.zoo.task import make_problems as task
 
     questions = [p.question for p in task(2, split="id", seed=4) + task(2, split="hard", seed=4)]
     batched = generate(tiny_lrm, questions, batch_size=4, progress=False)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from stepsal_lens import SegmentTracker, StepSalError, Trace, get_format
-from stepsal_lens.harmony import harmony_encoding, harmony_messages
-from stepsal_lens.stepflow import SEGMENT_CODES
-from stepsal_lens.trace import paper_splitter
+from stepsal_lens.segments.harmony import harmony_encoding, harmony_messages
+from stepsal_lens.segments.tracker import SEGMENT_CODES
+from stepsal_lens.segments.splitters import paper_splitter
 
 H = pytest.importorskip("openai_harmony")
 
@@ -405,7 +405,7 @@ def test_tracker_one_token_at_a_time_equals_the_whole(tok, enc, fmt, name):
 
 def test_stop_ids_are_return_and_call(tok, fmt):
     from stepsal_lens import attach
-    from stepsal_lens.generation import stop_ids
+    from stepsal_lens.lens.generation import stop_ids
 
     class Bare:  # stop_ids needs only a tokenizer and the attached format
         tokenizer = tok
@@ -419,7 +419,7 @@ def test_stop_ids_are_return_and_call(tok, fmt):
 
 def test_generation_prompt_on_a_random_gpt_oss_model(folder, tok, enc, tmp_path):
     from stepsal_lens import load_lrm
-    from stepsal_lens.generation import generate, stop_ids
+    from stepsal_lens.lens.generation import generate, stop_ids
     from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 
     path = make_random_checkpoint("gpt-oss", tmp_path / "oss", tokenizer=folder, n_layers=1)

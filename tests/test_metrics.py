@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stepsal_lens import StepSalError
-from stepsal_lens.metrics import compare, decay, layer_metrics, normalize_rows, trace_metrics
+from stepsal_lens.core.metrics import compare, decay, layer_metrics, normalize_rows, trace_metrics
 
 SEG = ["question", "thinking", "thinking", "thinking", "summary", "summary"]
 

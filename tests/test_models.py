@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 import torch
 import transformers

@@ -12,10 +12,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from stepsal_lens import StepSalError, Trace, load_lrm, step_saliency
-from stepsal_lens.cli import main
-from stepsal_lens.metrics import trace_metrics
-from stepsal_lens.models import BUNDLED
-from stepsal_lens.saliency import token_saliency
+from stepsal_lens.apps.cli import main
+from stepsal_lens.core.metrics import trace_metrics
+from stepsal_lens.lens.models import BUNDLED
+from stepsal_lens.lens.saliency import token_saliency
 
 Q = "Start with 12. Subtract 5, then add 9, then multiply by 2. What is the result?"
 T = "We start with 12. 12 minus 5 makes 7. 7 plus 9 makes 16. 16 times 2 makes 32."

@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stepsal_lens import StepSalError, Trace, step_saliency
-from stepsal_lens.cli import main
-from stepsal_lens.outputs import LOCK_NAME, output_dir, run_lock
-from stepsal_lens.saliency import StepSaliency
-from stepsal_lens.trace import Step, newline_splitter, paper_splitter
+from stepsal_lens.apps.cli import main
+from stepsal_lens.results.outputs import LOCK_NAME, output_dir, run_lock
+from stepsal_lens.results.saliency import StepSaliency
+from stepsal_lens.segments.trace import Step
+from stepsal_lens.segments.splitters import newline_splitter, paper_splitter
 
 TRACE = {"question": "Start with 7. Add 5. What is the result?",
          "thinking": "We start with the number 7. Adding 5 to 7 gives 12 in total.",
@@ -271,7 +272,7 @@ def test_overwrite_refuses_the_working_folder(tmp_path, monkeypatch):
 
 
 def test_demo_overwrite_leaves_no_file_of_the_earlier_run(tmp_path, tiny_lrm):
-    from stepsal_lens.demo import run_demo
+    from stepsal_lens.apps.demo import run_demo
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -289,7 +290,7 @@ def test_demo_overwrite_leaves_no_file_of_the_earlier_run(tmp_path, tiny_lrm):
 
 
 def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    import stepsal_lens.outputs as outputs
+    import stepsal_lens.results.outputs as outputs
 
     monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
     rc = main(Ctx(tmp_path, {}).analyze(out=str(tmp_path / "ro" / "out")))
@@ -311,7 +312,7 @@ def test_unwritable_output_for_real(tmp_path, capsys):
 
 
 def test_random_arch_leaves_no_temporary_folder(tmp_path, monkeypatch):
-    from stepsal_lens.cli import _load_model
+    from stepsal_lens.apps.cli import _load_model
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model = _load_model("random:qwen2", device="cpu", dtype=None, format=None)
@@ -369,8 +370,8 @@ def test_lock_is_one_writer_and_nests_in_one_process(tmp_path):
 
 def test_eval_interrupt_says_how_to_resume_and_resume_completes(tmp_path, capsys, monkeypatch,
                                                                 tiny_lrm):
-    import stepsal_lens.cli as cli
-    import stepsal_lens.generation as generation
+    import stepsal_lens.apps.cli as cli
+    import stepsal_lens.lens.generation as generation
 
     real = generation.generate
     calls = []
@@ -403,7 +404,8 @@ def test_eval_interrupt_says_how_to_resume_and_resume_completes(tmp_path, capsys
 
 
 def test_refused_eval_writes_no_run_json(tmp_path, tiny_lrm):
-    from stepsal_lens.evaluate import evaluate, load_problems
+    from stepsal_lens.eval.runs import evaluate
+    from stepsal_lens.eval.problems import load_problems
 
     problems = load_problems("tiny:id", limit=2)
     with pytest.raises(StepSalError, match="max_new_tokens must be a whole number >= 1; got 0"):
@@ -534,7 +536,7 @@ def test_crlf_trace_keeps_offsets_into_the_callers_text(models):
     assert [s.text for s in trace.steps] == [s.text for s in lf.steps]
     assert len(trace.steps_in("summary")) == 2
     assert all(trace.text[a:b] == s.text for s in trace.steps for a, b in [s.char_span])
-    from stepsal_lens.answers import find_answer
+    from stepsal_lens.segments.answers import find_answer
 
     assert find_answer("Final answer: 12\r\nmore text").text == "12"
 

@@ -3,13 +3,14 @@ retained gradients, pooled with plain Python loops."""
 
 from __future__ import annotations
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 import torch
 import transformers
 
 from stepsal_lens import StepSalError, StepSaliency, Trace, step_saliency
-from stepsal_lens.saliency import get_target, list_targets, pool_saliency
+from stepsal_lens.lens.targets import get_target, list_targets
+from stepsal_lens.core.pooling import pool_saliency
 
 Q = "Start with 7. Add 5, then halve it. What is the result?"
 T = ("We start with 7 and add 5 which gives 12 here. Then half of 12 is 6 so we get 6. "
@@ -174,7 +175,7 @@ def test_results_record_their_provenance_and_replay_it(models, traces):
     """A result says how it was made (target and its arguments, engine, StepFlow config,
     version) and replays it: the token drill-down pools exactly to the map shown."""
     from stepsal_lens import StepFlowConfig, __version__, stepflow, token_saliency
-    from stepsal_lens.saliency import pool_saliency
+    from stepsal_lens.core.pooling import pool_saliency
 
     model, trace = models["qwen2"], traces["qwen2"]
     pos = trace.steps[trace.steps_in("summary")[0]].token_span[1] - 1  # inside a step

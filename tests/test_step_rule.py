@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from stepsal_lens import StepFlowConfig, Trace, get_format, regex_splitter, stepflow
-from stepsal_lens.generation import prompt_ids
-from stepsal_lens.models import info_of
-from stepsal_lens.stepflow import SegmentTracker
-from stepsal_lens.trace import register_splitter
+from stepsal_lens.lens.generation import prompt_ids
+from stepsal_lens.segments.association import info_of
+from stepsal_lens.segments.tracker import SegmentTracker
+from stepsal_lens.segments.splitters import register_splitter
 
 THINKINGS = [
     # short pieces, a decimal, a list, an abbreviation-like piece

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 import torch
 import transformers
@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from stepsal_lens import (StepFlowConfig, StepSalError, Trace, get_format, load_lrm,
                           step_saliency, stepflow)
-from stepsal_lens.generation import generate, prompt_ids
-from stepsal_lens.stepflow import SEGMENT_CODES, SegmentTracker, odds_equal_bridge, step_momentum
+from stepsal_lens.lens.generation import generate, prompt_ids
+from stepsal_lens.segments.tracker import SEGMENT_CODES, SegmentTracker
+from stepsal_lens.core.interventions import odds_equal_bridge, step_momentum
 
 # A thinking prefix the random models continue, so StepFlow acts in the prompt too.
 QUESTION = "Start with 7. Add 5, then multiply by 2. What is the result?"

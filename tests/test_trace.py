@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 import torch
 
 from stepsal_lens import StepSalError, Trace, list_splitters, regex_splitter, register_splitter
-from stepsal_lens.trace import paper_splitter
+from stepsal_lens.segments.splitters import paper_splitter
 
 QUESTION = "Start with 7. Add 5, then halve it. What is the result?"
 

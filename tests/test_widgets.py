@@ -13,8 +13,9 @@ import torch
 
 import stepsal_lens
 from stepsal_lens import StepSalError, Trace, step_saliency
-from stepsal_lens.saliency import pool_saliency, token_saliency
-from stepsal_lens.widgets import explore, step_map
+from stepsal_lens.core.pooling import pool_saliency
+from stepsal_lens.lens.saliency import token_saliency
+from stepsal_lens.apps.widgets import explore, step_map
 
 QUESTION = "Start with 7. Add 5. What is <b>the</b> result?"
 THINKING = "We start with the number 7. Adding 5 to 7 gives 12 in total."
@@ -179,10 +180,11 @@ def test_library_leaves_the_matplotlib_backend_alone(case):
     import matplotlib.pyplot as plt
 
     from stepsal_lens import layer_metrics
-    from stepsal_lens.causal import plot_effects, receiver_heads, step_effects
-    from stepsal_lens.plots import plot_map_pair, plot_step_maps
-    from stepsal_lens.report import plot_condition_curves, plot_group_curves
-    from stepsal_lens.widgets import compare, compare_stepflow
+    from stepsal_lens.apps.circuits import plot_effects
+    from stepsal_lens.lens.causal import receiver_heads, step_effects
+    from stepsal_lens.apps.plots import plot_map_pair, plot_step_maps
+    from stepsal_lens.apps.report import plot_condition_curves, plot_group_curves
+    from stepsal_lens.apps.widgets import compare, compare_stepflow
 
     model, trace, sal = case
     before = matplotlib.get_backend()
@@ -220,8 +222,8 @@ def test_library_leaves_the_matplotlib_backend_alone(case):
 
 
 def test_figures_are_labelled():
-    from stepsal_lens.plots import plot_step_maps
-    from stepsal_lens.report import plot_condition_curves
+    from stepsal_lens.apps.plots import plot_step_maps
+    from stepsal_lens.apps.report import plot_condition_curves
 
     res = _result_with_segments(["question"] + ["thinking"] * 4 + ["summary"])
     fig = plot_step_maps(res.head_mean(), res.segments)
@@ -248,7 +250,7 @@ def test_figures_are_labelled():
 def _result_with_segments(segments, seed=0):
     """A StepSaliency with hand-made maps (the widgets only read maps and steps)."""
     from stepsal_lens import StepSaliency
-    from stepsal_lens.trace import Step
+    from stepsal_lens.segments.trace import Step
 
     gen = torch.Generator().manual_seed(seed)
     n = len(segments)
@@ -259,7 +261,7 @@ def _result_with_segments(segments, seed=0):
 
 
 def test_binned_map():
-    from stepsal_lens.widgets import binned_map
+    from stepsal_lens.apps.widgets import binned_map
 
     exact = _result_with_segments(["question"] + ["thinking"] * 6 + ["summary"] * 2)
     np.testing.assert_allclose(binned_map(exact, 1), step_map(exact, 1))
@@ -275,7 +277,7 @@ def test_binned_map():
 
 
 def test_fit_bins_leave_no_bin_empty():
-    from stepsal_lens.widgets import binned_map, binned_segments, binned_ticks, fit_bins
+    from stepsal_lens.apps.widgets import binned_map, binned_segments, binned_ticks, fit_bins
 
     group = [_result_with_segments(["question"] + ["thinking"] * k + ["summary"], seed=k)
              for k in (3, 5, 9)]
@@ -290,7 +292,7 @@ def test_fit_bins_leave_no_bin_empty():
 
 
 def test_compare_groups():
-    from stepsal_lens.widgets import binned_map, compare
+    from stepsal_lens.apps.widgets import binned_map, compare
 
     right = [_result_with_segments(["question"] + ["thinking"] * k + ["summary"], seed=k)
              for k in (3, 4, 5)]
@@ -312,7 +314,7 @@ def test_compare_groups():
 
 def test_compare_stepflow_on_one_trace(case):
     from stepsal_lens import stepflow
-    from stepsal_lens.widgets import compare_stepflow
+    from stepsal_lens.apps.widgets import compare_stepflow
 
     model, trace, off = case
     with stepflow(model, tau_max=0.5, alpha=1.0):

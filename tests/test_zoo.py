@@ -6,14 +6,14 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 
 from stepsal_lens import Trace, load_lrm
-from stepsal_lens.cli import main
-from stepsal_lens.formats import get_format
-from stepsal_lens.models import BUNDLED
-from stepsal_lens.zoo.task import SPLITS, Problem, extract_answer, generate, grade
+from stepsal_lens.apps.cli import main
+from stepsal_lens.segments.formats import get_format
+from stepsal_lens.lens.models import BUNDLED
+from stepsal_lens.zoo.task import SPLITS, ArithmeticProblem as Problem, boxed_answer as extract_answer, grade_exact as grade, make_problems as generate
 
 EVAL = json.loads((BUNDLED["tiny-lrm"] / "eval.json").read_text())
 
@@ -68,7 +68,7 @@ def test_bundled_model_is_inside_the_package_and_small():
 
 
 def test_bundled_model_reaches_its_documented_accuracy(monkeypatch):
-    from stepsal_lens.zoo.evaluate import accuracy
+    from stepsal_lens.zoo.accuracy import accuracy
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_lrm("tiny-lrm", device="cpu")
@@ -158,7 +158,7 @@ def test_report_tables_keep_small_p_values():
     """p-values are never rounded to 0 in the report."""
     import pandas as pd
 
-    from stepsal_lens.report import _table
+    from stepsal_lens.apps.report import _table
 
     html = _table(pd.DataFrame({"metric": ["lock_in"], "p_value": [3.2e-9]}), floats="{:.3g}")
     assert "3.2e-09" in html and ">0<" not in html

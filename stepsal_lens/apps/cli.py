@@ -1,6 +1,6 @@
 """The ``stepsal`` command line.
 
-``stepsal demo`` runs the main job on the bundled tiny-lrm (see :mod:`stepsal_lens.demo`).
+``stepsal demo`` runs the main job on the bundled tiny-lrm (see :mod:`stepsal_lens.apps.demo`).
 
 ``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
 ``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.outputs import read_jsonl_objects
+from stepsal_lens.results.outputs import read_jsonl_objects
 from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = ["main"]
@@ -57,7 +57,7 @@ def _random_checkpoint(spec: str):
 
 
 def _load_model(spec: str, *, device: str | None, dtype: str | None, format: str | None):
-    from stepsal_lens.models import load_lrm
+    from stepsal_lens.lens.models import load_lrm
 
     if spec.startswith("random:"):
         with _random_checkpoint(spec) as folder:
@@ -67,13 +67,13 @@ def _load_model(spec: str, *, device: str | None, dtype: str | None, format: str
 
 def _check_common(args: argparse.Namespace) -> None:
     """Cheap checks of the options the model commands share (before loading anything)."""
-    from stepsal_lens.models import _dtype, check_device
+    from stepsal_lens.lens.models import _dtype, check_device
 
     check_device(args.device)
     if getattr(args, "dtype", None) is not None:
         _dtype(args.dtype)
     if getattr(args, "format", None) is not None:
-        from stepsal_lens.formats import get_format
+        from stepsal_lens.segments.formats import get_format
 
         get_format(args.format)
     for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit"):
@@ -109,7 +109,7 @@ def _read_trace_doc(path: Path) -> dict:
 
 
 def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
-    from stepsal_lens.trace import Trace
+    from stepsal_lens.segments.trace import Trace
 
     doc = _read_trace_doc(path) if doc is None else doc
     if "text" in doc:
@@ -119,10 +119,10 @@ def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
 
 
 def analyze(args: argparse.Namespace) -> int:
-    from stepsal_lens.metrics import trace_metrics
-    from stepsal_lens.outputs import output_dir
-    from stepsal_lens.plots import plot_step_maps
-    from stepsal_lens.saliency import step_saliency
+    from stepsal_lens.core.metrics import trace_metrics
+    from stepsal_lens.results.outputs import output_dir
+    from stepsal_lens.apps.plots import plot_step_maps
+    from stepsal_lens.lens.saliency import step_saliency
 
     _check_common(args)
     doc = _read_trace_doc(Path(args.trace))
@@ -152,8 +152,10 @@ def analyze(args: argparse.Namespace) -> int:
 def effects_cmd(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from stepsal_lens.causal import plot_effects, saliency_effect_correlation, step_effects
-    from stepsal_lens.saliency import step_saliency
+    from stepsal_lens.apps.circuits import plot_effects
+    from stepsal_lens.core.causal import saliency_effect_correlation
+    from stepsal_lens.lens.causal import step_effects
+    from stepsal_lens.lens.saliency import step_saliency
 
     per_layer = args.layers is not None
     layers = None if args.layers in (None, "all") else _layers(args.layers)
@@ -184,8 +186,8 @@ def effects_cmd(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from stepsal_lens.demo import load_questions, run_demo
-    from stepsal_lens.outputs import check_output_dir
+    from stepsal_lens.apps.demo import load_questions, run_demo
+    from stepsal_lens.results.outputs import check_output_dir
 
     _check_common(args)
     if args.data is not None:
@@ -226,8 +228,8 @@ def _stepflow_settings(args: argparse.Namespace) -> StepFlowConfig | None:
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.generation import generate
-    from stepsal_lens.outputs import check_new_file, write_text_atomic
+    from stepsal_lens.lens.generation import generate
+    from stepsal_lens.results.outputs import check_new_file, write_text_atomic
 
     if (args.question is None) == (args.prompt_file is None):
         raise StepSalError("pass exactly one of --question and --prompt-file")
@@ -260,9 +262,9 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.evaluate import (check_eval_settings, check_run_folder, evaluate,
-                                       load_problems)
-    from stepsal_lens.outputs import run_lock
+    from stepsal_lens.eval.runs import check_eval_settings, check_run_folder, evaluate
+    from stepsal_lens.eval.problems import load_problems
+    from stepsal_lens.results.outputs import run_lock
 
     _check_common(args)
     settings = _stepflow_settings(args)
@@ -275,7 +277,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
              "max_new_tokens": args.max_new_tokens, "samples": args.samples,
              "temperature": args.temperature, "seed": args.seed}
     if args.format is not None:
-        from stepsal_lens.formats import get_format
+        from stepsal_lens.segments.formats import get_format
 
         known["format"] = get_format(args.format).name
     check_run_folder(args.out, known)
@@ -294,7 +296,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.evaluate import compare_runs
+    from stepsal_lens.eval.runs import compare_runs
 
     result = compare_runs(args.run_a, args.run_b)
     print(json.dumps(result, indent=1))
@@ -303,7 +305,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
 def _grade_rows(path: Path) -> list[dict]:
     """Read and check every line of a ``stepsal grade`` input before grading any."""
-    from stepsal_lens.answers import KINDS
+    from stepsal_lens.segments.answers import KINDS
 
     fix = ('each line must be a JSON object like {"output": "... \\\\boxed{2}", "answer": "2", '
            '"kind": "math"}')
@@ -331,7 +333,7 @@ def _grade_rows(path: Path) -> list[dict]:
 def grade_cmd(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from stepsal_lens.answers import grade_output
+    from stepsal_lens.eval.grading import grade_output
 
     src, out = Path(args.input), Path(args.out)
     if src.resolve() == out.resolve():

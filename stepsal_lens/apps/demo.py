@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepsal_lens.models import model_name
+from stepsal_lens.segments.association import model_name
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import StepFlowConfig
 
@@ -33,7 +33,7 @@ class DemoResult:
     saliencies: list[Any] = field(default_factory=list)
     #: StepFlow on the same questions: settings, records, metrics, paired McNemar test
     stepflow: dict[str, Any] | None = None
-    #: Saliency vs causality (:func:`stepsal_lens.causal.demo_causality`), None when off
+    #: Saliency vs causality (:func:`stepsal_lens.lens.causal.demo_causality`), None when off
     causal: dict[str, Any] | None = None
 
     @property
@@ -45,9 +45,9 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file of ``{"question": ..., "answer": ...}`` lines.
 
     An optional ``"kind"`` (``"math"``, the default, or ``"choice"``) says how the answer is
-    graded (:func:`stepsal_lens.answers.grade_output`).
+    graded (:func:`stepsal_lens.eval.grading.grade_output`).
     """
-    from stepsal_lens.outputs import read_jsonl_objects
+    from stepsal_lens.results.outputs import read_jsonl_objects
 
     path = Path(path)
     rows = []
@@ -68,11 +68,11 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
 
 def task_questions(n: int, seed: int) -> list[dict[str, Any]]:
     """A held-out mix of the task's splits: half in-distribution, half hard."""
-    from stepsal_lens.zoo.task import generate
+    from stepsal_lens.zoo.task import make_problems
 
     n_hard = n // 2
-    problems = (generate(n - n_hard, split="id", seed=10_000 + seed)
-                + generate(n_hard, split="hard", seed=10_000 + seed))
+    problems = (make_problems(n - n_hard, split="id", seed=10_000 + seed)
+                + make_problems(n_hard, split="hard", seed=10_000 + seed))
     return [{"question": p.question, "answer": str(p.answer), "split": p.split} for p in problems]
 
 
@@ -83,11 +83,11 @@ def _analyse(model, rows, *, stepflow: StepFlowConfig | None, max_new_tokens: in
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from stepsal_lens.generation import generate
-    from stepsal_lens.metrics import layer_metrics
-    from stepsal_lens.saliency import step_saliency
-    from stepsal_lens.stepflow import stepflow as stepflow_on
-    from stepsal_lens.answers import grade_output
+    from stepsal_lens.lens.generation import generate
+    from stepsal_lens.core.metrics import layer_metrics
+    from stepsal_lens.lens.saliency import step_saliency
+    from stepsal_lens.lens.stepflow import stepflow as stepflow_on
+    from stepsal_lens.eval.grading import grade_output
 
     gens = generate(model, [r["question"] for r in rows], max_new_tokens=max_new_tokens,
                     stepflow=stepflow, progress=progress)
@@ -147,11 +147,11 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     temporary sibling that becomes ``out`` only when the demo has finished, so no file
     of an earlier run survives beside the new report and a failed run changes nothing.
     """
-    from stepsal_lens.evaluate import compare_runs
-    from stepsal_lens.metrics import compare
-    from stepsal_lens.models import check_device, load_lrm
-    from stepsal_lens.outputs import output_dir
-    from stepsal_lens.report import write_demo_report
+    from stepsal_lens.eval.runs import compare_runs
+    from stepsal_lens.core.metrics import compare
+    from stepsal_lens.lens.models import check_device, load_lrm
+    from stepsal_lens.results.outputs import output_dir
+    from stepsal_lens.apps.report import write_demo_report
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
@@ -179,7 +179,7 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
         metrics.to_csv(tmp / "metrics.csv", index=False)
         if comparison is not None:
             comparison.to_csv(tmp / "compare.csv", index=False)
-        from stepsal_lens.causal import demo_causality
+        from stepsal_lens.apps.circuits import demo_causality
 
         causal_part = demo_causality(model, saliencies, limit=causal) if causal else None
         if causal_part is not None:
@@ -204,7 +204,7 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
 
 
 def _as_run(records: list[dict[str, Any]]):
-    from stepsal_lens.evaluate import EvalRun
+    from stepsal_lens.eval.runs import EvalRun
 
     recs = [{"id": str(r["index"]), "sample": 0, "correct": bool(r["correct"])} for r in records]
     return EvalRun(Path("."), recs, {})

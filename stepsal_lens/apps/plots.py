@@ -8,7 +8,7 @@ notebook as a PNG (``_repr_png_``), with or without pyplot's inline integration.
 Examples
 --------
 >>> import torch
->>> from stepsal_lens.plots import plot_step_maps
+>>> from stepsal_lens.apps.plots import plot_step_maps
 >>> fig = plot_step_maps(torch.rand(4, 5, 5), ["question"] + ["thinking"] * 3 + ["summary"])
 >>> len(fig.axes)  # 4 maps + a colour bar
 5
@@ -155,7 +155,7 @@ def plot_step_maps(maps: Float[Tensor, "layer step step"], segments: Sequence[st
     normalize
         Show row-normalised maps (where each step draws from).
     """
-    from stepsal_lens.metrics import normalize_rows
+    from stepsal_lens.core.metrics import normalize_rows
 
     n_layers = maps.shape[0]
     layers = list(range(n_layers)) if layers is None else list(layers)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsal_lens.plots import figure_png, img_tag
+from stepsal_lens.apps.plots import figure_png, img_tag
 
 __all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
 
@@ -27,11 +27,11 @@ def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_sh
 
     ``groups`` maps a label to a DataFrame with a ``layer`` column and the metric columns
     (one row per trace and layer); the legend counts traces, not rows. Returns a
-    :class:`stepsal_lens.plots.Figure` (no pyplot: the backend is left alone).
+    :class:`stepsal_lens.apps.plots.Figure` (no pyplot: the backend is left alone).
     """
     from scipy import stats
 
-    from stepsal_lens.plots import new_figure
+    from stepsal_lens.apps.plots import new_figure
 
     fig = new_figure(4.6 * len(names), 3.6)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
@@ -132,7 +132,7 @@ def _length_note(records: list[dict[str, Any]]) -> str:
 
 def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     """Write the demo's PNGs and ``report.html`` into ``result.out``."""
-    from stepsal_lens.plots import plot_step_maps
+    from stepsal_lens.apps.plots import plot_step_maps
 
     out = Path(result.out)
     parts = [f"<h1>stepsal demo: {html.escape(model_name)}</h1>"]
@@ -179,7 +179,7 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     if getattr(result, "stepflow", None):
         parts.append(_stepflow_section(result, result.stepflow, out))
     if getattr(result, "causal", None):
-        from stepsal_lens.causal import causality_section
+        from stepsal_lens.apps.circuits import causality_section
 
         parts.append(causality_section(result.causal, out))
     rows = "".join(

@@ -13,13 +13,13 @@ JavaScript, so a saved notebook stays small and a page reloaded with a live kern
 redraws the same map. Beside the widget, every explorer displays a static PNG of its
 current view (kept up to date as the controls move); the live view hides it, and
 wherever widgets cannot run (a fresh kernel, GitHub, an HTML export offline) the PNG is
-what shows. Nothing here touches matplotlib's backend (:mod:`stepsal_lens.plots`).
+what shows. Nothing here touches matplotlib's backend (:mod:`stepsal_lens.apps.plots`).
 
 Examples
 --------
 >>> import tempfile
 >>> from stepsal_lens import Trace, load_lrm, step_saliency
->>> from stepsal_lens.widgets import explore
+>>> from stepsal_lens.apps.widgets import explore
 >>> from stepsal_lens.zoo.tiny_random import make_random_checkpoint
 >>> model = load_lrm(make_random_checkpoint("qwen2", tempfile.mkdtemp()), format="think-tags")
 >>> trace = Trace.from_segments("Start with 7. Add 5. What is the result?",
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.plots import (
+from stepsal_lens.apps.plots import (
     SEGMENT_COLORS,
     draw_step_map,
     figure_png,
@@ -77,7 +77,7 @@ def step_map(result: Any, layer_index: int, head: int | None = None,
              scale: str = "row-normalised") -> np.ndarray:
     """The ``[step, step]`` map an explorer shows: one layer (index into
     ``result.layers``), one head or the head mean, on a raw / row-normalised / log scale."""
-    from stepsal_lens.metrics import normalize_rows
+    from stepsal_lens.core.metrics import normalize_rows
 
     if scale not in SCALES:
         raise StepSalError(f"scale must be one of {SCALES}; got {scale!r}")
@@ -289,7 +289,7 @@ class StepExplorer(_StaticTwin):
             raise StepSalError("this explorer has no model; explore(result, model=..., "
                                "trace=...) to drill down to tokens")
         self._check_steps(query_step, key_step)
-        from stepsal_lens.saliency import token_saliency
+        from stepsal_lens.lens.saliency import token_saliency
 
         layer, head, _ = self._current()
         real_layer = self.result.layers[layer]
@@ -413,10 +413,10 @@ def explore(result: Any, *, model: Any = None, trace: Any = None,
         pair's token-level saliency and attention.
     effects
         A :class:`~stepsal_lens.StepEffects` of the same trace: adds a "saliency | causal
-        effect" toggle on the map (:func:`stepsal_lens.causal.causal_explorer`).
+        effect" toggle on the map (:func:`stepsal_lens.lens.causal.causal_explorer`).
     """
     if effects is not None:
-        from stepsal_lens.causal import causal_explorer
+        from stepsal_lens.apps.circuits import causal_explorer
 
         return causal_explorer(result, effects, model=model, trace=trace)
     return StepExplorer(result, model=model, trace=trace)
@@ -526,7 +526,7 @@ def _check_group(results: Any, what: str) -> list[Any]:
 def _group_metrics(results: list[Any]):
     import pandas as pd
 
-    from stepsal_lens.metrics import layer_metrics
+    from stepsal_lens.core.metrics import layer_metrics
 
     return pd.concat([layer_metrics(r) for r in results], ignore_index=True)
 
@@ -537,7 +537,7 @@ class GroupComparison(_Panel):
     def __init__(self, correct: Any, wrong: Any, *, bins: dict[str, int] | None = None):
         import ipywidgets as w
 
-        from stepsal_lens.report import plot_condition_curves
+        from stepsal_lens.apps.report import plot_condition_curves
 
         self.correct = _check_group(correct, "correct_results")
         self.wrong = _check_group(wrong, "wrong_results")
@@ -594,7 +594,7 @@ class StepFlowComparison(_Panel):
         import ipywidgets as w
         import pandas as pd
 
-        from stepsal_lens.metrics import layer_metrics
+        from stepsal_lens.core.metrics import layer_metrics
 
         if list(off.layers) != list(on.layers):
             raise StepSalError("the two results cover different layers")

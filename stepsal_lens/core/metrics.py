@@ -22,7 +22,7 @@ here turns NaN into a number.
 Examples
 --------
 >>> import torch
->>> from stepsal_lens.metrics import layer_metrics
+>>> from stepsal_lens.core.metrics import layer_metrics
 >>> segments = ["question", "thinking", "thinking", "summary"]
 >>> maps = torch.eye(4).expand(3, 1, 4, 4)  # [layer, head, step, step]: pure lock-in
 >>> layer_metrics(maps, segments)["lock_in"].tolist()

@@ -1,4 +1,4 @@
-"""The math-verify worker of :mod:`stepsal_lens.answers` (run as a script, not imported).
+"""The math-verify worker of :mod:`stepsal_lens.eval.grading` (run as a script, not imported).
 
 Every symbolic comparison of the grader runs here, in a child process, so that a
 comparison that never ends (``10^{10^{10}}``, ``9^9^9^9``) can be killed without harming

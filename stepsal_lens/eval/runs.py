@@ -1,236 +1,46 @@
-"""Accuracy evaluation: local benchmark files, resumable runs, paired comparisons.
+"""Accuracy runs: generate, grade, write a resumable run folder; paired comparisons.
 
-* :func:`extract_answer` and :func:`grade` are :mod:`stepsal_lens.answers`'s (re-exported
-  here): the one answer parser (balanced braces, "Final answer:", GPQA letter styles) and
-  the grader built on math-verify, with every symbolic comparison under a time limit.
-* :func:`load_problems` reads local JSONL / JSON / parquet / CSV files in the field
-  layouts of MATH-500, AIME 2024/2025, AMC23 and GPQA-Diamond (nothing is downloaded),
-  or ``tiny:SPLIT`` for the bundled arithmetic task.
-* :func:`evaluate` generates, grades and writes ``results.jsonl`` (one line per problem
-  and sample, with ``grading_error`` set where the grader could not decide) and
-  ``summary.json`` (accuracy with a 95% Wilson interval); an interrupted run continues
-  where it stopped. :func:`compare_runs` pairs two runs problem by
-  problem and runs an exact McNemar test.
+* :func:`evaluate` generates, grades (:mod:`stepsal_lens.eval.grading`) and writes
+  ``results.jsonl`` (one line per problem and sample, with ``grading_error`` set where
+  the grader could not decide) and ``summary.json`` (accuracy with a 95% Wilson
+  interval); an interrupted run continues where it stopped.
+* :func:`compare_runs` pairs two runs problem by problem and runs an exact McNemar test.
+
+Problems come from :func:`~stepsal_lens.eval.problems.load_problems`.
 
 Examples
 --------
->>> from stepsal_lens.evaluate import extract_answer, grade
->>> extract_answer("So the answer is \\\\boxed{\\\\frac{1}{2}}.")
-'\\\\frac{1}{2}'
->>> grade("\\\\frac{1}{2}", "0.5"), grade("1,000", "1000"), grade("(B)", "B", kind="choice")
-(True, True, True)
+>>> import tempfile
+>>> from stepsal_lens import evaluate, load_lrm
+>>> from stepsal_lens.eval.problems import load_problems
+>>> run = evaluate(load_lrm("tiny-lrm"), load_problems("tiny:id", limit=2),
+...                tempfile.mkdtemp(), progress=False)
+>>> run.summary["n"]
+2
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepsal_lens.models import info_of, model_name as name_of
-from stepsal_lens.answers import Grade, extract_answer, find_answer, grade, grade_output
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.eval.grading import Grade, grade_output
+from stepsal_lens.eval.problems import Problem
 from stepsal_lens.results.config import StepFlowConfig
+from stepsal_lens.segments.association import info_of, model_name as name_of
 
 __all__ = [
     "EvalRun",
-    "Problem",
     "check_eval_settings",
     "check_run_folder",
     "compare_runs",
     "evaluate",
-    "extract_answer",
-    "grade",
-    "grade_output",
-    "load_problems",
 ]
-
-MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-CHOICE_INSTRUCTION = ("\nPlease reason step by step, and put the letter of the correct choice "
-                      "within \\boxed{}.")
-LETTERS = "ABCDEFGHIJ"
-
-
-# ---- problems -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Problem:
-    """One benchmark problem.
-
-    ``kind`` is ``"math"`` (free-form answer) or ``"choice"`` (``answer`` is a letter and
-    ``choices`` the options in letter order). ``instruction`` is appended to the
-    question in the prompt.
-    """
-
-    id: str
-    question: str
-    answer: str
-    kind: str = "math"
-    choices: tuple[str, ...] = ()
-    source: str = ""
-    instruction: str = MATH_INSTRUCTION
-
-    def prompt_question(self) -> str:
-        """The question as the model reads it (options and instruction included)."""
-        text = self.question
-        if self.choices:
-            text += "\n\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(self.choices))
-        return text + self.instruction
-
-
-def _missing(value: Any) -> bool:
-    """None, NaN (an empty CSV cell) or a blank string."""
-    if value is None:
-        return True
-    if isinstance(value, float) and value != value:
-        return True
-    return isinstance(value, str) and not value.strip()
-
-
-def _field(row: dict[str, Any], *names: str) -> Any:
-    lower = {str(k).lower(): v for k, v in row.items()}
-    for n in names:
-        if n.lower() in lower and not _missing(lower[n.lower()]):
-            return lower[n.lower()]
-    return None
-
-
-_ROW_FIX = ('each problem must be an object like {"problem": "...", "answer": "..."} '
-            '(or GPQA\'s Question / Correct Answer / Incorrect Answer 1-3)')
-
-
-def _read_rows(path: Path) -> list[tuple[str, Any]]:
-    """(where, row) pairs: ``where`` names the file and line or row for messages."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        from stepsal_lens.outputs import read_jsonl_objects
-
-        return read_jsonl_objects(path, _ROW_FIX)
-    if suffix == ".json":
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise StepSalError(f"data file {str(path)!r} is not valid JSON ({err})") from None
-        if isinstance(doc, dict):
-            keys = [k for k in ("data", "rows") if k in doc]
-            if not keys:
-                raise StepSalError(f"data file {str(path)!r} holds an object with keys "
-                                   f"{sorted(doc)[:8]}; expected a list of problems, or "
-                                   f"{{\"data\": [...]}} / {{\"rows\": [...]}}")
-            doc = doc[keys[0]]
-            if not isinstance(doc, list):
-                raise StepSalError(f"data file {str(path)!r}: {keys[0]!r} holds "
-                                   f"{str(doc)[:40]} ({type(doc).__name__}), not a list of "
-                                   f"problems")
-        if not isinstance(doc, list):
-            raise StepSalError(f"data file {str(path)!r} holds a JSON {type(doc).__name__}; "
-                               f"expected a list of problems")
-        return [(f"{path} item {i}", row) for i, row in enumerate(doc)]
-    if suffix in (".parquet", ".csv"):
-        import pandas as pd
-
-        try:
-            df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
-        except Exception as err:  # pandas/pyarrow raise many types for a bad file
-            raise StepSalError(f"cannot read data file {str(path)!r} as {suffix[1:]}: "
-                               f"{type(err).__name__}: {err}") from err
-        return [(f"{path} row {i + 1}", row) for i, row in
-                enumerate(df.to_dict(orient="records"))]
-    raise StepSalError(f"cannot read {str(path)!r}: use .jsonl, .json, .parquet or .csv")
-
-
-def _gpqa(row: dict[str, Any], i: int, source: str, where: str) -> Problem:
-    """GPQA: options shuffled with a seed taken from the record, so runs agree."""
-    pid = str(_field(row, "Record ID", "id") or i)
-    names = ["Question", "Correct Answer"] + [f"Incorrect Answer {k}" for k in (1, 2, 3)]
-    empty = [n for n in names if _field(row, n) is None]
-    if empty:
-        raise StepSalError(f"{where}: GPQA row has empty {empty}; fill them in or drop the row")
-    correct = str(_field(row, "Correct Answer")).strip()
-    options = [correct] + [str(_field(row, f"Incorrect Answer {k}")).strip() for k in (1, 2, 3)]
-    rng = random.Random(int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16))
-    rng.shuffle(options)
-    return Problem(pid, str(_field(row, "Question")).strip(), LETTERS[options.index(correct)],
-                   "choice", tuple(options), source, CHOICE_INSTRUCTION)
-
-
-def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
-    if not isinstance(row, dict):
-        raise StepSalError(f"{where} holds a {type(row).__name__}, not an object; {_ROW_FIX}")
-    if _field(row, "Correct Answer") is not None or _field(row, "Incorrect Answer 1") is not None:
-        return _gpqa(row, i, source, where)
-    question = _field(row, "problem", "question", "prompt")
-    answer = _field(row, "answer", "final_answer", "expected_answer")
-    if question is None or answer is None:
-        empty = [k for k, v in row.items() if _missing(v) and str(k).lower() in (
-            "problem", "question", "prompt", "answer", "final_answer", "expected_answer")]
-        if empty:
-            raise StepSalError(f"{where} has an empty {' and '.join(map(repr, empty))}; every "
-                               f"problem needs a question and an answer (fill them in or "
-                               f"drop the row)")
-        raise StepSalError(
-            f"{where} has fields {sorted(map(str, row))}; expected a question field "
-            f"(problem / question / Question) and an answer field (answer / Answer), or "
-            f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
-    pid = str(_field(row, "unique_id", "id", "idx", "record id") or i)
-    choices = _field(row, "choices", "options")
-    if choices is not None and len(choices):
-        choices = tuple(str(c) for c in choices)
-        ans = str(answer).strip()
-        found = find_answer(ans, "choice")
-        letter = (LETTERS[int(ans)] if ans.isdigit() and int(ans) < len(choices)
-                  else found.text if found else ans)
-        return Problem(pid, str(question).strip(), letter, "choice", choices, source,
-                       CHOICE_INSTRUCTION)
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)  # AMC23 stores answers as floats
-    return Problem(pid, str(question).strip(), str(answer).strip(), "math", (), source)
-
-
-def load_problems(data: str | Path, *, limit: int | None = None) -> list[Problem]:
-    """Problems from a local file, or ``tiny:SPLIT`` for the arithmetic task.
-
-    Parameters
-    ----------
-    data
-        A ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file in the layout of MATH-500
-        (``problem``, ``answer``, ``unique_id``), AIME 2024 (``ID``, ``Problem``,
-        ``Answer``), AIME 2025 / AMC23 (``question`` or ``problem``, ``answer``, ``id``),
-        GPQA-Diamond (``Question``, ``Correct Answer``, ``Incorrect Answer 1..3``,
-        ``Record ID``) or generic multiple choice (``question``, ``choices``, ``answer`` as
-        letter or index). ``tiny:id`` / ``tiny:long`` / ``tiny:hard``: held-out problems of
-        the bundled task (seed 20000, as in tiny-lrm's ``eval.json``; 500 by default).
-    limit
-        Keep the first ``limit`` problems (None: all; at least 1).
-    """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise StepSalError(f"limit must be a whole number >= 1 (or None for all problems); got "
-                           f"{limit!r}")
-    if isinstance(data, str) and data.startswith("tiny:"):
-        from stepsal_lens.zoo.evaluate import EVAL_SEED
-        from stepsal_lens.zoo.task import generate
-
-        split = data.split(":", 1)[1]
-        problems = generate(limit or 500, split=split, seed=EVAL_SEED)
-        return [Problem(f"{split}-{i}", p.question, str(p.answer), "math", (), data, "")
-                for i, p in enumerate(problems)]
-    path = Path(data)
-    if not path.exists():
-        raise StepSalError(f"data file {str(path)!r} does not exist (nothing is downloaded: "
-                           f"save the benchmark locally first)")
-    if path.is_dir():
-        raise StepSalError(f"data file {str(path)!r} is a folder; pass a .jsonl, .json, "
-                           f".parquet or .csv file")
-    rows = _read_rows(path)
-    if not rows:
-        raise StepSalError(f"data file {str(path)!r} holds no problems")
-    problems = [_row_problem(r, i, path.name, where) for i, (where, r) in enumerate(rows)]
-    return problems[:limit] if limit is not None else problems
 
 
 # ---- runs ---------------------------------------------------------------------------------
@@ -340,7 +150,7 @@ def check_run_folder(out: str | Path, settings: dict[str, Any]) -> None:
     """Refuse a run folder before any work: one another process is writing, one that is
     not a folder or not writable, or one holding a run with other ``settings`` (the keys
     of ``run.json``; leave out what is not known yet, e.g. the format before loading)."""
-    from stepsal_lens.outputs import check_unlocked, check_writable
+    from stepsal_lens.results.outputs import check_unlocked, check_writable
 
     out = Path(out)
     check_writable(out, what="run folder")
@@ -373,7 +183,7 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     model
         A model from :func:`~stepsal_lens.load_lrm`.
     problems
-        From :func:`load_problems`.
+        From :func:`~stepsal_lens.eval.problems.load_problems`.
     out
         Run folder: ``run.json`` (settings), ``results.jsonl``, ``summary.json``. If it
         already holds results of the same settings, only the missing ones are generated.
@@ -393,7 +203,7 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     runs. Ctrl-C raises ``KeyboardInterrupt("interrupted after N of M; ...")`` with the
     finished records saved: call it again to resume.
     """
-    from stepsal_lens.outputs import run_lock
+    from stepsal_lens.results.outputs import run_lock
 
     check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
                         temperature=temperature, seed=seed, grading_timeout=grading_timeout)
@@ -438,7 +248,7 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
     """The body of :func:`evaluate`, run while holding the folder's lock."""
     from tqdm.auto import tqdm
 
-    from stepsal_lens.outputs import write_text_atomic
+    from stepsal_lens.results.outputs import write_text_atomic
 
     check_run_folder(out, config)  # again, now that the folder is ours
     run_file, results_file = out / "run.json", out / "results.jsonl"
@@ -472,7 +282,7 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
 def _generate_and_grade(model, todo, done, results_file: Path, sf, bar, *, max_new_tokens: int,
                         batch_size: int, temperature: float, seed: int,
                         grading_timeout: float | int) -> None:
-    from stepsal_lens.generation import generate
+    from stepsal_lens.lens.generation import generate
 
     with open(results_file, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):

@@ -16,19 +16,19 @@ From "this step looks salient" to "this step causally matters, through these hea
 * :func:`patch_step` -- activation patching of one step between two traces that share
   the tokens before it (residual stream or one head's output), measuring the answer's
   log-probability.
-* :func:`saliency_effect_correlation` / :func:`correlation_summary` -- per layer, the
+* :func:`~stepsal_lens.core.causal.saliency_effect_correlation` /
+  :func:`~stepsal_lens.core.causal.correlation_summary` -- per layer, the
   Spearman correlation of the head-mean Step-Saliency map with the effect matrix over
   the lower triangle, and a test over traces.
 
-The math lives in pure functions (:func:`kl_per_position`, :func:`vertical_scores`,
-:func:`receiver_kurtosis`, :func:`lower_triangle_spearman`); the model-facing functions
-are thin loops around :class:`~stepsal_lens.knockout.Knockout` and a few hooks, always
+The math lives in pure functions (:mod:`stepsal_lens.core.causal`); the model-facing functions
+are thin loops around :class:`~stepsal_lens.lens.knockout.Knockout` and a few hooks, always
 removed.
 
 Examples
 --------
 >>> from stepsal_lens import load_lrm, step_effects, step_saliency
->>> from stepsal_lens.generation import generate
+>>> from stepsal_lens.lens.generation import generate
 >>> model = load_lrm("tiny-lrm")
 >>> [gen] = generate(model, ["Start with 3. Add 4, then multiply by 2. What is the result?"],
 ...                  progress=False)
@@ -42,130 +42,27 @@ True
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from stepsal_lens.core.causal import kl_per_position, receiver_kurtosis
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.knockout import Knockout, Suppression
-from stepsal_lens.models import model_name
-from stepsal_lens.saliency import check_layers, trace_tokens
-from stepsal_lens.trace import Step, Trace
+from stepsal_lens.lens.knockout import Knockout
+from stepsal_lens.core.knockout import Suppression
+from stepsal_lens.lens.saliency import check_layers, trace_tokens
+from stepsal_lens.results.effects import ReceiverHeads, StepEffects
+from stepsal_lens.segments.association import model_name
+from stepsal_lens.segments.trace import Trace
 from stepsal_lens.typing import StepMap
 
-__all__ = [
-    "ReceiverHeads",
-    "StepEffects",
-    "correlation_summary",
-    "kl_per_position",
-    "lower_triangle_spearman",
-    "patch_step",
-    "plot_effects",
-    "receiver_heads",
-    "receiver_kurtosis",
-    "saliency_effect_correlation",
-    "step_attention",
-    "step_effects",
-    "vertical_scores",
-]
+__all__ = ["patch_step", "receiver_heads", "step_attention", "step_effects"]
 
 #: Bytes of float32 logits one chunk of the KL computation may hold ([positions, vocab]).
 _CHUNK_BYTES = 64 * 2**20
 
-
-# ---- pure cores ----------------------------------------------------------------------------
-
-def kl_per_position(logits_p: Float[Tensor, "pos vocab"],
-                    logits_q: Float[Tensor, "pos vocab"]) -> Float[Tensor, " pos"]:
-    """``KL(softmax(p) || softmax(q))`` per position, in nats, float32, clamped at 0.
-
-    Examples
-    --------
-    >>> p = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
-    >>> [round(x, 4) for x in kl_per_position(p, torch.zeros(2, 2)).tolist()]
-    [0.0, 0.3278]
-    """
-    lp = logits_p.float().log_softmax(-1)
-    lq = logits_q.float().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
-
-
-def vertical_scores(maps: Float[Tensor, "*head step step"], k: int = 4
-                    ) -> Float[Tensor, "*head key_step"]:
-    """Mean of each column over the rows at least ``k`` steps below it.
-
-    ``out[..., j] = mean_{i >= j + k} maps[..., i, j]`` for the key steps ``j`` that have
-    such rows (``j < n_steps - k``), so the last dimension is ``n_steps - k``.
-
-    >>> m = torch.arange(16.0).reshape(4, 4)
-    >>> vertical_scores(m, k=2).tolist()   # column 0: rows 2, 3; column 1: row 3
-    [10.0, 13.0]
-    """
-    if k < 1:
-        raise StepSalError(f"k must be at least 1 step; got {k}")
-    n = maps.shape[-1]
-    if n - k < 1:
-        return maps.new_zeros((*maps.shape[:-2], 0))
-    i = torch.arange(n, device=maps.device)[:, None]
-    j = torch.arange(n, device=maps.device)[None, :]
-    below = (i >= j + k).to(maps.dtype)
-    sums = (maps * below).sum(-2)[..., : n - k]
-    return sums / below.sum(0)[: n - k]
-
-
-def receiver_kurtosis(maps: Float[Tensor, "*head step step"], k: int = 4
-                      ) -> Float[Tensor, "*head"]:
-    """Kurtosis over key steps of the :func:`vertical_scores` (receiver-head score).
-
-    Convention: ``scipy.stats.kurtosis(..., fisher=True, bias=True)`` -- excess kurtosis
-    (a normal distribution scores 0), the biased (population) estimator. NaN with fewer
-    than 2 scored steps or when every score is equal.
-
-    >>> m = torch.zeros(8, 8); m[:, 1] = 1.0          # every later step reads step 1
-    >>> round(float(receiver_kurtosis(m, k=2)), 3)    # one spike among 6 scores
-    1.2
-    """
-    from scipy import stats
-
-    v = vertical_scores(maps.double(), k).cpu().numpy()
-    if v.shape[-1] < 2:
-        return torch.full(v.shape[:-1], float("nan"))
-    flat = np.ptp(v, axis=-1) == 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        kurt = stats.kurtosis(v, axis=-1, fisher=True, bias=True)
-    kurt = np.where(flat, np.nan, kurt)
-    return torch.as_tensor(np.asarray(kurt), dtype=torch.float32)
-
-
-def lower_triangle_spearman(a: Float[Tensor, "step step"], b: Float[Tensor, "step step"]
-                            ) -> tuple[float, float, int]:
-    """Spearman's rho (``scipy.stats.spearmanr``) between two step maps over ``i > j``.
-
-    Returns ``(rho, p, n_pairs)``; rho and p are NaN with fewer than 3 pairs or when
-    either side is constant.
-
-    >>> a = torch.tensor([[0., 0, 0], [1, 0, 0], [2, 3, 0]])
-    >>> lower_triangle_spearman(a, a * 10)[:2]
-    (1.0, 0.0)
-    """
-    from scipy import stats
-
-    n = a.shape[-1]
-    i, j = torch.tril_indices(n, n, -1)
-    x, y = a[i, j].double().cpu().numpy(), b[i, j].double().cpu().numpy()
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan"), len(x)
-    res = stats.spearmanr(x, y)
-    return float(res.statistic), float(res.pvalue), len(x)
 
 
 # ---- shared plumbing ---------------------------------------------------------------------
@@ -211,136 +108,6 @@ def _check_heads(heads: Sequence[int] | None, n_heads: int) -> list[int] | None:
 
 # ---- the causal effect matrix --------------------------------------------------------------
 
-@dataclass
-class StepEffects:
-    """The causal effect matrix of one trace (made by :func:`step_effects`).
-
-    Attributes
-    ----------
-    effects : Tensor
-        ``[n_steps, n_steps]`` float32: ``effects[i, j]`` = mean KL (nats) over the tokens
-        of query step ``i`` when every later position is cut off key step ``j`` in all
-        of :attr:`layers`; 0 where ``i <= j``.
-    per_layer : Tensor or None
-        ``[len(layers), n_steps, n_steps]``: the same with the cut in one layer at a
-        time (row ``r`` is layer ``layers[r]``), when asked for.
-    layers : list[int]
-        Layers the cut applies in.
-    heads : list[int] or None
-        Heads the cut applies to (``None``: all).
-    steps : list[Step]
-    token_ids : Tensor
-        ``[n_tokens]`` int64, the ids the model saw.
-    meta : dict
-        ``model``, ``format``, ``n_layers``, ``n_heads``, ``measure``, ``text``.
-    """
-
-    effects: Float[Tensor, "step step"]
-    steps: list[Step]
-    token_ids: Tensor
-    per_layer: Float[Tensor, "layer step step"] | None = None
-    layers: list[int] = field(default_factory=list)
-    heads: list[int] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def segments(self) -> list[str]:
-        """Segment of each step."""
-        return [s.segment for s in self.steps]
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.steps)
-
-    def layer_map(self, layer: int) -> Float[Tensor, "step step"]:
-        """The effect matrix with the cut in model layer ``layer`` only."""
-        if self.per_layer is None or layer not in self.layers:
-            raise StepSalError(f"no per-layer effects for layer {layer}; run step_effects(..., "
-                               f"per_layer=True) (layers with them: "
-                               f"{self.layers if self.per_layer is not None else []})")
-        return self.per_layer[self.layers.index(layer)]
-
-    def to_dataframe(self):
-        """Tidy form: one row per (query step > key step): ``layer`` ("all" for the cut
-        in every layer), query/key step and segment, ``effect``."""
-        import pandas as pd
-
-        n = self.n_steps
-        i, j = torch.tril_indices(n, n, -1)
-        seg = np.array(self.segments, dtype=object)
-        maps = [("all", self.effects)]
-        if self.per_layer is not None:
-            maps += list(zip(self.layers, self.per_layer))
-        frames = [pd.DataFrame({"layer": [str(name)] * len(i), "query_step": i.numpy(),
-                                "key_step": j.numpy(), "query_segment": seg[i.numpy()],
-                                "key_segment": seg[j.numpy()],
-                                "effect": m[i, j].numpy()}) for name, m in maps]
-        return pd.concat(frames, ignore_index=True)
-
-    def top(self, n: int = 5):
-        """The ``n`` largest effects (cut in every layer) with both steps' text."""
-        df = self.to_dataframe()
-        df = df[df.layer == "all"].nlargest(n, "effect").drop(columns="layer")
-        df["query_text"] = [self.steps[i].text for i in df.query_step]
-        df["key_text"] = [self.steps[j].text for j in df.key_step]
-        return df.reset_index(drop=True)
-
-    def key_importance(self) -> Float[Tensor, " step"]:
-        """Mean effect of cutting each key step over all later query steps (NaN for the
-        last step)."""
-        n = self.n_steps
-        later = torch.tril(torch.ones(n, n), -1)
-        return (self.effects * later).sum(0) / later.sum(0)
-
-    def tensors(self) -> dict[str, Tensor]:
-        """What ``step_effects.safetensors`` holds: ``effects`` float32, ``token_ids``
-        int64 and ``effects_per_layer`` if computed."""
-        out = {"effects": self.effects.float().contiguous(),
-               "token_ids": self.token_ids.long().contiguous()}
-        if self.per_layer is not None:
-            out["effects_per_layer"] = self.per_layer.float().contiguous()
-        return out
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``step_effects.safetensors`` (``effects`` float32 ``[n_steps, n_steps]``,
-        ``token_ids`` int64, ``effects_per_layer`` if any) and ``step_effects.json``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors(), directory / "step_effects.safetensors")
-        doc = {"layers": self.layers, "heads": self.heads, "meta": self.meta,
-               "steps": [s.to_dict() for s in self.steps]}
-        (directory / "step_effects.json").write_text(json.dumps(doc, indent=1,
-                                                                ensure_ascii=False))
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> StepEffects:
-        """Read what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        files = [directory / "step_effects.safetensors", directory / "step_effects.json"]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written by "
-                               f"StepEffects.save or `stepsal effects`")
-        t = load_file(files[0])
-        doc = json.loads(files[1].read_text())
-        return cls(t["effects"], [Step.from_dict(s) for s in doc["steps"]], t["token_ids"],
-                   t.get("effects_per_layer"), doc["layers"], doc["heads"], doc["meta"])
-
-    def plot(self, **kwargs: Any):
-        """:func:`plot_effects` of this result."""
-        return plot_effects(self, **kwargs)
-
-    def __repr__(self) -> str:
-        n = self.n_steps
-        per = "" if self.per_layer is None else f", per layer x {self.per_layer.shape[0]}"
-        return (f"StepEffects({n}x{n} steps{per}, max {float(self.effects.max()):.4g} nats, "
-                f"model={self.meta.get('model')!r})")
-
 
 def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None, *, per_layer: bool = False,
@@ -352,7 +119,7 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
     position ``t - 1``, where ``p_cut`` is the model with every position from the end of
     step ``j`` on unable to attend to step ``j``'s tokens (the attention logits masked,
     rows renormalised, attention sinks kept, sliding windows respected; see
-    :mod:`stepsal_lens.knockout`). 0 where ``i <= j``.
+    :mod:`stepsal_lens.lens.knockout`). 0 where ``i <= j``.
 
     Key steps are batched (``batch_size`` copies of the trace per forward pass, each
     cutting another step). The forward stops at the unembedding and the KL is computed
@@ -472,7 +239,8 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     >>> tuple(att.maps.shape)
     (4, 4, 4, 4)
     """
-    from stepsal_lens.saliency import StepSaliency, pool_saliency
+    from stepsal_lens.results.saliency import StepSaliency
+    from stepsal_lens.core.pooling import pool_saliency
 
     layers = check_layers(layers, model.cfg.n_layers)
     tokens = trace_tokens(model, trace)
@@ -491,99 +259,6 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     meta = {"model": model_name(model), "format": trace.format.name, "target": "attention",
             "n_layers": model.cfg.n_layers, "n_heads": int(maps.shape[1]), "text": trace.text}
     return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
-
-
-@dataclass
-class ReceiverHeads:
-    """Receiver-head scores over a set of traces (made by :func:`receiver_heads`).
-
-    Attributes
-    ----------
-    kurtosis : dict[str, Tensor]
-        ``"attention"`` (and ``"saliency"``) -> ``[n_traces, n_layers, n_heads]``
-        kurtosis of the vertical scores (NaN for a trace with too few steps).
-    layers : list[int]
-    k : int
-        Minimum step distance of the vertical score.
-    segments : list[str]
-        Segments whose steps were scored.
-    meta : dict
-    """
-
-    kurtosis: dict[str, Float[Tensor, "trace layer head"]]
-    layers: list[int]
-    k: int = 4
-    segments: list[str] = field(default_factory=lambda: ["thinking"])
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def mean(self, source: str = "attention") -> Float[Tensor, "layer head"]:
-        """Mean kurtosis over traces (NaN-skipping) of one source."""
-        if source not in self.kurtosis:
-            raise StepSalError(f"source must be one of {sorted(self.kurtosis)}; got {source!r}")
-        return torch.nanmean(self.kurtosis[source], 0)
-
-    def to_dataframe(self):
-        """One row per (layer, head): mean and std of the kurtosis over traces and the
-        rank (1 = strongest receiver) per source; sorted by the attention rank."""
-        import pandas as pd
-
-        n_h = next(iter(self.kurtosis.values())).shape[-1]
-        layer, head = np.meshgrid(self.layers, np.arange(n_h), indexing="ij")
-        df = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel()})
-        for source, k in self.kurtosis.items():
-            arr = k.double().numpy()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                df[f"kurtosis_{source}"] = np.nanmean(arr, 0).ravel()
-                df[f"std_{source}"] = np.nanstd(arr, 0).ravel()
-            df[f"rank_{source}"] = df[f"kurtosis_{source}"].rank(ascending=False,
-                                                                   method="min").astype("Int64")
-        df["n_traces"] = int(next(iter(self.kurtosis.values())).shape[0])
-        return df.sort_values("rank_attention").reset_index(drop=True)
-
-    def plot(self):
-        """Layer x head heat maps of the mean kurtosis, one panel per source."""
-        from stepsal_lens.plots import new_figure
-
-        sources = list(self.kurtosis)
-        fig = new_figure(3.6 * len(sources) + 0.6, 3.2)
-        axes = fig.subplots(1, len(sources), squeeze=False)
-        for ax, source in zip(axes[0], sources):
-            m = self.mean(source).numpy()
-            im = ax.imshow(m, cmap="viridis", aspect="auto", interpolation="nearest")
-            ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers])
-            ax.set_xticks(range(m.shape[1]))
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_title(f"receiver kurtosis ({source})")
-            fig.colorbar(im, ax=ax, shrink=0.8)
-        return fig
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``receiver_heads.safetensors`` and ``receiver_heads.json``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.float().contiguous() for k, v in self.kurtosis.items()},
-                  directory / "receiver_heads.safetensors")
-        (directory / "receiver_heads.json").write_text(json.dumps(
-            {"layers": self.layers, "k": self.k, "segments": self.segments, "meta": self.meta},
-            indent=1))
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> ReceiverHeads:
-        """Read what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / "receiver_heads.json").exists():
-            raise StepSalError(f"{str(directory)!r} has no receiver_heads.json; pass a folder "
-                               f"written by ReceiverHeads.save")
-        doc = json.loads((directory / "receiver_heads.json").read_text())
-        return cls(dict(load_file(directory / "receiver_heads.safetensors")), doc["layers"],
-                   doc["k"], doc["segments"], doc["meta"])
 
 
 def _restrict(maps: StepMap, segments_of: Sequence[str], keep: Sequence[str]) -> Tensor:
@@ -641,7 +316,7 @@ def receiver_heads(model: Any, traces: Sequence[Trace] | Trace, *, k: int = 4,
     """
     from tqdm.auto import tqdm
 
-    from stepsal_lens.saliency import step_saliency
+    from stepsal_lens.lens.saliency import step_saliency
 
     traces = [traces] if isinstance(traces, Trace) else list(traces)
     if not traces:
@@ -716,7 +391,7 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
 
     For each layer (and, with ``site="z"``, each head), run ``target`` with the activation
     at step ``step``'s tokens replaced by ``source``'s, and report the log-probability of
-    ``target``'s answer tokens (:func:`~stepsal_lens.saliency.answer_token_positions`)
+    ``target``'s answer tokens (:func:`~stepsal_lens.lens.saliency.answer_token_positions`)
     before and after. The two traces must have the same tokens before the step and the
     step at the same positions (e.g. a correct and a wrong trace of one question that
     part at this step), else :class:`~stepsal_lens.StepSalError`.
@@ -758,7 +433,7 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     """
     import pandas as pd
 
-    from stepsal_lens.saliency import answer_token_positions
+    from stepsal_lens.lens.targets import answer_token_positions
 
     if site not in PATCH_SITES:
         raise StepSalError(f"site must be one of {sorted(PATCH_SITES)}; got {site!r}")
@@ -817,265 +492,3 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     df = pd.DataFrame(rows)
     df.attrs["answer_tokens"] = model.tokenizer.decode(ids.tolist())
     return df
-
-
-# ---- saliency vs causality -------------------------------------------------------------------
-
-def saliency_effect_correlation(saliencies: Any, effects: Any):
-    """Per layer, Spearman's rho between the head-mean Step-Saliency map and the effect
-    matrix, over the lower triangle (query step after key step).
-
-    Parameters
-    ----------
-    saliencies, effects
-        A :class:`~stepsal_lens.StepSaliency` and a :class:`StepEffects` of the same trace,
-        or two equally long lists of them.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per (trace, layer): ``rho``, ``p``, ``n_pairs`` against the effects of the
-        cut in every layer, and ``rho_same_layer``/``p_same_layer`` against the cut in that
-        layer alone when the effects have ``per_layer``. NaN where a side is constant.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from stepsal_lens import StepSaliency, Step
-    >>> steps = [Step(i, "thinking", "s", (0, 1), (i, i + 1)) for i in range(4)]
-    >>> m = torch.tril(torch.rand(4, 4), -1)
-    >>> sal = StepSaliency(m.expand(2, 3, 4, 4), [0, 1], steps, torch.arange(4))
-    >>> eff = StepEffects(m * 5, steps, torch.arange(4))
-    >>> saliency_effect_correlation(sal, eff).rho.tolist()
-    [1.0, 1.0]
-    """
-    import pandas as pd
-
-    sal_list = saliencies if isinstance(saliencies, (list, tuple)) else [saliencies]
-    eff_list = effects if isinstance(effects, (list, tuple)) else [effects]
-    if len(sal_list) != len(eff_list):
-        raise StepSalError(f"got {len(sal_list)} saliencies and {len(eff_list)} effects; pass one "
-                           f"of each per trace")
-    rows = []
-    for t, (sal, eff) in enumerate(zip(sal_list, eff_list)):
-        if not torch.equal(sal.token_ids.long(), eff.token_ids.long()):
-            raise StepSalError(f"trace {t}: the saliency and the effects come from different "
-                               f"token ids; compute both on the same Trace")
-        if sal.n_steps != eff.n_steps:
-            raise StepSalError(f"trace {t}: {sal.n_steps} saliency steps vs {eff.n_steps} effect "
-                               f"steps; compute both on the same Trace")
-        head_mean = sal.maps.mean(1)
-        for li, layer in enumerate(sal.layers):
-            rho, p, n_pairs = lower_triangle_spearman(head_mean[li], eff.effects)
-            row = {"trace": t, "layer": layer, "rho": rho, "p": p, "n_pairs": n_pairs}
-            if eff.per_layer is not None and layer in eff.layers:
-                row["rho_same_layer"], row["p_same_layer"], _ = lower_triangle_spearman(
-                    head_mean[li], eff.layer_map(layer))
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def correlation_summary(df):
-    """Per layer over traces: mean, std, median, min and max of rho, and tests that the
-    mean is 0 (one-sample t-test; Wilcoxon signed-rank from 6 traces on).
-
-    ``df`` is :func:`saliency_effect_correlation`'s output; NaN rows are skipped. The
-    same for ``rho_same_layer`` when present (prefixed ``same_layer_``).
-
-    >>> import pandas as pd
-    >>> df = pd.DataFrame({"trace": [0, 1, 2], "layer": [0, 0, 0], "rho": [0.5, 0.6, 0.7]})
-    >>> s = correlation_summary(df)
-    >>> round(float(s.mean_rho[0]), 2), int(s.n[0])
-    (0.6, 3)
-    """
-    import pandas as pd
-    from scipy import stats
-
-    out = []
-    for layer, grp in df.groupby("layer"):
-        row: dict[str, Any] = {"layer": layer}
-        for col, prefix in (("rho", ""), ("rho_same_layer", "same_layer_")):
-            if col not in grp:
-                continue
-            x = grp[col].dropna().to_numpy()
-            row[f"{prefix}n"] = len(x)
-            row[f"{prefix}mean_rho"] = float(x.mean()) if len(x) else float("nan")
-            row[f"{prefix}std_rho"] = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
-            row[f"{prefix}median_rho"] = float(np.median(x)) if len(x) else float("nan")
-            row[f"{prefix}min_rho"] = float(x.min()) if len(x) else float("nan")
-            row[f"{prefix}max_rho"] = float(x.max()) if len(x) else float("nan")
-            t = p = w = float("nan")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if len(x) > 1 and np.ptp(x) > 0:
-                    res = stats.ttest_1samp(x, 0.0)
-                    t, p = float(res.statistic), float(res.pvalue)
-                if len(x) >= 6 and (x != 0).any():
-                    w = float(stats.wilcoxon(x).pvalue)
-            row[f"{prefix}t"], row[f"{prefix}p_ttest"], row[f"{prefix}p_wilcoxon"] = t, p, w
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-# ---- views -----------------------------------------------------------------------------------
-
-def plot_effects(effects: StepEffects, *, layers: Sequence[int] | None = None,
-                 title: str | None = None, log: bool = True):
-    """The effect matrix (and per-layer matrices, if computed) with Q/T/S boundaries.
-
-    ``log`` shows ``log10`` of the effects (zeros at the floor), which spreads out KL
-    values spanning orders of magnitude.
-    """
-    from stepsal_lens.plots import new_figure
-
-    from stepsal_lens.plots import segment_boundaries
-
-    panels = [("cut in all layers", effects.effects)]
-    if effects.per_layer is not None:
-        pick = effects.layers if layers is None else list(layers)
-        panels += [(f"cut in layer {l} only", effects.layer_map(l)) for l in pick]
-    data = [m.double() for _, m in panels]
-    n = effects.n_steps
-    below = torch.tril(torch.ones(n, n, dtype=torch.bool), -1)
-    if log:
-        pos = torch.cat([d[below & (d > 0)] for d in data])
-        floor = float(pos.min()) if len(pos) else 1e-12
-        data = [torch.log10(d.clamp_min(floor)).masked_fill(~below, float("nan")) for d in data]
-    vmin = float(np.nanmin([np.nanmin(d.numpy()) for d in data])) if n > 1 else 0
-    vmax = float(np.nanmax([np.nanmax(d.numpy()) for d in data])) if n > 1 else 1
-    fig = new_figure(3.4 * len(panels) + 0.8, 3.4)
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    runs = segment_boundaries(effects.segments)
-    letters = {"question": "Q", "thinking": "T", "summary": "S"}
-    for ax, (name, _), d in zip(axes[0], panels, data):
-        im = ax.imshow(d.numpy(), cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
-        for _, a, _b in runs[1:]:
-            ax.axhline(a - 0.5, color="cyan", lw=0.8)
-            ax.axvline(a - 0.5, color="cyan", lw=0.8)
-        ticks = [(a + b - 1) / 2 for _, a, b in runs]
-        ax.set_xticks(ticks, [letters.get(s, s[:1]) for s, _, _ in runs])
-        ax.set_yticks(ticks, [letters.get(s, s[:1]) for s, _, _ in runs])
-        ax.set_title(name)
-        ax.set_xlabel("key step (cut)")
-    axes[0][0].set_ylabel("query step")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
-                 label="log10 KL (nats)" if log else "KL (nats)")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def effect_map(effects: StepEffects, layer: int | None = None, scale: str = "row-normalised"
-               ) -> np.ndarray:
-    """The ``[step, step]`` effect map the explorer shows: the cut in ``layer`` alone
-    (when per-layer effects exist for it) or in all layers, on the explorer's scales."""
-    from stepsal_lens.metrics import normalize_rows
-
-    m = effects.effects
-    if layer is not None and effects.per_layer is not None and layer in effects.layers:
-        m = effects.layer_map(layer)
-    m = m.double()
-    if scale == "row-normalised":
-        m = normalize_rows(m)
-    elif scale == "log":
-        positive = m[m > 0]
-        m = torch.log10(m.clamp_min(float(positive.min()) if len(positive) else 1e-12))
-    return m.numpy()
-
-
-def causal_explorer(result: Any, effects: StepEffects, *, model: Any = None,
-                    trace: Any = None):
-    """The Step-Saliency explorer with a "saliency | causal effect" toggle on the map.
-
-    In causal mode the map is :func:`effect_map` for the slider's layer (the cut in that
-    layer alone when ``effects`` has ``per_layer``, else in all layers). Also reached
-    as ``explore(result, effects=effects)``.
-    """
-    from stepsal_lens.widgets import StepExplorer
-
-    class CausalExplorer(StepExplorer):
-        """StepExplorer plus a source toggle (``source``: ToggleButtons)."""
-
-        def __init__(self):
-            import ipywidgets as w
-
-            if not torch.equal(result.token_ids.long(), effects.token_ids.long()):
-                raise StepSalError("the saliency and the effects come from different token "
-                                   "ids; compute both on the same Trace")
-            self.effects = effects
-            self.source = w.ToggleButtons(options=["saliency", "causal effect"],
-                                          value="saliency")
-            super().__init__(result, model=model, trace=trace)
-            self.source.observe(self._redraw, names="value")
-            self.widget = w.VBox([self.source, *self.widget.children])
-
-        def _z(self):
-            if getattr(self, "source", None) is None or self.source.value == "saliency":
-                return super()._z()
-            layer, _head, scale = self._current()
-            return effect_map(self.effects, self.result.layers[layer], scale)
-
-        def _title(self):
-            if getattr(self, "source", None) is None or self.source.value == "saliency":
-                return super()._title()
-            layer, _head, scale = self._current()
-            real = self.result.layers[layer]
-            where = (f"cut in layer {real}" if self.effects.per_layer is not None
-                     and real in self.effects.layers else "cut in all layers")
-            return f"causal effect ({where}), {scale}"
-
-    return CausalExplorer()
-
-
-# ---- the demo report's section -----------------------------------------------------------------
-
-def demo_causality(model: Any, saliencies: Sequence[Any], *, limit: int = 8) -> dict | None:
-    """Effects of the first ``limit`` traces (with at least 3 steps) and their Spearman
-    correlation with Step-Saliency per layer: ``{"per_trace", "summary"}`` DataFrames."""
-    picked = [s for s in saliencies if s.n_steps >= 3][:limit]
-    if not picked:
-        return None
-    effects = []
-    for sal in picked:
-        trace = Trace.from_token_ids(sal.token_ids, model)
-        if [s.token_span for s in trace.steps] != [s.token_span for s in sal.steps]:
-            raise StepSalError("the saliency's steps do not match its re-built trace")
-        effects.append(step_effects(model, trace))
-    per_trace = saliency_effect_correlation(picked, effects)
-    per_trace["index"] = [picked[t].meta.get("index", t) for t in per_trace.trace]
-    return {"per_trace": per_trace, "summary": correlation_summary(per_trace)}
-
-
-def causality_section(causal: dict, out: Path) -> str:
-    """The demo report's "Saliency vs causality" section (HTML), with its figure."""
-    import html
-
-    from stepsal_lens.plots import new_figure
-
-    from stepsal_lens.plots import figure_png, img_tag
-
-    per, summ = causal["per_trace"], causal["summary"]
-    fig = new_figure(5, 3.2)
-    ax = fig.subplots()
-    for layer, grp in per.groupby("layer"):
-        ax.scatter([layer] * len(grp), grp.rho, color="tab:gray", s=12)
-    ax.errorbar(summ.layer, summ.mean_rho, yerr=summ.std_rho, color="tab:blue", marker="o",
-                capsize=3, label="mean ± sd over traces")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("Spearman rho")
-    ax.set_title("head-mean saliency vs effect matrix")
-    ax.legend()
-    png = figure_png(fig)
-    (Path(out) / "causal_spearman.png").write_bytes(png)
-    rows = "".join(
-        f"<tr><td>{int(r.layer)}</td><td>{int(r.n)}</td><td>{r.mean_rho:.3f}</td>"
-        f"<td>{r.std_rho:.3f}</td><td>{r.min_rho:.3f}</td><td>{r.max_rho:.3f}</td>"
-        f"<td>{r.p_ttest:.3g}</td></tr>" for r in summ.itertuples())
-    return ("<h2>Saliency vs causality</h2><p>On " + html.escape(str(per.trace.nunique()))
-            + " traces: the causal effect of cutting each step off the later ones (mean KL of "
-            "the next-token distributions, <code>step_effects</code>) against the head-mean "
-            "Step-Saliency map, Spearman's rho over the lower triangle, per layer; t-test of "
-            "mean rho = 0 over traces.</p><table><tr><th>layer</th><th>traces</th>"
-            "<th>mean rho</th><th>sd</th><th>min</th><th>max</th><th>p</th></tr>" + rows
-            + "</table>" + img_tag(png, "saliency vs causality"))

@@ -9,7 +9,7 @@ completion is cut after the format's end-of-sequence marker.
 Examples
 --------
 >>> from stepsal_lens import StepFlowConfig, load_lrm
->>> from stepsal_lens.generation import generate
+>>> from stepsal_lens.lens.generation import generate
 >>> model = load_lrm("tiny-lrm")
 >>> [g] = generate(model, ["Start with 3. Add 4, then multiply by 2. What is the result?"],
 ...                progress=False)
@@ -23,94 +23,26 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from stepsal_lens.models import info_of
 import torch
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.lens.stepflow import stepflow as stepflow_on
 from stepsal_lens.results.config import StepFlowConfig
+from stepsal_lens.results.generation import Generation
+from stepsal_lens.segments.association import info_of
 
-__all__ = ["Generation", "generate", "prompt_ids", "stop_ids"]
-
-
-@dataclass
-class Generation:
-    """One generated trace.
-
-    Attributes
-    ----------
-    prompt : str
-        The prompt text (the format's template around the question).
-    text : str
-        Everything the model saw, decoded: prompt and completion.
-    token_ids : list[int]
-        Prompt and completion ids as the model saw them (no padding).
-    prompt_len : int
-        How many of ``token_ids`` are the prompt.
-    finished : bool
-        The completion ended with an end-of-sequence marker (else it hit the budget).
-    stats : dict
-        StepFlow's counts for this sequence (zeros when StepFlow was off).
-    stepflow : dict or None
-        The resolved :class:`~stepsal_lens.StepFlowConfig` it ran with (None: off).
-    """
-
-    prompt: str
-    text: str
-    token_ids: list[int]
-    prompt_len: int
-    finished: bool
-    format: str
-    stats: dict[str, Any] = field(default_factory=dict)
-    stepflow: dict[str, Any] | None = None
-
-    @property
-    def completion_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
-    def segments(self) -> dict[str, Any]:
-        """Question, thinking and summary text (``truncated``: the thinking never
-        closed; ``error``: the text could not be parsed)."""
-        from stepsal_lens.formats import get_format
-
-        try:
-            p = get_format(self.format).parse(self.text)
-        except StepSalError as err:
-            return {"question": None, "thinking": None, "summary": None, "truncated": None,
-                    "error": str(err)}
-        return {"question": p.question, "thinking": p.thinking, "summary": p.summary,
-                "truncated": p.truncated, "error": None}
-
-    def trace(self, model: Any, **kwargs: Any):
-        """The :class:`~stepsal_lens.Trace` over exactly these token ids."""
-        from stepsal_lens.trace import Trace
-
-        return Trace.from_token_ids(self.token_ids, model, format=self.format, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON record written by ``stepsal generate``."""
-        d = asdict(self)
-        d["segments"] = self.segments()
-        return d
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        return path
+__all__ = ["generate", "prompt_ids", "stop_ids"]
 
 
 def prompt_ids(model: Any, prompt: str) -> list[int]:
     """Token ids of a prompt exactly as :class:`~stepsal_lens.Trace` would cut them: the
     text as is, plus the template's BOS where the text lacks it."""
-    from stepsal_lens.trace import template_bos
+    from stepsal_lens.segments.trace import template_bos
 
     tok = model.tokenizer
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -122,7 +54,7 @@ def prompt_ids(model: Any, prompt: str) -> list[int]:
 
 def stop_ids(model: Any) -> list[int]:
     """Token ids that end a completion: the tokenizer's EOS and the format's
-    :attr:`~stepsal_lens.formats.ReasoningFormat.stop_markers` (its first end marker;
+    :attr:`~stepsal_lens.segments.formats.ReasoningFormat.stop_markers` (its first end marker;
     gpt-oss: ``<|return|>`` and ``<|call|>`` - its ``<|end|>`` closes an analysis
     message and more follow, so it is not one)."""
     tok = model.tokenizer
@@ -151,7 +83,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
         A model from :func:`~stepsal_lens.load_lrm`.
     questions
         Questions; each is wrapped in the model's chat prompt
-        (:meth:`~stepsal_lens.formats.ReasoningFormat.chat_prompt`).
+        (:meth:`~stepsal_lens.segments.formats.ReasoningFormat.chat_prompt`).
     prompts
         Raw prompt texts instead of questions.
     max_new_tokens
@@ -179,8 +111,6 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
         In input order.
     """
     from tqdm.auto import tqdm
-
-    from stepsal_lens import stepflow as stepflow_module
 
     if (questions is None) == (prompts is None):
         raise StepSalError("pass either questions=[...] or prompts=[...] (exactly one)")
@@ -220,7 +150,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
                                f"exceeds the model's context of {n_ctx}; lower max_new_tokens")
         tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        ctx = (stepflow_module.stepflow(model, stepflow) if stepflow is not None
+        ctx = (stepflow_on(model, stepflow) if stepflow is not None
                else nullcontext())
         # model.generate samples from the global RNG: seed it inside a fork, so the
         # caller's random stream is the same afterwards

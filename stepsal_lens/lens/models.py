@@ -20,9 +20,7 @@ True
 from __future__ import annotations
 
 import json
-import math
 import os
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +29,15 @@ import torch
 
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.formats import ReasoningFormat, get_format, list_formats
 from stepsal_lens.results.config import default_layer_split
+from stepsal_lens.segments.association import attach
+from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
 
 __all__ = [
-    "ModelInfo",
     "ModelSpec",
     "SUPPORTED_ARCHITECTURES",
-    "attach",
     "check_device",
     "detect_format",
-    "format_of",
-    "info_of",
     "list_models",
     "load_lrm",
     "register_model",
@@ -72,8 +67,8 @@ class ModelSpec:
 
 
 _R1 = "deepseek-ai/DeepSeek-R1-Distill-"
-#: Models shipped inside the package: name -> folder.
-BUNDLED: dict[str, Path] = {"tiny-lrm": Path(__file__).parent / "zoo" / "tiny_lrm"}
+#: Models shipped inside the package: name -> folder (the zoo registers ``tiny-lrm``).
+BUNDLED: dict[str, Path] = {}
 _MODELS: Registry[ModelSpec] = Registry("model", "pass a local checkpoint folder")
 
 
@@ -96,7 +91,6 @@ for _spec in (
     ModelSpec("Qwen/Qwen3-8B", "qwen3", "qwen3", "Qwen3ForCausalLM", 36, 32, 8, "8B"),
     ModelSpec("Qwen/Qwen3-14B", "qwen3", "qwen3", "Qwen3ForCausalLM", 40, 40, 8, "14B"),
     ModelSpec("Qwen/Qwen3-32B", "qwen3", "qwen3", "Qwen3ForCausalLM", 64, 64, 8, "32B"),
-    ModelSpec("tiny-lrm", "tiny", "think-tags", "Qwen2ForCausalLM", 4, 4, 2, "1.0M (bundled)"),
     ModelSpec("openai/gpt-oss-20b", "gpt-oss", "gpt-oss", "GptOssForCausalLM", 24, 64, 8, "21B (3.6B active)"),
 ):
     register_model(_spec)
@@ -119,73 +113,12 @@ def list_models():
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What stepsal_lens knows about a loaded model: its reasoning format, its registry
-    entry (None for a local checkpoint that is not registered) and where it came from."""
-
-    format: ReasoningFormat
-    spec: ModelSpec | None = None
-    source: str = ""
-
-    @property
-    def name(self) -> str:
-        """The registry name, else the source folder or hub name."""
-        return self.spec.name if self.spec is not None else self.source
-
-
-# Keyed by the model object itself and dropped with it: nothing is set on the bridge.
-_ATTACHED: weakref.WeakKeyDictionary[Any, ModelInfo] = weakref.WeakKeyDictionary()
-
-
-def attach(model: Any, format: str | ReasoningFormat, *, spec: ModelSpec | None = None,
-           source: str = "") -> ModelInfo:
-    """Associate a reasoning format (and registry entry) with a bridge you built yourself.
-
-    :func:`load_lrm` does this for you; every function that needs the format
-    (``Trace.from_text(text, model)``, :func:`~stepsal_lens.stepflow`, generation) reads
-    it back with :func:`info_of`.
-    """
-    fmt = get_format(format)
-    fmt.check_tokenizer(model.tokenizer)
-    info = ModelInfo(fmt, spec, source)
-    _ATTACHED[model] = info
-    return info
-
-
-def info_of(model: Any) -> ModelInfo:
-    """The :class:`ModelInfo` of a model loaded with :func:`load_lrm` (or :func:`attach`)."""
-    try:
-        return _ATTACHED[model]
-    except (KeyError, TypeError):
-        raise StepSalError(
-            f"{type(model).__name__} has no reasoning format attached; load it with "
-            f"stepsal_lens.load_lrm(...), or call stepsal_lens.attach(model, format=...) "
-            f"(one of {list_formats()})") from None
-
-
 def require_hooks(model: Any, names: list[str]) -> None:
     """Refuse hook names the model does not have (TransformerLens ignores them silently)."""
     missing = sorted({n for n in names if n not in model.hook_dict})
     if missing:
         raise StepSalError(f"the model has no hook point(s) {missing[:5]}; hook names are "
                            f"checked against model.hook_dict (e.g. 'blocks.0.attn.hook_pattern')")
-
-
-def model_name(model: Any) -> str:
-    """A model's registry name or source (what result files record)."""
-    info = _ATTACHED.get(model) if not isinstance(model, (str, os.PathLike)) else None
-    if info is not None and info.name:
-        return info.name
-    return str(getattr(getattr(model, "cfg", None), "model_name", "") or model)
-
-
-def format_of(model: Any) -> ReasoningFormat | None:
-    """The reasoning format attached to a model (None if it has none)."""
-    try:
-        return _ATTACHED[model].format
-    except (KeyError, TypeError):
-        return None
 
 
 def detect_format(tokenizer: Any, architecture: str | None = None) -> str | None:

@@ -8,7 +8,7 @@ For layer ``l``, head ``h``, query ``q`` and key ``k``::
 Two engines compute the same maps. ``fused`` (the default) swaps a fused attention into
 the bridge's Hugging Face model for the call: its backward recomputes ``A`` block by
 block of query rows and pools ``|A * dL/dA|`` at once, at about the cost of one plain
-forward+backward pass (:mod:`stepsal_lens.fused`). ``hook_pattern`` is the readable
+forward+backward pass (:mod:`stepsal_lens.lens.fused`). ``hook_pattern`` is the readable
 reference: a forward hook keeps each layer's pattern (a view autograd saves anyway) and
 the backward hook multiplies it by the incoming gradient and pools it, so no layer's
 token-level saliency outlives its hook; it also runs the users' hooks (StepFlow, knockouts),
@@ -32,433 +32,26 @@ True
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from stepsal_lens.models import model_name
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from stepsal_lens._registry import Registry
+from stepsal_lens.core.pooling import pool_saliency, step_means
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.trace import Step, Trace
-from stepsal_lens.typing import Pattern, PatternGrad, StepMap
+from stepsal_lens.lens.targets import (_TARGETS, Target, _check_target_kwargs, get_lean_target,
+                                       get_target)
+from stepsal_lens.results.saliency import StepSaliency
+from stepsal_lens.segments.association import model_name
+from stepsal_lens.segments.trace import Trace
 
-__all__ = [
-    "StepSaliency",
-    "get_target",
-    "list_targets",
-    "pool_saliency",
-    "register_target",
-    "step_saliency",
-    "token_saliency",
-]
-
-
-# ---- pure core ----------------------------------------------------------------------------
-
-def pool_saliency(pattern: Pattern, grad: PatternGrad, step_of_token: Int[Tensor, " token"],
-                  n_steps: int, *, chunk: int = 256) -> Float[Tensor, "head step step"]:
-    """Pool ``|A * dL/dA|`` of one layer into a step-to-step map, in float32.
-
-    Parameters
-    ----------
-    pattern, grad
-        ``[1, head, token, token]`` post-softmax pattern and its gradient (any dtype);
-        causal (zero above the diagonal), as for every supported model.
-    step_of_token
-        ``[token]`` step index of each token, ``-1`` for tokens in no step; each step's
-        tokens form one contiguous range (query row ``i`` is token ``key - query + i``).
-    n_steps
-        Number of steps.
-    chunk
-        Query rows processed at a time (bounds the temporaries to
-        ``head x chunk x token`` floats).
-
-    Returns
-    -------
-    Tensor
-        ``[head, step, step]``: the mean saliency over all (query, key) pairs of two
-        steps, causally masked pairs (zeros) included.
-    """
-    from stepsal_lens.fused import pool_block, step_bounds, step_means
-
-    if pattern.shape[0] != 1:
-        raise StepSalError(f"pool_saliency takes one sequence; got batch {pattern.shape[0]}")
-    n_heads, n_q, n_k = pattern.shape[1:]
-    starts, ends = step_bounds(spans_of_steps(step_of_token, n_steps), pattern.device)
-    offset = n_k - n_q  # keys before the first query (0 without a KV cache)
-    # Query rows in chunks so temporaries stay small; each chunk stops at its last visible
-    # key (the pattern is exactly 0 beyond it), and steps are pooled by their boundaries.
-    sums = torch.zeros(n_heads, n_steps, n_steps, device=pattern.device)
-    for a in range(0, n_q, chunk):
-        b = min(a + chunk, n_q)
-        k = b + offset
-        sal = (pattern[0, :, a:b, :k].float() * grad[0, :, a:b, :k].float()).abs_()
-        pool_block(sal, starts, ends, row0=a + offset, key0=0, out=sums)
-    return step_means(sums, starts, ends)
-
-
-def spans_of_steps(step_of_token: Int[Tensor, " token"], n_steps: int) -> list[tuple[int, int]]:
-    """Token span of each step from a per-token step index (``-1``: no step); every step's
-    tokens must be one contiguous range, as in a :class:`~stepsal_lens.Trace`.
-
-    >>> spans_of_steps(torch.tensor([-1, 0, 0, -1, 1]), 2)
-    [(1, 3), (4, 5)]
-    """
-    spans = []
-    for i in range(n_steps):
-        where = (step_of_token == i).nonzero().flatten()
-        if len(where) == 0:
-            raise StepSalError(f"step {i} has no tokens (n_steps={n_steps})")
-        a, b = int(where[0]), int(where[-1]) + 1
-        if len(where) != b - a:
-            raise StepSalError(f"step {i}'s tokens are not one contiguous range "
-                               f"({where.tolist()[:8]}...); steps are contiguous token spans")
-        spans.append((a, b))
-    return spans
-
-
-# ---- targets ------------------------------------------------------------------------------
-
-#: A target maps float32 logits ``[1, token, vocab]`` and the trace to a scalar.
-Target = Callable[..., Tensor]
-_TARGETS: Registry[Target] = Registry("saliency target", "register_target(name, fn)")
-
-
-#: Memory-lean forms of targets, ``lean(hidden, unembed, trace, **kwargs) -> scalar``: from
-#: the final hidden states ``[1, token, d_model]`` and the unembedding, so the fused engine
-#: never holds all ``[token, vocab]`` logits (see :mod:`stepsal_lens.fused`).
-_LEAN: dict[str, Callable[..., Tensor]] = {}
-
-
-def register_target(name: str, fn: Target, *, overwrite: bool = False,
-                    lean: Callable[..., Tensor] | None = None) -> None:
-    """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``.
-
-    ``lean(hidden, unembed, trace, **kwargs)``, optional, computes the same scalar from
-    the final hidden states and the unembedding (e.g. in chunks of positions); the fused
-    engine uses it instead of materialising all logits.
-    """
-    _TARGETS.register(name, fn, overwrite=overwrite)
-    if lean is not None:
-        _LEAN[name] = lean
-    else:
-        _LEAN.pop(name, None)
-
-
-def get_lean_target(name: str | Target) -> Callable[..., Tensor] | None:
-    """The memory-lean form of a registered target (None if it has none)."""
-    return _LEAN.get(name) if isinstance(name, str) else None
-
-
-def list_targets() -> list[str]:
-    """Names of the registered saliency targets."""
-    return _TARGETS.names()
-
-
-def get_target(name: str | Target) -> Target:
-    """A target by name (a callable passes through)."""
-    return name if callable(name) else _TARGETS.get(name)
-
-
-def _check_target_kwargs(fn: Target, target: Any, kwargs: dict[str, Any]) -> None:
-    """Refuse keywords the target does not take, before the forward pass."""
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: cannot tell
-        return
-    try:
-        sig.bind(None, None, **kwargs)
-    except TypeError:
-        name = target if isinstance(target, str) else getattr(target, "__name__", "custom")
-        params = [p.name for p in list(sig.parameters.values())[2:]
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        raise StepSalError(f"target {name!r} does not take {sorted(kwargs)}; its options are "
-                           f"{params or 'none'} (targets: {list_targets()})") from None
-
-
-def _lm_target(logits: Tensor, trace: Trace) -> Tensor:
-    ids = trace.token_ids.to(logits.device)
-    return F.cross_entropy(logits[0, :-1], ids[1:])
-
-
-def _summary_positions(trace: Trace) -> Tensor:
-    idx = trace.steps_in("summary")
-    if not idx:
-        raise StepSalError("target 'summary' needs a summary, but the trace has none "
-                           f"({'truncated' if trace.truncated else 'empty summary'}); use target='lm'")
-    pos = torch.cat([torch.arange(*trace.steps[i].token_span) for i in idx])
-    return pos[pos > 0]
-
-
-def _summary_target(logits: Tensor, trace: Trace) -> Tensor:
-    pos = _summary_positions(trace).to(logits.device)
-    ids = trace.token_ids.to(logits.device)
-    return F.cross_entropy(logits[0, pos - 1], ids[pos])
-
-
-def answer_token_positions(trace: Trace, answer: str | None = None) -> Tensor:
-    """Positions of the answer's tokens in the summary (last occurrence).
-
-    ``answer=None`` takes the summary's final answer as :func:`stepsal_lens.answers.find_answer`
-    reads it (the last ``\\boxed{...}`` with balanced braces, so all of ``\\frac{1}{2}``,
-    else "the answer is ..."), located by its character span.
-    """
-    from stepsal_lens.answers import find_answer
-
-    a, b = trace.segment_char_span("summary")
-    summary = trace.text[a:b]
-    if answer is None:
-        found = find_answer(summary)
-        if found is None:
-            raise StepSalError("target 'answer' needs answer=... (no \\boxed{} or \"answer is\" "
-                               f"in the summary {summary[:80]!r})")
-        at, answer = found.start, found.text
-    else:
-        at = summary.rfind(answer) if answer else -1
-    if at < 0:
-        raise StepSalError(f"answer {answer!r} not found in the summary {summary[:80]!r}")
-    lo, hi = a + at, a + at + len(answer)
-    pos = [t for t, (s, e) in enumerate(trace.offsets) if s < hi and e > lo and t > 0]
-    return torch.tensor(pos, dtype=torch.long)
-
-
-def _answer_target(logits: Tensor, trace: Trace, answer: str | None = None) -> Tensor:
-    pos = answer_token_positions(trace, answer).to(logits.device)
-    ids = trace.token_ids.to(logits.device)
-    return logits[0, pos - 1].log_softmax(-1).gather(-1, ids[pos, None]).sum()
-
-
-def logit_position(trace: Trace, n: int, position: int = -2,
-                   token: int | str | None = None) -> tuple[int, int]:
-    """The ``logit`` target's (position, token id): ``token`` defaults to the trace's next
-    token, a string is looked up in the tokenizer."""
-    if not -n <= position < n:
-        raise StepSalError(f"position {position} is outside the trace of {n} tokens")
-    pos = position % n
-    if token is None:
-        if pos + 1 >= n:
-            raise StepSalError("target 'logit' at the last position needs token=...")
-        token = int(trace.token_ids[pos + 1])
-    if isinstance(token, str):
-        token = trace.tokenizer.convert_tokens_to_ids(token)
-    return pos, token
-
-
-def _logit_target(logits: Tensor, trace: Trace, position: int = -2,
-                  token: int | str | None = None) -> Tensor:
-    pos, token = logit_position(trace, logits.shape[1], position, token)
-    return logits[0, pos, token]
-
-
-def _register_builtin_targets() -> None:
-    from stepsal_lens import fused
-
-    register_target("lm", _lm_target, lean=fused.lean_lm)
-    register_target("summary", _summary_target, lean=fused.lean_summary)
-    register_target("answer", _answer_target, lean=fused.lean_answer)
-    register_target("logit", _logit_target, lean=fused.lean_logit)
-
-
-_register_builtin_targets()
+__all__ = ["ENGINES", "check_layers", "replay", "step_saliency", "token_saliency", "trace_tokens"]
 
 
 # ---- result -------------------------------------------------------------------------------
-
-@dataclass
-class StepSaliency:
-    """Step-to-step saliency maps of one trace.
-
-    Attributes
-    ----------
-    maps : Tensor
-        ``[n_layers, n_heads, n_steps, n_steps]`` float32; ``maps[l, h, i, j]`` is the
-        mean saliency from query step ``i`` to key step ``j``.
-    layers : list[int]
-        Model layer of each row of ``maps``.
-    steps : list[Step]
-        The trace's steps.
-    token_ids : Tensor
-        ``[n_tokens]`` int64, exactly the ids the model saw.
-    meta : dict
-        ``model``, ``format``, ``target``, ``n_layers``, ``n_heads``, ``text``, ...
-    """
-
-    maps: StepMap
-    layers: list[int]
-    steps: list[Step]
-    token_ids: Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def segments(self) -> list[str]:
-        """Segment of each step (``question``, ``thinking``, ``summary``)."""
-        return [s.segment for s in self.steps]
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.steps)
-
-    def head_mean(self) -> Float[Tensor, "layer step step"]:
-        """The paper's per-layer map: mean over heads."""
-        return self.maps.mean(1)
-
-    def row_normalized(self, head: int | None = None) -> Float[Tensor, "layer step step"]:
-        """``Mn[i, j] = M[i, j] / sum_j M[i, j]`` (head-mean unless ``head`` is given):
-        where each step draws its information from. All-zero rows stay zero."""
-        from stepsal_lens.metrics import normalize_rows
-
-        return normalize_rows(self.head_mean() if head is None else self.maps[:, head])
-
-    def replay(self, model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call ``fn(model, *args, target=..., **target_kwargs, **kwargs)`` the way this
-        result was made: the same target and target arguments, inside the same StepFlow
-        settings (if it was made with StepFlow on). The explorer's token drill-down uses
-        it, so the tokens shown pool exactly to the map shown."""
-        from contextlib import nullcontext
-
-        from stepsal_lens.results.config import StepFlowConfig
-        from stepsal_lens.stepflow import stepflow
-
-        target = self.meta.get("target", "lm")
-        if target not in _TARGETS:
-            raise StepSalError(f"this result was made with target {target!r}, which is not "
-                               f"registered; register it with register_target({target!r}, fn) "
-                               f"to replay it")
-        target_kwargs = {k[len("target_"):]: v for k, v in self.meta.items()
-                         if k.startswith("target_")}
-        flow = self.meta.get("stepflow")
-        ctx = stepflow(model, StepFlowConfig.from_dict(flow)) if flow else nullcontext()
-        with ctx:
-            return fn(model, *args, target=target, **target_kwargs, **kwargs)
-
-    def metrics(self, k: int = 3):
-        """Per-layer failure-mode metrics (:func:`stepsal_lens.metrics.layer_metrics`)."""
-        from stepsal_lens.metrics import layer_metrics
-
-        return layer_metrics(self, k=k)
-
-    def to_dataframe(self):
-        """Tidy long form: layer, head, query_step, key_step, query_segment, key_segment,
-        value."""
-        import numpy as np
-        import pandas as pd
-
-        n_l, n_h, n_s, _ = self.maps.shape
-        layer, head, q, k = np.meshgrid(self.layers, np.arange(n_h), np.arange(n_s),
-                                        np.arange(n_s), indexing="ij")
-        seg = np.array(self.segments, dtype=object)
-        return pd.DataFrame({
-            "layer": layer.ravel(), "head": head.ravel(), "query_step": q.ravel(),
-            "key_step": k.ravel(), "query_segment": seg[q.ravel()],
-            "key_segment": seg[k.ravel()], "value": self.maps.numpy().ravel(),
-        })
-
-    def steps_json(self) -> dict[str, Any]:
-        """The ``steps.json`` document (model, format, target, sizes, steps)."""
-        keep = ("model", "format", "target", "n_layers", "n_heads")
-        doc = {key: self.meta.get(key) for key in keep}
-        doc["layers"] = self.layers
-        doc["steps"] = [s.to_dict() for s in self.steps]
-        doc["meta"] = {k: v for k, v in self.meta.items() if k not in keep}
-        return doc
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``step_saliency.safetensors`` (maps, token_ids) and ``steps.json``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({"maps": self.maps.float().contiguous(),
-                   "token_ids": self.token_ids.long().contiguous()},
-                  directory / "step_saliency.safetensors")
-        (directory / "steps.json").write_text(json.dumps(self.steps_json(), indent=1,
-                                                         ensure_ascii=False))
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> StepSaliency:
-        """Read what :meth:`save` wrote, checking shapes, dtypes, finiteness and that the
-        step count of ``steps.json`` matches the maps."""
-        directory = Path(directory)
-        files = [directory / "step_saliency.safetensors", directory / "steps.json"]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written "
-                               f"by StepSaliency.save or `stepsal analyze`")
-        tensors, doc = _read_saved(files)
-        steps = [Step.from_dict(s) for s in doc["steps"]]
-        meta = {k: doc.get(k) for k in ("model", "format", "target", "n_layers", "n_heads")}
-        meta.update(doc.get("meta") or {})
-        layers = doc.get("layers") or list(range(tensors["maps"].shape[0]))
-        return cls(tensors["maps"], layers, steps, tensors["token_ids"], meta)
-
-    def __repr__(self) -> str:
-        n_l, n_h, n_s, _ = self.maps.shape
-        return (f"StepSaliency({n_l} layers x {n_h} heads x {n_s}x{n_s} steps, "
-                f"target={self.meta.get('target')!r}, model={self.meta.get('model')!r})")
-
-
-def _read_saved(files: list[Path]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and check what :meth:`StepSaliency.save` wrote: every failure names the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    tfile, jfile = files
-    fix = "write it again with StepSaliency.save or `stepsal analyze`"
-    try:
-        tensors = load_file(tfile)
-    except (SafetensorError, OSError) as err:
-        raise StepSalError(f"{str(tfile)!r} is not a readable safetensors file ({err}); {fix}"
-                           ) from None
-    try:
-        doc = json.loads(jfile.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise StepSalError(f"{str(jfile)!r} is not valid JSON ({err}); {fix}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
-        raise StepSalError(f"{str(jfile)!r} has no list of 'steps'; {fix}")
-    missing = sorted({"maps", "token_ids"} - set(tensors))
-    if missing:
-        raise StepSalError(f"{str(tfile)!r} lacks the tensor(s) {missing}; {fix}")
-    maps, ids = tensors["maps"], tensors["token_ids"]
-    if maps.dim() != 4 or not maps.dtype.is_floating_point:
-        raise StepSalError(f"{str(tfile)!r}: maps must be a 4-d float tensor [layer, head, "
-                           f"step, step]; got {maps.dtype} of shape {tuple(maps.shape)}; {fix}")
-    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise StepSalError(f"{str(tfile)!r}: token_ids must be a 1-d integer tensor; got "
-                           f"{ids.dtype} of shape {tuple(ids.shape)}; {fix}")
-    n = len(doc["steps"])
-    if maps.shape[2] != maps.shape[3] or maps.shape[2] != n:
-        raise StepSalError(f"{str(tfile)!r} holds maps over {tuple(maps.shape[2:])} steps but "
-                           f"{str(jfile)!r} lists {n} steps; the two files are from different "
-                           f"runs - {fix}")
-    if not bool(torch.isfinite(maps).all()):
-        bad = int((~torch.isfinite(maps)).sum())
-        raise StepSalError(f"{str(tfile)!r}: {bad} map values are NaN or infinite; saliency is "
-                           f"never saved non-finite, so the file was altered - {fix}")
-    layers = doc.get("layers")
-    if layers is not None and (not isinstance(layers, list) or len(layers) != maps.shape[0]
-                               or not all(isinstance(l, int) for l in layers)):
-        raise StepSalError(f"{str(jfile)!r}: 'layers' must list {maps.shape[0]} layer indices "
-                           f"(one per map); got {layers!r}; {fix}")
-    keys = ("index", "segment", "text", "token_start", "token_end")
-    for i, st in enumerate(doc["steps"]):
-        if not isinstance(st, dict) or any(k not in st for k in keys):
-            raise StepSalError(f"{str(jfile)!r}: step {i} needs the keys {list(keys)}; {fix}")
-        a, b = st["token_start"], st["token_end"]
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(ids)):
-            raise StepSalError(f"{str(jfile)!r}: step {i} spans tokens {a}-{b}, outside the "
-                               f"{len(ids)} saved token ids; {fix}")
-    return {"maps": maps.float(), "token_ids": ids.long()}, doc
 
 
 # ---- hooks --------------------------------------------------------------------------------
@@ -601,21 +194,21 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
 
 
 #: Step-Saliency engines: ``fused`` (attention x gradient pooled inside a fused attention
-#: backward, :mod:`stepsal_lens.fused`) and ``hook_pattern`` (hooks on the bridge's eager
+#: backward, :mod:`stepsal_lens.lens.fused`) and ``hook_pattern`` (hooks on the bridge's eager
 #: ``hook_pattern``: the readable reference, and the one that sees users' hooks).
 ENGINES = ("auto", "fused", "hook_pattern")
 
 
 def _choose_engine(model, engine: str) -> tuple[str, str]:
     """The engine to run and why."""
-    from stepsal_lens.fused import attention_hooks_in_use
+    from stepsal_lens.lens.fused import attention_hooks_in_use
 
     if engine not in ENGINES:
         raise StepSalError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     if engine == "hook_pattern":
         return engine, "requested"
     hooked = attention_hooks_in_use(model)
-    from stepsal_lens.knockout import has_sinks
+    from stepsal_lens.lens.knockout import has_sinks
 
     if engine == "auto" and not hooked and has_sinks(model) \
             and next(model.parameters()).dtype != torch.float32:
@@ -669,7 +262,7 @@ def _hook_pattern_maps(model, trace: Trace, fn: Target, layers: list[int], low_m
 def _fused_maps(model, trace: Trace, target: str | Target, layers: list[int],
                 low_memory: bool, chunk_size: int | None, bar,
                 target_kwargs: dict[str, Any]) -> list[Tensor]:
-    from stepsal_lens import fused
+    from stepsal_lens.lens import fused
 
     fn, lean = get_target(target), get_lean_target(target)
     hf = model.original_model
@@ -695,7 +288,7 @@ def _fused_maps(model, trace: Trace, target: str | Target, layers: list[int],
             sums = state.plans[layer].sums
             if sums is None:  # the target does not depend on this layer's attention
                 sums = torch.zeros(model.cfg.n_heads, trace.n_steps, trace.n_steps)
-            maps[layer] = fused.step_means(sums, state.starts, state.ends).cpu()
+            maps[layer] = step_means(sums, state.starts, state.ends).cpu()
     return [maps[l] for l in layers]
 
 
@@ -723,7 +316,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     engine
         ``"fused"``: the attention x gradient product is formed and pooled inside a
         fused attention backward, one block of query rows at a time (time and memory
-        close to one plain forward+backward; :mod:`stepsal_lens.fused`).
+        close to one plain forward+backward; :mod:`stepsal_lens.lens.fused`).
         ``"hook_pattern"``: hooks on the bridge's ``hook_pattern`` (the readable
         reference; it runs the users' hooks, e.g. StepFlow's). ``"auto"`` (default):
         fused, unless hooks are attached to the model. ``meta["engine"]`` records which
@@ -778,7 +371,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
     maps = torch.stack(maps).cpu()
     _refuse_non_finite(maps, layers, "saliency maps")
     from stepsal_lens import __version__
-    from stepsal_lens.stepflow import active_stepflow
+    from stepsal_lens.lens.stepflow import active_stepflow
 
     flow = active_stepflow(model)
     meta = {
@@ -798,3 +391,27 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         **{f"target_{k}": v for k, v in target_kwargs.items()},
     }
     return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
+
+
+def replay(result: StepSaliency, model: Any, fn: Callable[..., Any], *args: Any,
+           **kwargs: Any) -> Any:
+    """Call ``fn(model, *args, target=..., **target_kwargs, **kwargs)`` the way this
+    result was made: the same target and target arguments, inside the same StepFlow
+    settings (if it was made with StepFlow on). The explorer's token drill-down uses
+    it, so the tokens shown pool exactly to the map shown."""
+    from contextlib import nullcontext
+
+    from stepsal_lens.results.config import StepFlowConfig
+    from stepsal_lens.lens.stepflow import stepflow
+
+    target = result.meta.get("target", "lm")
+    if target not in _TARGETS:
+        raise StepSalError(f"this result was made with target {target!r}, which is not "
+                           f"registered; register it with register_target({target!r}, fn) "
+                           f"to replay it")
+    target_kwargs = {k[len("target_"):]: v for k, v in result.meta.items()
+                     if k.startswith("target_")}
+    flow = result.meta.get("stepflow")
+    ctx = stepflow(model, StepFlowConfig.from_dict(flow)) if flow else nullcontext()
+    with ctx:
+        return fn(model, *args, target=target, **target_kwargs, **kwargs)

@@ -19,10 +19,11 @@ Two test-time interventions (docs/stepflow.md, docs/concepts.md), no retraining:
   previous step to each head's attention output (``blocks.{l}.attn.hook_z``), in the
   first SMI layer only.
 
-The pure cores are :func:`odds_equal_bridge` and :func:`step_momentum`; the hooks are thin
-wrappers that read per-position labels from a :class:`SegmentTracker`, which follows
-every forward pass of the model (a fresh pass, a KV-cached generation step, a batch of
-left-padded prompts) through a forward pre-hook.
+The pure cores are :func:`~stepsal_lens.core.interventions.odds_equal_bridge` and
+:func:`~stepsal_lens.core.interventions.step_momentum`; the hooks here are thin wrappers
+that read per-position labels from a :class:`~stepsal_lens.segments.tracker.SegmentTracker`,
+which follows every forward pass of the model (a fresh pass, a KV-cached generation step,
+a batch of left-padded prompts) through a forward pre-hook.
 
 Examples
 --------
@@ -43,459 +44,26 @@ Examples
 
 from __future__ import annotations
 
-import sys
-import types
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 import einops
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from stepsal_lens.core.interventions import _oeb, step_momentum
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.formats import ReasoningFormat, get_format
+from stepsal_lens.segments.association import info_of
+from stepsal_lens.lens.models import require_hooks
 from stepsal_lens.results.config import StepFlowConfig
-from stepsal_lens.trace import Detokenizer, Splitter, Trace, get_splitter
-from stepsal_lens.typing import KeyMask, Pattern
+from stepsal_lens.results.stats import StepFlowStats
+from stepsal_lens.segments.tracker import SegmentTracker, _Q, _S, _T
+from stepsal_lens.typing import Pattern
 
-__all__ = [
-    "SEGMENT_CODES",
-    "SegmentTracker",
-    "StepFlow",
-    "StepFlowStats",
-    "odds_equal_bridge",
-    "step_momentum",
-    "stepflow",
-]
-
-#: Integer codes of the segments in the tracker's label tensors (-1: none / padding).
-SEGMENT_CODES = {"question": 0, "thinking": 1, "summary": 2}
-_Q, _T, _S = 0, 1, 2
-
-
-# ---- pure cores ----------------------------------------------------------------------------
-
-def _oeb(pattern: Tensor, same: Tensor, bridge: Tensor, tau_max: float):
-    """OEB plus what it did: (new pattern, eligible rows, triggered rows, p_B, tau_B).
-    ``same`` and ``bridge`` must be disjoint (checked by :func:`odds_equal_bridge`)."""
-    p = pattern.float()
-    same_f, bridge_f = same.to(p.dtype), bridge.to(p.dtype)
-    row = p.sum(-1)
-    safe_row = row.clamp_min(torch.finfo(p.dtype).tiny)
-    p_s = (p * same_f).sum(-1) / safe_row
-    p_b = (p * bridge_f).sum(-1) / safe_row
-    n_s, n_b = same_f.sum(-1), bridge_f.sum(-1)
-    tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1)).clamp(max=tau_max)
-    tau_s = p_s + p_b - tau_b  # = 1 - p_O - tau_B
-    eligible = (n_b > 0) & (n_s > 0) & (row > 0)
-    # tau_S <= 0 means the other keys hold so much mass that B cannot reach tau_B.
-    act = eligible & (p_b > 0) & (p_s > 0) & (p_b < tau_b) & (tau_s > 0)
-    one = torch.ones_like(p_b)
-    scale_b = torch.where(act, tau_b / p_b.clamp_min(1e-30), one)
-    scale_s = torch.where(act, tau_s / p_s.clamp_min(1e-30), one)
-    factor = 1 + (scale_b - 1)[..., None] * bridge_f + (scale_s - 1)[..., None] * same_f
-    out = (p * factor).to(pattern.dtype)
-    return out, eligible.expand_as(row), act.expand_as(row), p_b.expand_as(row), tau_b.expand_as(row)
-
-
-def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
-                      tau_max: float = 0.15) -> Pattern:
-    """The Odds-Equal Bridge on one attention pattern (pure; no hooks).
-
-    Parameters
-    ----------
-    pattern
-        ``[batch, head, query, key]`` post-softmax attention (rows may sum to < 1).
-    same, bridge
-        Boolean key masks broadcastable to ``pattern`` with the head dimension broadcast:
-        ``[key]`` when every key is visible to every query, or ``[batch, 1, query, key]``
-        for per-query visibility. They must not overlap. ``|S|`` and ``|B|`` are their
-        counts, so pass only keys the query can see.
-    tau_max
-        Cap on the bridge target ``tau_B``; 0 leaves every row unchanged.
-
-    Returns
-    -------
-    Tensor
-        ``[batch, head, query, key]``: rows with ``p_B < tau_B`` rescaled group-wise so
-        that B holds ``tau_B`` and S holds ``1 - p_O - tau_B`` of the row's mass; other
-        keys and the row sum (sink mass) unchanged. Rows with an empty group, or whose
-        other keys hold more than ``1 - tau_B``, are left alone.
-
-    Examples
-    --------
-    >>> import torch
-    >>> a = torch.tensor([[[[0.05, 0.05, 0.6, 0.3]]]])  # keys: 2 question, 2 thinking
-    >>> bridge = torch.tensor([True, True, False, False])
-    >>> out = odds_equal_bridge(a, ~bridge, bridge, tau_max=0.15)
-    >>> [round(x, 3) for x in out.flatten().tolist()]
-    [0.075, 0.075, 0.567, 0.283]
-    """
-    if not 0 <= tau_max <= 1:
-        raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
-    if (same & bridge).any():
-        raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
-    return _oeb(pattern, same, bridge, tau_max)[0]
-
-
-def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],
-                  alpha: float) -> Float[Tensor, "*d"]:
-    """The SMI update for one position: ``x + alpha * mean(window)``.
-
-    ``x`` is the activation at the first token of a new step (``[d_model]`` for the
-    residual stream, ``[head, d_head]`` for ``hook_z``); ``window`` stacks the same
-    activation at the last ``w`` tokens of the previous step.
-
-    >>> import torch
-    >>> step_momentum(torch.zeros(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.5)
-    tensor([1.0000, 1.5000])
-    """
-    if window.shape[0] == 0:
-        return x
-    return x + alpha * window.mean(0).to(x.dtype)
-
-
-# ---- the streaming segment tracker ---------------------------------------------------------
-
-@dataclass
-class _Row:
-    """Labels of one sequence, grown token by token."""
-
-    detok: Detokenizer
-    valid: list[bool] = field(default_factory=list)
-    segment: list[int] = field(default_factory=list)
-    step: list[int] = field(default_factory=list)
-    start: list[bool] = field(default_factory=list)
-    anchored: list[bool] = field(default_factory=list)  # has a non-space character
-    glued: list[bool] = field(default_factory=list)  # decodes to nothing after a non-space
-    n_steps: int = 0
-    question: tuple[int, int] | None = None
-    # the current step: its region's start, its first character, the last anchored char
-    region: int = -1
-    step_char: int = -1
-    last_char: int = -1
-
-
-class SegmentTracker:
-    """Labels every position of a growing batch of sequences with segment and step.
-
-    A fresh block of tokens (a prompt, or a whole trace) is labelled from its full text;
-    each appended token from the text so far. Steps come from the same splitter as the
-    offline :class:`~stepsal_lens.Trace` (one step rule), applied to the text of the
-    current step up to the new token's first character: a token starts a step exactly
-    when its first non-space character opens a span the previous token's did not. A
-    label never depends on later tokens (except that spaces trailing a step are dropped
-    from it once the next step or segment begins), so labelling token by token, labelling
-    the final text at once and the offline Trace agree.
-
-    Labels (``[batch, pos]`` tensors): :attr:`segment` (:data:`SEGMENT_CODES`, -1 for
-    template markers and padding), :attr:`step` (the Trace's numbering: question 0,
-    then thinking and summary steps; -1 outside steps), :attr:`step_start` (first token
-    of a step), :attr:`anchored` (the token has a non-space character) and :attr:`valid`
-    (not padding).
-
-    Examples
-    --------
-    >>> from stepsal_lens.zoo.tiny_random import train_tokenizer
-    >>> tok = train_tokenizer()
-    >>> tracker = SegmentTracker(tok, "think-tags")
-    >>> ids = tok("Start with 7.\\n<think>\\nWe start with 7. Adding 5 makes 12.",
-    ...           return_tensors="pt", add_special_tokens=False)["input_ids"]
-    >>> tracker.reset(ids)
-    >>> int(tracker.step[0].max()), int(tracker.step_start[0].sum())
-    (2, 3)
-    """
-
-    def __init__(self, tokenizer: Any, format: str | ReasoningFormat,
-                 splitter: str | Splitter = "paper"):
-        self.tokenizer = tokenizer
-        self.format = get_format(format)
-        self.splitter = splitter
-        self._split = get_splitter(splitter)
-        self.rows: list[_Row] = []
-        self._cache: dict[str, Tensor] | None = None
-        self._relabelled = False
-
-    # ---- feeding ---------------------------------------------------------------------------
-    def reset(self, ids: Tensor, mask: Tensor | None = None) -> None:
-        """Start over with a fresh ``[batch, pos]`` block (``mask``: 1 = real token)."""
-        ids = _as_2d(ids)
-        mask = torch.ones_like(ids) if mask is None else mask
-        self.rows = [_Row(Detokenizer(self.tokenizer)) for _ in range(ids.shape[0])]
-        for row, r_ids, r_mask in zip(self.rows, ids.tolist(), mask.tolist()):
-            real = [t for t, m in zip(r_ids, r_mask) if m]
-            spans = [row.detok.push(t) for t in real]
-            regions = self.format.segment_regions(row.detok.text)  # the whole prompt at once
-            row.question = next((sp for name, sp in regions if name == "question"), None)
-            it = iter(spans)
-            for m in r_mask:
-                if m:
-                    self._label(row, next(it), regions)
-                else:
-                    self._pad(row)
-        self._cache = None
-
-    def extend(self, ids: Tensor, mask: Tensor | None = None) -> None:
-        """Append ``[batch, n]`` new tokens (``mask`` covers all positions or the new)."""
-        ids = _as_2d(ids)
-        if not self.rows:
-            raise StepSalError("the tracker has no sequence yet; call reset() first")
-        if ids.shape[0] != len(self.rows):
-            raise StepSalError(f"got {ids.shape[0]} rows but the tracker follows {len(self.rows)}")
-        new_mask = (torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]).tolist()
-        self._relabelled = False
-        for row, r_ids, r_mask in zip(self.rows, ids.tolist(), new_mask):
-            for t, m in zip(r_ids, r_mask):
-                if m:
-                    span = row.detok.push(t)
-                    self._label(row, span, self.format.segment_regions(row.detok.text))
-                else:
-                    self._pad(row)
-        if self._cache is not None and not self._relabelled:
-            # Grow the label tensors by the new columns instead of rebuilding them.
-            n = ids.shape[1]
-            new = self._build(lambda values: values[-n:])
-            self._cache = {k: torch.cat([v, new[k]], dim=1) for k, v in self._cache.items()}
-        else:
-            self._cache = None
-
-    def _pad(self, row: _Row) -> None:
-        row.valid.append(False)
-        row.segment.append(-1)
-        row.step.append(-1)
-        row.start.append(False)
-        row.anchored.append(False)
-        row.glued.append(False)
-
-    def _label(self, row: _Row, span: tuple[int, int],
-               regions: list[tuple[str, tuple[int, int]]]):
-        text = row.detok.text
-        s, e = span
-        p = s
-        while p < e and text[p].isspace():
-            p += 1
-        anchored = p < e
-        if not anchored:
-            p = s  # a space-only (or empty) token is placed by its first character
-        # A token that decodes to nothing (the first bytes of a character) right after a
-        # non-space character stays with it, like the Trace's rule; after a space it is
-        # a space.
-        glued = s == e and s > 0 and not text[s - 1].isspace()
-        if row.question is not None:
-            regions = [("question", row.question)] + [r for r in regions if r[0] != "question"]
-        # A segment may have several regions (gpt-oss's analysis messages); the first
-        # token of each starts a step.
-        seg, seg_name, a = -1, None, 0
-        for name, (ra, rb) in regions:
-            # A token that decodes to nothing yet (the first bytes of a multi-byte
-            # character) sits at the end of a still open region: it belongs there, as it
-            # will once the character completes.
-            if ra <= p < rb or ra <= p == rb == len(text) > ra:
-                seg, seg_name, a = SEGMENT_CODES[name], name, ra
-                break
-        step, start = -1, False
-        if seg_name == "question":  # one step; its region is stripped already
-            step = 0
-            start = row.n_steps == 0
-            row.n_steps = max(row.n_steps, 1)
-        elif seg_name is not None:
-            current = row.region == a and row.step_char >= 0
-            if anchored:
-                owner = self._owner(text, p, seg_name, row) if current else "new"
-                if owner == "new":
-                    step, start = row.n_steps, True
-                    row.n_steps += 1
-                    row.region, row.step_char = a, p if not current else row.step_char
-                elif owner == "same":
-                    step = row.n_steps - 1
-                row.last_char = p if owner != "none" else row.last_char
-            elif current:
-                step = row.n_steps - 1  # a space inside the step (dropped if it trails)
-        if seg != (row.segment[-1] if row.segment else -1) or start:
-            self._drop_trailing_spaces(row)
-        row.valid.append(True)
-        row.segment.append(seg)
-        row.step.append(step)
-        row.start.append(start)
-        row.anchored.append(anchored)
-        row.glued.append(glued)
-
-    def _owner(self, text: str, p: int, segment: str, row: _Row) -> str:
-        """Does the character at ``p`` open a new step ("new", and moves the step's
-        start), continue the current one ("same") or lie in no step ("none")? The
-        splitter runs on the current step's text up to ``p``."""
-        base = row.step_char
-        for a, b in self._split(text[base:p + 1], segment):
-            if a <= p - base < b:
-                if base + a > row.last_char:
-                    row.step_char = base + a
-                    return "new"
-                return "same"
-        return "none"
-
-    def _drop_trailing_spaces(self, row: _Row) -> None:
-        i = len(row.step) - 1
-        while i >= 0 and row.valid[i] and not (row.anchored[i] or row.glued[i]):
-            if row.step[i] >= 0:
-                row.step[i] = -1
-                self._relabelled = True
-            i -= 1
-
-    # ---- views -----------------------------------------------------------------------------
-    _FIELDS = (("segment", "segment", torch.long), ("step", "step", torch.long),
-               ("step_start", "start", torch.bool), ("anchored", "anchored", torch.bool),
-               ("valid", "valid", torch.bool))
-
-    def _build(self, cut=lambda values: values) -> dict[str, Tensor]:
-        data = torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
-                             for _, attr, _ in self._FIELDS], dtype=torch.long)
-        return {name: data[i].to(dtype) for i, (name, _, dtype) in enumerate(self._FIELDS)}
-
-    def _tensors(self) -> dict[str, Tensor]:
-        if self._cache is None:
-            self._cache = self._build()
-        return self._cache
-
-    @property
-    def segment(self) -> Tensor:
-        return self._tensors()["segment"]
-
-    @property
-    def step(self) -> Tensor:
-        return self._tensors()["step"]
-
-    @property
-    def step_start(self) -> Tensor:
-        return self._tensors()["step_start"]
-
-    @property
-    def anchored(self) -> Tensor:
-        return self._tensors()["anchored"]
-
-    @property
-    def valid(self) -> Tensor:
-        return self._tensors()["valid"]
-
-    def text(self, row: int = 0) -> str:
-        """The decoded text of one row so far (padding left out)."""
-        return self.rows[row].detok.text
-
-    def token_ids(self, row: int = 0) -> list[int]:
-        """The real (non-padding) token ids of one row."""
-        return list(self.rows[row].detok.ids)
-
-    def trace(self, model_or_tokenizer: Any = None, row: int = 0, **kwargs) -> Trace:
-        """The offline :class:`~stepsal_lens.Trace` of one row's tokens."""
-        return Trace.from_token_ids(self.token_ids(row), model_or_tokenizer or self.tokenizer,
-                                    format=self.format, **kwargs)
-
-
-def _as_2d(ids: Tensor) -> Tensor:
-    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point:
-        raise StepSalError("StepFlow follows token ids; pass a [batch, pos] integer tensor "
-                           "(e.g. model.to_tokens(text))")
-    return ids[None] if ids.dim() == 1 else ids
-
-
-# ---- statistics ---------------------------------------------------------------------------
-
-@dataclass
-class StepFlowStats:
-    """What StepFlow did: OEB triggers and bridge mass per layer, SMI injections.
-
-    Counts are over (row, head, query) attention rows for OEB and over (row, position)
-    for SMI; "eligible" rows have a query in the thinking or summary segment with both
-    groups non-empty. :meth:`per_row` gives the counts of each batch row of the last
-    sequence batch.
-    """
-
-    oeb_layers: list[int]
-    smi_layers: list[int]
-    batch: int = 0
-    oeb_triggers: dict[int, Tensor] = field(default_factory=dict)
-    oeb_eligible: dict[int, Tensor] = field(default_factory=dict)
-    bridge_before: dict[int, Tensor] = field(default_factory=dict)
-    bridge_after: dict[int, Tensor] = field(default_factory=dict)
-    smi_injections: dict[int, Tensor] = field(default_factory=dict)
-    #: summaries of earlier batches inside the same ``stepflow`` block
-    archive: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def start_batch(self, batch: int) -> None:
-        """Zero the per-row counters for a new batch of sequences."""
-        self.batch = batch
-        z = lambda: torch.zeros(batch, dtype=torch.float64)  # noqa: E731
-        for store, layers in ((self.oeb_triggers, self.oeb_layers),
-                              (self.oeb_eligible, self.oeb_layers),
-                              (self.bridge_before, self.oeb_layers),
-                              (self.bridge_after, self.oeb_layers),
-                              (self.smi_injections, self.smi_layers)):
-            for layer in layers:
-                store[layer] = z()
-
-    def _summary(self, rows: slice | int) -> dict[str, Any]:
-        pick = lambda d: {l: float(v[rows].sum()) for l, v in d.items()}  # noqa: E731
-        trig, elig = pick(self.oeb_triggers), pick(self.oeb_eligible)
-        before, after = pick(self.bridge_before), pick(self.bridge_after)
-        inj = pick(self.smi_injections)
-        n_elig = sum(elig.values())
-        return {
-            "oeb": {
-                "triggers": int(sum(trig.values())),
-                "triggers_per_layer": {str(l): int(v) for l, v in trig.items()},
-                "eligible_rows": int(n_elig),
-                "eligible_rows_per_layer": {str(l): int(v) for l, v in elig.items()},
-                "mean_bridge_mass_before": (sum(before.values()) / n_elig) if n_elig else None,
-                "mean_bridge_mass_after": (sum(after.values()) / n_elig) if n_elig else None,
-            },
-            "smi": {
-                "injections": int(sum(inj.values())),
-                "injections_per_layer": {str(l): int(v) for l, v in inj.items()},
-            },
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Totals over every sequence seen inside the ``stepflow`` block."""
-        out = self._summary(slice(None))
-        for old in self.archive:
-            out = _add_summaries(out, old)
-        return out
-
-    def per_row(self) -> list[dict[str, Any]]:
-        """One summary per row of the last batch of sequences."""
-        return [self._summary(b) for b in range(self.batch)]
-
-    def _archive_batch(self) -> None:
-        if self.batch:
-            self.archive.append(self._summary(slice(None)))
-
-
-def _add_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Sum two :meth:`StepFlowStats._summary` results (means weighted by eligible rows)."""
-    oa, ob = a["oeb"], b["oeb"]
-    n = oa["eligible_rows"] + ob["eligible_rows"]
-
-    def mean(key):
-        total = sum((o[key] or 0) * o["eligible_rows"] for o in (oa, ob))
-        return total / n if n else None
-
-    add = lambda x, y: {k: x.get(k, 0) + y.get(k, 0) for k in {**x, **y}}  # noqa: E731
-    return {
-        "oeb": {"triggers": oa["triggers"] + ob["triggers"],
-                "triggers_per_layer": add(oa["triggers_per_layer"], ob["triggers_per_layer"]),
-                "eligible_rows": n,
-                "eligible_rows_per_layer": add(oa["eligible_rows_per_layer"],
-                                               ob["eligible_rows_per_layer"]),
-                "mean_bridge_mass_before": mean("mean_bridge_mass_before"),
-                "mean_bridge_mass_after": mean("mean_bridge_mass_after")},
-        "smi": {"injections": a["smi"]["injections"] + b["smi"]["injections"],
-                "injections_per_layer": add(a["smi"]["injections_per_layer"],
-                                            b["smi"]["injections_per_layer"])},
-    }
-
+__all__ = ["StepFlow", "active_stepflow", "stepflow"]
 
 # ---- hooks ---------------------------------------------------------------------------------
 
@@ -510,8 +78,6 @@ class StepFlow:
     """
 
     def __init__(self, model: Any, config: StepFlowConfig | None = None):
-        from stepsal_lens.models import info_of
-
         fmt = info_of(model).format
         self.model = model
         self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
@@ -723,8 +289,6 @@ class StepFlow:
         Blocks do not nest on one model: two trackers would each see every pass and two
         sets of edits would compound, so a second block raises.
         """
-        from stepsal_lens.models import require_hooks
-
         if self.model in _ACTIVE:
             raise StepSalError(f"a stepflow block is already active on this model "
                                f"({_ACTIVE[self.model].config}); stepflow blocks do not "
@@ -818,14 +382,3 @@ def stepflow(model: Any, config: StepFlowConfig | None = None,
     sf = StepFlow(model, config)
     with sf.active():
         yield sf
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``stepsal_lens.stepflow`` be both this module and the context manager, so
-    ``with stepflow(model):`` and ``stepflow.odds_equal_bridge`` both read naturally."""
-
-    def __call__(self, model: Any, config: StepFlowConfig | None = None, **settings: Any):
-        return stepflow(model, config, **settings)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,7 +1,7 @@
 """StepFlow's settings as one frozen, validated, serialisable object.
 
-:func:`~stepsal_lens.stepflow`, :func:`~stepsal_lens.generation.generate`,
-:func:`~stepsal_lens.evaluate.evaluate`, the command line and the demo all take a
+:func:`~stepsal_lens.lens.stepflow`, :func:`~stepsal_lens.lens.generation.generate`,
+:func:`~stepsal_lens.eval.runs.evaluate`, the command line and the demo all take a
 :class:`StepFlowConfig` and record :meth:`StepFlowConfig.to_dict` of its resolved form
 (explicit layers), so every result says exactly what StepFlow did.
 
@@ -104,7 +104,7 @@ class StepFlowConfig:
         if self.smi_variant not in SMI_VARIANTS:
             raise StepSalError(f"smi_variant must be one of {sorted(SMI_VARIANTS)}; got "
                                f"{self.smi_variant!r}")
-        from stepsal_lens.trace import list_splitters
+        from stepsal_lens.segments.splitters import list_splitters
 
         if self.splitter not in list_splitters():
             raise StepSalError(f"splitter must be a registered step splitter, one of "

@@ -277,7 +277,7 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
 
     A lock whose process is gone (same host) is taken over, with a note on stderr. The
     same process may nest the lock (the CLI takes it before loading the model,
-    :func:`~stepsal_lens.evaluate.evaluate` again).
+    :func:`~stepsal_lens.eval.runs.evaluate` again).
     """
     folder = Path(folder)
     created = not folder.exists()

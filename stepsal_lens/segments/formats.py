@@ -7,7 +7,7 @@ segments with their character spans. Formats are looked up by name with
 
 Examples
 --------
->>> from stepsal_lens.formats import get_format
+>>> from stepsal_lens.segments.formats import get_format
 >>> fmt = get_format("deepseek-r1")
 >>> text = fmt.render("What is 2+2?", "Two plus two is four.", "The answer is 4.")
 >>> parsed = fmt.parse(text)
@@ -415,6 +415,6 @@ register_format(ReasoningFormat(
 
 # gpt-oss's harmony format has its own module (several analysis messages, tool calls,
 # system/developer messages); it builds on the classes above.
-from stepsal_lens.harmony import HarmonyFormat  # noqa: E402
+from stepsal_lens.segments.harmony import HarmonyFormat  # noqa: E402
 
 register_format(HarmonyFormat())

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.formats import ParsedText, ReasoningFormat, _lstrip_span, _strip_span
+from stepsal_lens.segments.formats import ParsedText, ReasoningFormat, _lstrip_span, _strip_span
 
 __all__ = [
     "DEFAULT_MODEL_IDENTITY",
@@ -196,7 +196,7 @@ def _turn(text: str) -> _Turn:
 class HarmonyFormat(ReasoningFormat):
     """gpt-oss's harmony format (registered as ``"gpt-oss"``).
 
-    The marker fields of :class:`~stepsal_lens.formats.ReasoningFormat` describe a
+    The marker fields of :class:`~stepsal_lens.segments.formats.ReasoningFormat` describe a
     single analysis message followed by the final one (what :meth:`render` writes);
     :meth:`parse` and :meth:`regions` read any sequence of harmony messages (see the
     module docstring).

@@ -5,13 +5,13 @@ the summary needs the last step. Grading is exact.
 
 Examples
 --------
->>> from stepsal_lens.zoo.task import generate, grade
->>> p = generate(1, split="id", seed=3)[0]
+>>> from stepsal_lens.zoo.task import grade_exact, make_problems
+>>> p = make_problems(1, split="id", seed=3)[0]
 >>> p.question  # doctest: +SKIP
 'Start with 12. Add 7, then multiply by 2. What is the result?'
->>> grade(p.reference_summary(), p.answer)
+>>> grade_exact(p.reference_summary(), p.answer)
 True
->>> grade("The result is \\\\boxed{5}.", 6)
+>>> grade_exact("The result is \\\\boxed{5}.", 6)
 False
 """
 
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["Problem", "SPLITS", "extract_answer", "generate", "grade"]
+__all__ = ["ArithmeticProblem", "SPLITS", "boxed_answer", "grade_exact", "make_problems"]
 
 #: split name -> (min ops, max ops, max start value)
 SPLITS: dict[str, tuple[int, int, int]] = {
@@ -40,7 +40,7 @@ _WORD = {"+": "plus", "-": "minus", "*": "times"}
 
 
 @dataclass(frozen=True)
-class Problem:
+class ArithmeticProblem:
     """One problem: a start value and a chain of (op, operand) pairs."""
 
     start: int
@@ -84,7 +84,7 @@ def _apply(value: int, op: str, n: int) -> int:
     return value + n if op == "+" else value - n if op == "-" else value * n
 
 
-def _random_problem(rng: random.Random, split: str) -> Problem:
+def _random_problem(rng: random.Random, split: str) -> ArithmeticProblem:
     lo, hi, max_start = SPLITS[split]
     value = start = rng.randint(1, max_start)
     ops = []
@@ -98,10 +98,10 @@ def _random_problem(rng: random.Random, split: str) -> Problem:
         op, n = rng.choice(choices)
         ops.append((op, n))
         value = _apply(value, op, n)
-    return Problem(start, tuple(ops), split)
+    return ArithmeticProblem(start, tuple(ops), split)
 
 
-def generate(n: int, *, split: str = "id", seed: int = 0) -> list[Problem]:
+def make_problems(n: int, *, split: str = "id", seed: int = 0) -> list[ArithmeticProblem]:
     """``n`` random problems of a split (:data:`SPLITS`); values stay in 0..99."""
     if split not in SPLITS:
         raise StepSalError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
@@ -109,18 +109,18 @@ def generate(n: int, *, split: str = "id", seed: int = 0) -> list[Problem]:
     return [_random_problem(rng, split) for _ in range(n)]
 
 
-def extract_answer(text: str) -> str | None:
+def boxed_answer(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` in ``text`` (None if there is none).
 
-    Braces are balanced (:func:`stepsal_lens.answers.find_boxed`, the one parser).
+    Braces are balanced (:func:`stepsal_lens.segments.answers.find_boxed`, the one parser).
     """
-    from stepsal_lens.answers import find_boxed
+    from stepsal_lens.segments.answers import find_boxed
 
     found = find_boxed(text)
     return found[-1].text if found else None
 
 
-def grade(text: str, answer: int | str) -> bool:
+def grade_exact(text: str, answer: int | str) -> bool:
     """Exact grading: the last ``\\boxed{}`` holds exactly the answer."""
-    got = extract_answer(text)
+    got = boxed_answer(text)
     return got is not None and got == str(answer).strip()

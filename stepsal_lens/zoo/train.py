@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from stepsal_lens.formats import get_format
-from stepsal_lens.zoo.task import generate
+from stepsal_lens.segments.formats import get_format
+from stepsal_lens.zoo.task import make_problems
 
 __all__ = ["build_tokenizer", "make_model", "train"]
 
@@ -49,7 +49,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 400):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     corpus = [render(p)[1] for split in ("id", "long")
-              for p in generate(3000, split=split, seed=seed + 1000)]
+              for p in make_problems(3000, split=split, seed=seed + 1000)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -115,8 +115,8 @@ def train(out: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int 
     bar = tqdm(range(steps), desc="training tiny-lrm", disable=not progress)
     for step in bar:
         n_long = sum(rng.random() < long_fraction for _ in range(batch_size))
-        problems = (generate(batch_size - n_long, split="id", seed=rng.getrandbits(32))
-                    + generate(n_long, split="long", seed=rng.getrandbits(32)))
+        problems = (make_problems(batch_size - n_long, split="id", seed=rng.getrandbits(32))
+                    + make_problems(n_long, split="long", seed=rng.getrandbits(32)))
         ids, labels, mask = _batch(tokenizer, problems)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)

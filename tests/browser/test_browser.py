@@ -248,8 +248,8 @@ def test_saved_notebook_with_a_fresh_kernel_shows_the_map(browser, lab, tmp_path
 
 _PANEL = """import torch
 from stepsal_lens import StepSaliency
-from stepsal_lens.trace import Step
-from stepsal_lens.widgets import compare
+from stepsal_lens.segments.trace import Step
+from stepsal_lens.apps.widgets import compare
 
 def result(segments, seed):
     n = len(segments)
@@ -287,7 +287,7 @@ def test_comparison_panel_hides_its_static_twin(browser, lab):
 
 
 def test_demo_report_renders(browser, tmp_path):
-    from stepsal_lens.demo import run_demo
+    from stepsal_lens.apps.demo import run_demo
 
     result = run_demo("tiny-lrm", n=4, out=tmp_path / "demo", progress=False)
     page = browser.new_page()

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 import torch
 import transformers
 from transformers import AttentionInterface
 
 from stepsal_lens import Trace, step_saliency, stepflow, token_saliency
-from stepsal_lens.saliency import get_target
+from stepsal_lens.lens.targets import get_target
 
 Q = "A rectangle has a perimeter of 30 cm and its length is twice its width. What is its area?"
 T = ("Okay, so I need to find the area of a rectangle with a perimeter of 30 cm. "
@@ -291,7 +291,7 @@ def test_smi_equals_a_residual_hook_on_hugging_face(name, real_models, hf_models
 # ---- generation ---------------------------------------------------------------------------
 
 def test_cached_greedy_generation_equals_hugging_face(name, real_models, hf_models):
-    from stepsal_lens.generation import prompt_ids
+    from stepsal_lens.lens.generation import prompt_ids
 
     model, hf = real_models[name], hf_models[name]
     tok = model.tokenizer

@@ -7,13 +7,13 @@ architecture would), then the completion's tokens.
 
 from __future__ import annotations
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from stepsal_lens import StepSalError, Trace, get_format, load_lrm
-from stepsal_lens.generation import prompt_ids
+from stepsal_lens.lens.generation import prompt_ids
 
 Q = "Let $x$ satisfy $x^2 = 2x + 3$ with $x > 0$. What is $x$?"
 T = ("Okay, so I have the equation x squared equals 2x plus 3. "

@@ -1,11 +1,11 @@
 """Accuracy of a model on the arithmetic task's splits (greedy, KV-cached, via the bridge).
 
-    python -m stepsal_lens.zoo.evaluate --model tiny-lrm --n 500 --json eval.json
+    python -m stepsal_lens.zoo.accuracy --model tiny-lrm --n 500 --json eval.json
 
 Examples
 --------
 >>> from stepsal_lens import load_lrm
->>> from stepsal_lens.zoo.evaluate import accuracy
+>>> from stepsal_lens.zoo.accuracy import accuracy
 >>> model = load_lrm("tiny-lrm", device="cpu")
 >>> 0.0 <= accuracy(model, "id", n=4, seed=1)["accuracy"] <= 1.0
 True
@@ -18,23 +18,22 @@ import json
 import time
 from typing import Any
 
-from stepsal_lens.models import info_of
+from stepsal_lens.segments.association import info_of
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.zoo.task import generate, grade
+from stepsal_lens.zoo import EVAL_SEED
+from stepsal_lens.zoo.task import grade_exact, make_problems
 
 __all__ = ["accuracy"]
 
-#: Seeds of the evaluation sets; training draws random 32-bit seeds from its own stream.
-EVAL_SEED = 20_000
 
 
 def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
              max_new_tokens: int = 256, progress: bool = False) -> dict[str, Any]:
     """Greedy accuracy on ``n`` problems of ``split``; returns counts and per-op-count
     accuracy."""
-    from stepsal_lens.generation import generate as generate_text
+    from stepsal_lens.lens.generation import generate as generate_text
 
-    problems = generate(n, split=split, seed=seed)
+    problems = make_problems(n, split=split, seed=seed)
     texts = [g.text for g in generate_text(model, [p.question for p in problems],
                                            max_new_tokens=max_new_tokens, batch_size=16,
                                            progress=progress)]
@@ -43,7 +42,7 @@ def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
     for p, text in zip(problems, texts):
         try:
             parsed = fmt.parse(text)
-            ok = not parsed.truncated and grade(parsed.summary, p.answer)
+            ok = not parsed.truncated and grade_exact(parsed.summary, p.answer)
         except StepSalError:  # an unparseable generation is wrong
             ok = False
         correct.append(ok)
@@ -54,7 +53,7 @@ def accuracy(model, split: str, *, n: int = 500, seed: int = EVAL_SEED,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stepsal_lens.models import load_lrm
+    from stepsal_lens.lens.models import load_lrm
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-lrm")
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     # the fixed 50-problem set the test suite re-checks (docs minus 5 points)
     check = accuracy(model, "id", n=50, seed=1)
     results["ci_check"] = {"split": "id", "n": 50, "seed": 1, "accuracy": check["accuracy"]}
-    results["command"] = f"python -m stepsal_lens.zoo.evaluate --model {args.model} --n {args.n}"
+    results["command"] = f"python -m stepsal_lens.zoo.accuracy --model {args.model} --n {args.n}"
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:

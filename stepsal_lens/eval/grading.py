@@ -1,6 +1,6 @@
-"""One answer parser and one grader, for every part of stepsal_lens.
+"""The one grader, on the one answer parser (:mod:`stepsal_lens.segments.answers`).
 
-Extraction (:func:`find_answer`, :func:`extract_answer`) reads the final answer from
+Extraction (:func:`~stepsal_lens.segments.answers.find_answer`, :func:`extract_answer`) reads the final answer from
 model text with balanced braces everywhere, so ``\\boxed{\\frac{1}{2}}`` gives
 ``\\frac{1}{2}`` and its character span (the ``answer`` saliency target maps that span to
 tokens). Math answers, in order of trust: the last ``\\boxed{}`` / ``\\fbox{}``; the
@@ -33,7 +33,7 @@ numbers, letters or words never start the worker.
 
 Examples
 --------
->>> from stepsal_lens.answers import extract_answer, grade_output
+>>> from stepsal_lens.eval.grading import extract_answer, grade_output
 >>> extract_answer("So the answer is \\\\boxed{\\\\frac{1}{2}}.")
 '\\\\frac{1}{2}'
 >>> extract_answer("**Answer: D** (the answer is D, not B)", kind="choice")
@@ -59,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.segments.answers import (KINDS, Answer, _check_kind, _closing, _split_top,
+                                           find_answer, find_boxed)
 
 __all__ = [
     "Answer",
@@ -72,24 +74,8 @@ __all__ = [
     "judge",
 ]
 
-#: Answer kinds: free-form math, or a multiple-choice letter.
-KINDS = ("math", "choice")
 #: Seconds one grading may spend on symbolic comparisons before it is killed.
 DEFAULT_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An answer found in a text: ``text == source[start:end]``.
-
-    ``style`` says where it came from: ``"boxed"``, ``"marker"`` (after "answer is",
-    "Final answer:" ...), ``"last-line"``, ``"letter"`` (a lone or parenthesised letter).
-    """
-
-    text: str
-    start: int
-    end: int
-    style: str
 
 
 @dataclass(frozen=True)
@@ -117,262 +103,7 @@ class Grade:
         return asdict(self)
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise StepSalError(f"unknown answer kind {kind!r}; use one of {list(KINDS)}")
-
-
 # ---- extraction ---------------------------------------------------------------------------
-
-_BOX = re.compile(r"\\(?:boxed|fbox)\b")
-
-
-def _closing(text: str, i: int) -> int:
-    """Index of the brace closing the ``{`` at ``i`` (-1 when it never closes)."""
-    depth, j = 0, i
-    while j < len(text):
-        c = text[j]
-        if c == "\\":  # \{ and \} are literal braces; skip any escaped character
-            j += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return j
-        j += 1
-    return -1
-
-
-def find_boxed(text: str | None) -> list[Answer]:
-    """Every ``\\boxed{...}`` / ``\\fbox{...}`` answer of ``text``, in order (braces balanced).
-
-    Examples
-    --------
-    >>> from stepsal_lens.answers import find_boxed
-    >>> [a.text for a in find_boxed("$\\\\boxed{\\\\frac{1}{2}}$, then \\\\fbox{\\\\{1, 2\\\\}}")]
-    ['\\\\frac{1}{2}', '\\\\{1, 2\\\\}']
-    """
-    found = []
-    text = text or ""
-    for s, e in _boxes(text):
-        s, e = _trim(text, s, e)
-        if s < e:
-            found.append(Answer(text[s:e], s, e, "boxed"))
-    return found
-
-
-def _boxes(text: str) -> list[tuple[int, int]]:
-    """Spans of the contents of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced)."""
-    spans = []
-    for m in _BOX.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            j = _closing(text, i)
-            if j > 0:
-                spans.append((i + 1, j))
-        elif i < len(text):  # "\boxed 5"
-            n = re.match(r"[^\s$.,]+", text[i:])
-            if n:
-                spans.append((i, i + n.end()))
-    return spans
-
-
-_WRAP_OPEN = ("**", "$$", "$", "\\(", "\\[", "*", "`", ":", "\\displaystyle")
-_WRAP_CLOSE = ("**", "$$", "$", "\\)", "\\]", "*", "`", ".", ",", ";", ":")
-
-
-def _trim(text: str, a: int, b: int) -> tuple[int, int]:
-    """Shrink ``[a, b)`` past blanks, markdown emphasis and math delimiters."""
-    changed = True
-    while changed and a < b:
-        changed = False
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
-        for w in _WRAP_OPEN:
-            if text.startswith(w, a) and a + len(w) <= b:
-                a += len(w)
-                changed = True
-                break
-        for w in _WRAP_CLOSE:
-            if b - len(w) >= a and text[b - len(w):b] == w and not text[:b].endswith("\\" + w):
-                b -= len(w)
-                changed = True
-                break
-    return a, b
-
-
-_MARKER = re.compile(
-    r"(?:\bfinal\s+answer\b(?:\s*\*{1,2})?(?:\s*(?:is|:|：|=))?"
-    r"|\b(?:correct\s+(?:answer|option|choice)|best\s+answer|answer)\b(?:\s*\*{1,2})?"
-    r"\s*(?:is|would\s+be|should\s+be|must\s+be|:|：|=)"
-    r"|\b(?:I\s+(?:choose|pick|select)|go\s+with)\b)(?:\s*\*{1,2})?", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"\.(?:\s|$)|\s+(?:since|because|as|which)\s", re.IGNORECASE)
-
-
-def _eol(text: str, start: int) -> int:
-    """End of the line at ``start`` (LF, CRLF or a lone CR), or the end of the text."""
-    m = re.compile(r"[\r\n]").search(text, start)
-    return m.start() if m else len(text)
-
-
-def _after_marker(text: str, m: re.Match) -> tuple[int, int] | None:
-    """The answer following a marker: the rest of its sentence, or the next lines."""
-    eol = _eol(text, m.end())
-    s, e = _trim(text, m.end(), eol)
-    if s >= e:  # "**Final Answer**\n\n$$\n204\n$$": take the next line or display block
-        rest = text[eol:]
-        block = re.match(r"\s*(?:\$\$|\\\[)(.*?)(?:\$\$|\\\])", rest, re.DOTALL)
-        line = block or re.match(r"\s*([^\r\n]+)", rest)
-        if not line:
-            return None
-        return _trim(text, eol + line.start(1), eol + line.end(1))
-    cut = _SENTENCE_END.search(text, s, e)  # "42. I hope it is correct."
-    if cut:
-        s, e = _trim(text, s, cut.start())
-    return (s, e) if s < e else None
-
-
-def _math_after_marker(text: str, m: re.Match) -> tuple[int, int] | None:
-    a = m.end()
-    eol = _eol(text, a)
-    head = text[a:eol]
-    stripped = head.lstrip(" *:")
-    offset = a + len(head) - len(stripped)
-    for pat in (r"\$\$(.+?)\$\$", r"\$(.+?)\$", r"\\\((.+?)\\\)", r"\\\[(.+?)\\\]"):
-        mm = re.match(pat, stripped)
-        if mm:
-            return _trim(text, offset + mm.start(1), offset + mm.end(1))
-    return _after_marker(text, m)
-
-
-def _last_line_math(text: str) -> tuple[int, int] | None:
-    lines = [(mm.start(), mm.end()) for mm in re.finditer(r"[^\r\n]*\S[^\r\n]*", text)]
-    if not lines:
-        return None
-    a, b = lines[-1]
-    line = text[a:b]
-    maths = list(re.finditer(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", line))
-    if maths:
-        mm = maths[-1]
-        g = next(i for i in range(1, 5) if mm.group(i) is not None)
-        return _trim(text, a + mm.start(g), a + mm.end(g))
-    nums = list(re.finditer(r"-?\d+(?:[.,]\d+)*(?:/\d+)?", line))
-    if nums:
-        return a + nums[-1].start(), a + nums[-1].end()
-    return None
-
-
-# a letter that is a whole token: not part of a word, not "I think"
-_LETTER = r"([A-J])(?![A-Za-z0-9'’])(?!(?<=I)\s+[a-z])"
-_LETTER_BOX = re.compile(  # boxed content: "C", "(C)", "\text{(D)}", "B) 3.5 eV"
-    r"\W*?(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?\W*(?:(?:option|choice)\s*)?\(?"
-    + _LETTER + r"\)?(?:[\s\]}.:),;*$]|$)")
-_LETTER_LINE = re.compile(r"\W*?(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?\W*\(?"
-                          + _LETTER + r"\)?\W*")
-_LETTER_LEAD = re.compile(  # after a marker: "**(B)**", " option C", "\textbf{D}"
-    r"[\s*_:$({\[]*(?:(?:therefore|thus|clearly|then|probably|likely),?\s+)?"
-    r"[\s*_:$({\[]*(?:\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{[\s(]*)?"
-    r"(?:(?:option|choice)\s*)?\(?" + _LETTER)
-
-
-def _letter_span(pattern: re.Pattern, text: str, a: int, b: int) -> tuple[int, int] | None:
-    m = (pattern.fullmatch if pattern is _LETTER_LINE else pattern.match)(text[a:b])
-    return (a + m.start(1), a + m.end(1)) if m else None
-
-
-def _choice(text: str) -> Answer | None:
-    for s, e in reversed(_boxes(text)):
-        span = _letter_span(_LETTER_BOX, text, s, e)
-        if span:
-            return Answer(text[span[0]:span[1]], *span, "boxed")
-    for m in reversed(list(_MARKER.finditer(text))):
-        lead = _LETTER_LEAD.match(text, m.end())
-        if lead:
-            return Answer(lead.group(1), lead.start(1), lead.end(1), "marker")
-    lines = [(mm.start(), mm.end()) for mm in re.finditer(r"[^\r\n]*\S[^\r\n]*", text)]
-    if lines:
-        span = _letter_span(_LETTER_LINE, text, *lines[-1])
-        if span:
-            return Answer(text[span[0]:span[1]], *span, "last-line")
-    found = list(re.finditer(r"\(([A-J])\)", text))
-    if found:
-        m = found[-1]
-        return Answer(m.group(1), m.start(1), m.end(1), "letter")
-    return None
-
-
-def find_answer(text: str | None, kind: str = "math") -> Answer | None:
-    """The final answer in ``text`` with its character span, or None.
-
-    Parameters
-    ----------
-    text
-        Model text: a summary, or a whole completion.
-    kind
-        ``"math"`` (the last boxed answer, else the last "answer is" / "Final answer:",
-        else the last formula or number of the last line) or ``"choice"`` (a letter A-J).
-
-    Returns
-    -------
-    Answer or None
-        ``text[answer.start:answer.end] == answer.text``.
-
-    Examples
-    --------
-    >>> from stepsal_lens.answers import find_answer
-    >>> text = "So $x = \\\\boxed{\\\\frac{1}{2}}$."
-    >>> a = find_answer(text)
-    >>> a.text, a.style, text[a.start:a.end] == a.text
-    ('\\\\frac{1}{2}', 'boxed', True)
-    >>> find_answer("The answer is A, not B.", kind="choice").text
-    'A'
-    """
-    _check_kind(kind)
-    if not text:
-        return None
-    if kind == "choice":
-        return _choice(text)
-    boxes = find_boxed(text)
-    if boxes:
-        return boxes[-1]
-    for m in reversed(list(_MARKER.finditer(text))):
-        span = _math_after_marker(text, m)
-        if span and span[0] < span[1]:
-            return Answer(text[span[0]:span[1]], *span, "marker")
-    span = _last_line_math(text)
-    if span and span[0] < span[1]:
-        return Answer(text[span[0]:span[1]], *span, "last-line")
-    return None
-
-
-def _split_top(s: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets and braces."""
-    parts, depth, cur = [], 0, []
-    i = 0
-    while i < len(s):
-        c = s[i]
-        if c == "\\" and i + 1 < len(s) and s[i + 1] in "{}":
-            cur.append(s[i:i + 2])
-            i += 2
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        if c == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return [p.strip() for p in parts]
 
 
 def _is_list(answer: str) -> bool:
@@ -397,7 +128,7 @@ def extract_answer(text: str | None, kind: str = "math", *,
 
     Examples
     --------
-    >>> from stepsal_lens.answers import extract_answer
+    >>> from stepsal_lens.eval.grading import extract_answer
     >>> extract_answer("First \\\\boxed{3}, no wait: \\\\boxed{4}.")
     '4'
     >>> extract_answer("$x = \\\\boxed{3}$ or $x = \\\\boxed{5}$", gold="3, 5")
@@ -674,7 +405,7 @@ def judge(prediction: str | None, answer: str | int | float, kind: str = "math",
 
     Examples
     --------
-    >>> from stepsal_lens.answers import judge
+    >>> from stepsal_lens.eval.grading import judge
     >>> judge("1{,}000", "1000").status, judge("\\\\text{Yes}", "yes").status
     ('correct', 'correct')
     >>> judge("3", "4").status, judge(None, "4").method
@@ -708,7 +439,7 @@ def grade(prediction: str | None, answer: str | int | float, kind: str = "math",
 
     Examples
     --------
-    >>> from stepsal_lens.answers import grade
+    >>> from stepsal_lens.eval.grading import grade
     >>> grade("\\\\frac{1}{2}", "0.5"), grade("(B)", "B", kind="choice")
     (True, True)
     """
@@ -733,7 +464,7 @@ def grade_output(output: str | None, answer: str | int | float, kind: str = "mat
 
     Examples
     --------
-    >>> from stepsal_lens.answers import grade_output
+    >>> from stepsal_lens.eval.grading import grade_output
     >>> grade_output("**Answer: D**", "D", kind="choice").correct
     True
     >>> g = grade_output("So $x=\\\\boxed{3}$ or $x=\\\\boxed{-2}$.", "-2, 3")
