@@ -1,4 +1,3 @@
-from stepsal_lens.segments.association import info_of
 """StepFlow on tiny-lrm: accuracy with and without, a tau_max x alpha sweep, and what
 StepFlow does to Step-Saliency (lock-in, thinking share).
 
@@ -17,6 +16,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from stepsal_lens.segments.association import info_of
 
 TAUS = (0.05, 0.1, 0.15, 0.3)
 ALPHAS = (0.0, 0.03, 0.06, 0.12)

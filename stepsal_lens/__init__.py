@@ -6,8 +6,7 @@ touches TransformerLens), ``results`` (data and files), ``eval`` (answers, probl
 and ``apps`` (CLI, demo, report, figures, explorers).
 """
 
-__version__ = "0.1.0"
-
+from stepsal_lens._version import __version__
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats, register_format
 from stepsal_lens.segments.splitters import list_splitters, regex_splitter, register_splitter

@@ -19,7 +19,7 @@ of one forward and backward pass with a fused attention kernel:
 * **Backward**, per chunk of query rows (one ``[head, chunk, key]`` block alive per
   buffer): ``A = exp(q k^T s - lse)`` (exactly the pattern, rows summing below 1 with
   sinks; ``-lse`` rides in the score matmul as an extra column), ``dA = dO v^T``, and
-  ``A |dA|`` is pooled into the step map at once (:func:`pool_block`); query heads are
+  ``A |dA|`` is pooled into the step map at once (:func:`~stepsal_lens.core.pooling.pool_block`); query heads are
   grouped per key/value head, never repeated; everything in float32. ``dq``, ``dk``,
   ``dv`` come from the CPU flash kernel's backward (exact with sinks, given the
   sink-inclusive ``lse``), or, on other devices and for sliding windows, from the same
@@ -27,10 +27,10 @@ of one forward and backward pass with a fused attention kernel:
   measured layer needs none, and the layers below it run without a graph.
 * **Pooling** uses the structure of the problem: steps are contiguous token ranges, so a
   block's rows are summed per step by one small matmul and its keys by one cumulative
-  sum and one gather per step boundary (:func:`row_step_sums`, :func:`key_step_sums`).
+  sum and one gather per step boundary (:func:`~stepsal_lens.core.pooling.row_step_sums`, :func:`~stepsal_lens.core.pooling.key_step_sums`).
 * **Targets** with a lean form (``lm``, ``summary``, ``answer``, ``logit``) start from
   the final hidden states: the losses run through the unembedding in chunks of
-  positions, recomputed in backward (:func:`chunked_cross_entropy`), so ``[T, vocab]``
+  positions, recomputed in backward (:func:`~stepsal_lens.lens.targets.chunked_cross_entropy`), so ``[T, vocab]``
   float32 logits never exist at once. Other targets get the full logits.
 * **Hooks.** The swapped-in attention does not run the bridge's attention hook points, so
   :func:`stepsal_lens.step_saliency` uses this engine only on a model without hooks
@@ -39,6 +39,7 @@ of one forward and backward pass with a fused attention kernel:
 Examples
 --------
 >>> import torch
+>>> from stepsal_lens.core.pooling import pool_block
 >>> sal = torch.arange(16.0).reshape(1, 4, 4)      # [head, query, key]
 >>> starts, ends = torch.tensor([0, 2]), torch.tensor([2, 4])  # steps: tokens 0-1, 2-3
 >>> pool_block(sal, starts, ends, row0=0, key0=0)  # sums over each step pair
@@ -51,7 +52,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,7 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from stepsal_lens.core.pooling import pool_block, step_bounds
 from stepsal_lens.errors import StepSalError
 
 __all__ = [
@@ -66,15 +67,9 @@ __all__ = [
     "FusedAttention",
     "attention_hooks_in_use",
     "choose_chunk",
-    "chunked_cross_entropy",
     "default_budget",
     "final_hidden",
     "fused_attention",
-    "key_step_sums",
-    "pool_block",
-    "row_step_sums",
-    "step_bounds",
-    "step_means",
 ]
 
 #: Name under which the engine's attention function is registered with transformers.

@@ -370,7 +370,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         bar.close()
     maps = torch.stack(maps).cpu()
     _refuse_non_finite(maps, layers, "saliency maps")
-    from stepsal_lens import __version__
+    from stepsal_lens._version import __version__
     from stepsal_lens.lens.stepflow import active_stepflow
 
     flow = active_stepflow(model)
