@@ -175,6 +175,7 @@ def test_results_record_their_provenance_and_replay_it(models, traces):
     """A result says how it was made (target and its arguments, engine, StepFlow config,
     version) and replays it: the token drill-down pools exactly to the map shown."""
     from stepsal_lens import StepFlowConfig, __version__, stepflow, token_saliency
+    from stepsal_lens.lens.saliency import replay
     from stepsal_lens.core.pooling import pool_saliency
 
     model, trace = models["qwen2"], traces["qwen2"]
@@ -189,7 +190,7 @@ def test_results_record_their_provenance_and_replay_it(models, traces):
     assert not torch.allclose(flow.maps, plain.maps)
     for result in (plain, flow):
         for layer in (0, 1):
-            tok, _ = result.replay(model, token_saliency, trace, layer)
+            tok, _ = replay(result, model, token_saliency, trace, layer)
             pooled = pool_saliency(tok[None], torch.ones_like(tok[None]), trace.step_of_token,
                                    trace.n_steps)
             ref = result.maps[layer]

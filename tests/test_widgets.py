@@ -72,7 +72,7 @@ def test_step_text_is_escaped(case):
     ex = explore(sal, model=model, trace=trace)
     # the hover texts travel as data and are drawn with textContent, never as markup
     assert "<b>the</b>" in ex.heatmap.texts[0]
-    js = (Path(stepsal_lens.__file__).parent / "_views.js").read_text()
+    js = (Path(stepsal_lens.__file__).parent / "apps" / "_views.js").read_text()
     assert "innerHTML = \"\"" in js and js.count("innerHTML") == 2
     ex.select_cell(1, 0)
     shown = ex.detail.outputs

@@ -289,13 +289,13 @@ class StepExplorer(_StaticTwin):
             raise StepSalError("this explorer has no model; explore(result, model=..., "
                                "trace=...) to drill down to tokens")
         self._check_steps(query_step, key_step)
-        from stepsal_lens.lens.saliency import token_saliency
+        from stepsal_lens.lens.saliency import replay, token_saliency
 
         layer, head, _ = self._current()
         real_layer = self.result.layers[layer]
         if real_layer not in self._tokens:
-            self._tokens[real_layer] = self.result.replay(self.model, token_saliency,
-                                                          self.trace, real_layer)
+            self._tokens[real_layer] = replay(self.result, self.model, token_saliency,
+                                              self.trace, real_layer)
         sal, att = self._tokens[real_layer]
         return token_values(sal, att, self.trace.steps[query_step].token_span,
                             self.trace.steps[key_step].token_span,

@@ -10,7 +10,7 @@ Examples
 >>> from stepsal_lens.eval.problems import load_problems
 >>> path = tempfile.mktemp(suffix=".jsonl")
 >>> with open(path, "w") as f:
-...     _ = f.write(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+...     _ = f.write(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\\n")
 >>> [(p.question, p.answer, p.kind) for p in load_problems(path)]
 [('What is 1+1?', '2', 'math')]
 >>> load_problems("tiny:id", limit=1)[0].source

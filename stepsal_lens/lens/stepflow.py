@@ -11,7 +11,7 @@ Two test-time interventions (docs/stepflow.md, docs/concepts.md), no retraining:
   projection the paper writes as the logit shift ``z_k + log(tau_g / p_g)``). A row that
   sums to less than 1 (attention sinks) keeps its sink mass.
 * **SMI** at the first token of each new thinking step, in one of two variants
-  (:data:`~stepsal_lens.results.config.SMI_VARIANTS`). ``"resid_post"`` (default, the design card): add ``alpha``
+  (:data:`~stepsal_lens.results.config.SMI_VARIANTS`). ``"resid_post"`` (default; docs/concepts.md): add ``alpha``
   times the mean ``blocks.{l}.hook_resid_post`` over the last ``window`` non-space tokens
   of the previous step, in every SMI layer. ``"paper_code"`` (what the paper's code
   does): add ``alpha`` times the mean of the attention *values*
@@ -358,7 +358,7 @@ def stepflow(model: Any, config: StepFlowConfig | None = None,
     **settings
         Fields of :class:`~stepsal_lens.StepFlowConfig` that override ``config``
         (``tau_max``, ``alpha``, ``oeb_layers``, ``smi_layers``, ``window``,
-        ``smi_variant``). ``smi_variant="resid_post"`` (the design card) adds ``alpha``
+        ``smi_variant``). ``smi_variant="resid_post"`` (the default; docs/concepts.md) adds ``alpha``
         times the mean ``hook_resid_post`` over the previous step's last ``window``
         non-space tokens at each new thinking step's first token, in every SMI layer;
         ``"paper_code"`` (the paper's code) adds the mean value vector (``hook_v``) to

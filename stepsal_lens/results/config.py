@@ -30,7 +30,7 @@ __all__ = ["SMI_VARIANTS", "StepFlowConfig", "default_layer_split"]
 SMI_VARIANTS = {
     "resid_post": "alpha * mean(hook_resid_post over the last `window` non-space tokens of "
                   "the previous step) added to hook_resid_post, in every SMI layer (the "
-                  "design card)",
+                  "definition in docs/concepts.md)",
     "paper_code": "alpha * mean(hook_v over the last `window` tokens of the previous step, "
                   "per head) added to hook_z, in the first SMI layer only (the paper's code)",
 }
@@ -74,7 +74,7 @@ class StepFlowConfig:
     window
         SMI averages the last ``window`` tokens of the previous step (paper: 4).
     smi_variant
-        ``"resid_post"`` (the design card, default) or ``"paper_code"`` (the paper's
+        ``"resid_post"`` (the default, as docs/concepts.md defines SMI) or ``"paper_code"`` (the paper's
         code); see :data:`SMI_VARIANTS`.
     splitter
         The registered step splitter that decides where steps start (the one step rule
