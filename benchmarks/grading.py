@@ -1,6 +1,6 @@
 """Accuracy of the answer grader on a hand-labelled corpus, against plain ``math-verify``.
 
-    python benchmarks/grading.py [--corpus tests/data/grading_corpus.jsonl] [--misses]
+    python benchmarks/grading.py [--corpus tests/eval/data/grading_corpus.jsonl] [--misses]
 
 Each corpus line holds a model output (R1 / QwQ / gpt-oss style summaries of MATH-500,
 AIME, AMC and GPQA problems), the gold ``answer``, ``kind`` (``math`` or ``choice``) and
@@ -27,7 +27,7 @@ import logging
 import time
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "grading_corpus.jsonl"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "eval" / "data" / "grading_corpus.jsonl"
 
 
 def load_corpus(path: str | Path = CORPUS) -> list[dict]:

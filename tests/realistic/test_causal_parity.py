@@ -1,6 +1,6 @@
 """The causal effect matrix against Hugging Face on the realistic checkpoints: real
 tokenizers (vocab 128k-200k), GQA, q/k/v(/o) biases, QK-norm, gpt-oss sinks and sliding
-windows. The reference (tests/causal_reference.py) cuts each step with an attention mask
+windows. The reference (tests/lens/causal_reference.py) cuts each step with an attention mask
 in HF eager; nothing of stepsal_lens' knockout is reused."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lens"))
 from causal_reference import reference_effects  # noqa: E402
 
 from stepsal_lens import Trace, step_effects  # noqa: E402

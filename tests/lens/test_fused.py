@@ -347,21 +347,6 @@ def test_fused_attention_kernel_against_eager_autograd(window, with_sinks, chunk
     assert rel_err(ours, loops) < TOL
 
 
-def test_pooling_functions_against_loops():
-    torch.manual_seed(0)
-    sal = torch.rand(3, 9, 12)  # rows are tokens 3..11, keys tokens 0..11
-    spans = [(0, 2), (3, 6), (6, 7), (9, 12)]
-    starts, ends = pooling.step_bounds(spans)
-    out = pooling.pool_block(sal, starts, ends, row0=3, key0=0)
-    for i, (a, b) in enumerate(spans):
-        for j, (c, d) in enumerate(spans):
-            rows = slice(max(a, 3) - 3, max(b, 3) - 3)
-            torch.testing.assert_close(out[:, i, j], sal[:, rows, c:d].sum((1, 2)))
-    keys = pooling.key_step_sums(sal[:, :, 4:], starts, ends, key0=4)  # keys 4..11 only
-    torch.testing.assert_close(keys[..., 1], sal[:, :, 4:6].sum(-1))
-    torch.testing.assert_close(keys[..., 0], torch.zeros(3, 9))
-
-
 def test_step_bounds_and_chunk_choice_errors():
     with pytest.raises(StepSalError, match="sorted and disjoint"):
         pooling.step_bounds([(0, 4), (3, 6)])

@@ -17,9 +17,7 @@ from causal_reference import reference_effects
 from stepsal_lens import (StepEffects, StepSalError, Suppression, Trace, correlation_summary,
                           patch_step, receiver_heads, saliency_effect_correlation,
                           step_effects, step_knockout, step_saliency, stepflow)
-from stepsal_lens.core.causal import receiver_kurtosis, vertical_scores
 from stepsal_lens.lens.knockout import Knockout
-from stepsal_lens.core.knockout import suppress_attention
 
 QUESTION = "Start with 7. Add 5, then multiply by 2. What is the result?"
 THINKING = ("We start with the number 7. Adding 5 to 7 gives 12 in total. "
@@ -45,35 +43,6 @@ def _hooks_left(model) -> int:
 
 
 # ---- the renormalisation ------------------------------------------------------------------
-
-@pytest.mark.parametrize("sinks", [False, True])
-def test_suppress_attention_equals_masking_the_logits(sinks):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
-    causal = torch.ones(5, 7, dtype=torch.bool).tril(2)
-    cut = torch.rand(2, 3, 5, 7, generator=g) < 0.3
-    cut[..., 2] = False  # every row keeps a visible key
-    sink = torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64).expand(2, 3, 5, 1)
-
-    def softmax(z):
-        z = z.masked_fill(~causal, float("-inf"))
-        if sinks:
-            return torch.cat([z, sink], -1).softmax(-1)[..., :-1]
-        return z.softmax(-1)
-
-    ours, left = suppress_attention(softmax(logits), cut, sinks=sinks)
-    ref = softmax(logits.masked_fill(cut, float("-inf")))
-    err = float((ours - ref).abs().max())
-    assert err < 1e-12, f"max |ours - masked softmax| = {err:.2e}"
-    assert int(left) == 0
-
-
-def test_a_row_with_everything_cut_is_left_alone():
-    a = torch.tensor([[[[1.0, 0.0, 0.0], [0.4, 0.6, 0.0]]]])
-    cut = torch.tensor([[[[True, False, False], [False, True, False]]]])
-    out, left = suppress_attention(a, cut)
-    assert out[0, 0, 0].tolist() == [1.0, 0.0, 0.0] and int(left) == 1
-    assert out[0, 0, 1].tolist() == [1.0, 0.0, 0.0]
 
 
 # ---- the hook -----------------------------------------------------------------------------
@@ -223,21 +192,6 @@ def test_effects_save_load(tmp_path, models, traces):
 
 
 # ---- receiver heads -----------------------------------------------------------------------
-
-def test_receiver_kurtosis_against_scipy_on_hand_built_attention():
-    g = torch.Generator().manual_seed(1)
-    att = torch.rand(3, 2, 9, 9, generator=g).tril()
-    att[1, 0, :, 2] *= 20  # one head singles out step 2
-    k = 4
-    ref_v = np.zeros((3, 2, 9 - k))
-    for l in range(3):
-        for h in range(2):
-            for j in range(9 - k):
-                ref_v[l, h, j] = np.mean([float(att[l, h, i, j]) for i in range(j + k, 9)])
-    np.testing.assert_allclose(vertical_scores(att, k).numpy(), ref_v, rtol=1e-6)
-    ref_k = stats.kurtosis(ref_v, axis=-1, fisher=True, bias=True)
-    np.testing.assert_allclose(receiver_kurtosis(att, k).numpy(), ref_k, rtol=1e-5)
-    assert receiver_kurtosis(att, k).flatten().argmax() == 2  # layer 1, head 0
 
 
 def test_receiver_heads_dataframe_and_figure(models, traces):

@@ -10,7 +10,6 @@ import transformers
 
 from stepsal_lens import StepSalError, StepSaliency, Trace, step_saliency
 from stepsal_lens.lens.targets import get_target, list_targets
-from stepsal_lens.core.pooling import pool_saliency
 
 Q = "Start with 7. Add 5, then halve it. What is the result?"
 T = ("We start with 7 and add 5 which gives 12 here. Then half of 12 is 6 so we get 6. "
@@ -100,21 +99,6 @@ def test_bfloat16_model_accumulates_in_float32(checkpoints, traces):
     assert ours.maps.dtype == torch.float32
     rel = ((ours.maps - ref).abs().max() / ref.abs().max()).item()
     assert rel < 0.1, f"bfloat16 maps are off by {rel:.2e} of the largest value"
-
-
-def test_pooling_core_against_loops():
-    torch.manual_seed(0)
-    causal = torch.ones(10, 10, dtype=torch.bool).tril()
-    pattern = torch.randn(1, 3, 10, 10).masked_fill(~causal, float("-inf")).softmax(-1)
-    grad = torch.randn(1, 3, 10, 10)
-    spans = [(0, 3), (4, 7), (7, 10)]  # token 3 is in no step
-    owner = torch.tensor([0, 0, 0, -1, 1, 1, 1, 2, 2, 2])
-    sal = (pattern * grad).abs()[0]
-    for chunk in (1, 3, 256):  # chunk edges must not change the sums
-        out = pool_saliency(pattern, grad, owner, 3, chunk=chunk)
-        for i, (a, b) in enumerate(spans):
-            for j, (c, d) in enumerate(spans):
-                torch.testing.assert_close(out[:, i, j], sal[:, a:b, c:d].mean((1, 2)))
 
 
 def test_hooks_are_removed_after_success_and_error(models, traces):
