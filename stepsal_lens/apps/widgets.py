@@ -57,7 +57,7 @@ from stepsal_lens.apps.plots import (
 )
 
 __all__ = ["BINS", "GroupComparison", "StepExplorer", "StepFlowComparison", "binned_map",
-           "binned_segments", "binned_ticks", "compare", "compare_stepflow", "explore",
+           "binned_segments", "binned_ticks", "compare_groups", "compare_stepflow", "explore",
            "fit_bins", "step_map", "token_values", "trace_tokens"]
 
 SCALES = ("raw", "row-normalised", "log")
@@ -532,7 +532,7 @@ def _group_metrics(results: list[Any]):
 
 
 class GroupComparison(_Panel):
-    """Correct vs wrong traces (made by :func:`compare`)."""
+    """Correct vs wrong traces (made by :func:`compare_groups`)."""
 
     def __init__(self, correct: Any, wrong: Any, *, bins: dict[str, int] | None = None):
         import ipywidgets as w
@@ -573,7 +573,7 @@ class GroupComparison(_Panel):
         return figure_png(fig, dpi=80)
 
 
-def compare(correct_results: Any, wrong_results: Any, *,
+def compare_groups(correct_results: Any, wrong_results: Any, *,
             bins: dict[str, int] | None = None) -> GroupComparison:
     """Group-mean maps of correct and wrong traces side by side (with their difference)
     and the per-layer lock-in / thinking-share curves with 95% bands. Maps of traces

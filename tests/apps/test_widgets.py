@@ -184,7 +184,7 @@ def test_library_leaves_the_matplotlib_backend_alone(case):
     from stepsal_lens.lens.causal import receiver_heads, step_effects
     from stepsal_lens.apps.plots import plot_map_pair, plot_step_maps
     from stepsal_lens.apps.report import plot_condition_curves, plot_group_curves
-    from stepsal_lens.apps.widgets import compare, compare_stepflow
+    from stepsal_lens.apps.widgets import compare_groups, compare_stepflow
 
     model, trace, sal = case
     before = matplotlib.get_backend()
@@ -208,7 +208,7 @@ def test_library_leaves_the_matplotlib_backend_alone(case):
             "static_png": lambda: explore(sal).static_png(),
             "slider": lambda: explore(sal).layer.set_trait("value", 1),
             "select_cell": lambda: explore(sal, model=model, trace=trace).select_cell(1, 0),
-            "compare": lambda: compare([sal, sal], [sal]).static_png(),
+            "compare_groups": lambda: compare_groups([sal, sal], [sal]).static_png(),
             "compare_stepflow": lambda: compare_stepflow(sal, sal).static_png(),
         }
         for name, call in calls.items():
@@ -292,13 +292,13 @@ def test_fit_bins_leave_no_bin_empty():
 
 
 def test_compare_groups():
-    from stepsal_lens.apps.widgets import binned_map, compare
+    from stepsal_lens.apps.widgets import binned_map, compare_groups
 
     right = [_result_with_segments(["question"] + ["thinking"] * k + ["summary"], seed=k)
              for k in (3, 4, 5)]
     wrong = [_result_with_segments(["question"] + ["thinking"] * k + ["summary"] * 2, seed=9 + k)
              for k in (2, 6)]
-    cmp = compare(right, wrong)
+    cmp = compare_groups(right, wrong)
     assert cmp.bins == {"question": 1, "thinking": 2, "summary": 1}
     expected = np.mean(np.stack([binned_map(r, 0, cmp.bins) for r in right]), axis=0)
     np.testing.assert_allclose(cmp.group_map("correct"), expected)

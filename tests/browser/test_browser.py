@@ -249,7 +249,7 @@ def test_saved_notebook_with_a_fresh_kernel_shows_the_map(browser, lab, tmp_path
 _PANEL = """import torch
 from stepsal_lens import StepSaliency
 from stepsal_lens.segments.trace import Step
-from stepsal_lens.apps.widgets import compare
+from stepsal_lens.apps.widgets import compare_groups
 
 def result(segments, seed):
     n = len(segments)
@@ -257,7 +257,7 @@ def result(segments, seed):
     steps = [Step(i, s, f"step {i}", (i, i + 1), (i, i + 1)) for i, s in enumerate(segments)]
     return StepSaliency(maps, [0, 1], steps, torch.arange(n), {"target": "lm"})
 
-compare([result(["question"] + ["thinking"] * k + ["summary"], k) for k in (3, 4)],
+compare_groups([result(["question"] + ["thinking"] * k + ["summary"], k) for k in (3, 4)],
         [result(["question"] + ["thinking"] * 5 + ["summary"], 9)])"""
 
 
