@@ -20,6 +20,7 @@ when a pool starts, and :func:`require_ray` names the fix when it is missing.
 
 Examples
 --------
+>>> from stepsal_lens import StepFlowConfig
 >>> from stepsal_lens.evaluate import load_problems
 >>> from stepsal_lens.scale import RayPool, evaluate_ray
 >>> with RayPool("tiny-lrm", workers=2) as pool:  # doctest: +SKIP
@@ -116,6 +117,19 @@ class ModelWorker:
         return func(self._loaded(), *args, **kwargs)
 
 
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on a ``HOST:PORT`` nobody answers at (``ray.init`` retries for minutes)."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit() or not host:
+        return
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
+
+
 def _cause_of(err: BaseException) -> str:
     """A one-line reason from a Ray error."""
     text = str(getattr(err, "cause", None) or err).strip().splitlines()
@@ -197,12 +211,13 @@ class RayPool:
             return self
         if not ray.is_initialized():
             try:
+                _check_reachable(self.address)
                 if self.address is None:
                     ray.init(address="local", include_dashboard=False,
                              logging_level=logging.WARNING)
                 else:
                     ray.init(address=self.address, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as err:
+            except (OSError, RuntimeError, ValueError) as err:
                 where = "start a local Ray" if self.address is None else \
                     f"join the Ray cluster at {self.address!r}"
                 raise StepSalError(

@@ -268,3 +268,17 @@ def test_without_ray_installed(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == \
         "stepsal: error: --ray needs Ray: pip install 'stepsal-lens[ray]'"
     assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_cluster_is_refused_at_once(tmp_path):
+    """A --ray-address nobody answers at is refused in seconds (ray.init retries for
+    minutes), before anything is written."""
+    code = ("import sys\nfrom stepsal_lens.cli import main\n"
+            f"sys.exit(main(['eval', '--model', 'tiny-lrm', '--data', 'tiny:id', '--out', "
+            f"{str(tmp_path / 'run')!r}, '--ray', '--ray-address', '127.0.0.1:1']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "stepsal: error: cannot join the Ray cluster at '127.0.0.1:1': ")
+    assert not (tmp_path / "run").exists()
