@@ -3,7 +3,9 @@
 ``stepsal demo`` runs the main job on the bundled tiny-lrm (see :mod:`stepsal_lens.demo`).
 
 ``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
-``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
+``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``;
+``--traces FILE.jsonl`` does it for every line, plus ``metrics.csv`` and the
+correct-vs-wrong comparison (resumable; see :mod:`stepsal_lens.batch`).
 ``stepsal effects --model M --trace TRACE.json --out DIR [--layers [L,...]]`` writes the
 causal effect matrix (``step_effects.safetensors``), ``steps.json``, ``effects.json``
 (Spearman per layer against the trace's Step-Saliency) and ``effects.png``.
@@ -11,7 +13,9 @@ causal effect matrix (``step_effects.safetensors``), ``steps.json``, ``effects.j
 generation: prompt, text, token ids, segments and StepFlow's stats.
 
 ``stepsal eval --model M --data FILE --out DIR [--stepflow ...]`` evaluates accuracy
-(resumable); ``stepsal compare RUN_A RUN_B`` runs a paired McNemar test on two runs.
+(resumable; ``--ray [--ray-address ADDR] [--workers N]`` spreads the problems over Ray
+workers, see :mod:`stepsal_lens.scale`); ``stepsal compare RUN_A RUN_B`` runs a paired
+McNemar test on two runs.
 ``stepsal grade IN.jsonl --out OUT.jsonl`` re-grades existing outputs (lines with
 ``output``, ``answer`` and optional ``kind``) with the grader of ``stepsal eval``.
 
@@ -134,8 +138,9 @@ def analyze(args: argparse.Namespace) -> int:
         from stepsal_lens.batch import batch_cmd
 
         return batch_cmd(args)
-    for flag, value in (("--ray", args.ray), ("--effects", args.effects)):
-        if value:
+    for flag, value in (("--ray", args.ray), ("--ray-address", args.ray_address),
+                        ("--workers", args.workers), ("--effects", args.effects)):
+        if value not in (None, False):
             raise StepSalError(f"{flag} is for many traces (--traces FILE.jsonl); for one "
                                f"trace drop it" + (" (or run `stepsal effects`)"
                                                    if flag == "--effects" else ""))
@@ -391,7 +396,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("analyze", help="Step-Saliency maps and metrics of one trace")
+    p = sub.add_parser("analyze", help="Step-Saliency maps and metrics of one trace "
+                                       "(--trace) or of many (--traces)")
     p.add_argument("--model", required=True,
                    help="local checkpoint folder, hub name, or random:ARCH")
     which = p.add_mutually_exclusive_group(required=True)
