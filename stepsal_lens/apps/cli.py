@@ -3,7 +3,9 @@
 ``stepsal demo`` runs the main job on the bundled tiny-lrm (see :mod:`stepsal_lens.apps.demo`).
 
 ``stepsal analyze --model M --trace TRACE.json --out DIR`` writes
-``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``.
+``step_saliency.safetensors``, ``steps.json``, ``metrics.json`` and ``maps.png``;
+``--traces FILE.jsonl`` does it for every line, plus ``metrics.csv`` and the
+correct-vs-wrong comparison (resumable; see :mod:`stepsal_lens.apps.batch`).
 ``stepsal effects --model M --trace TRACE.json --out DIR [--layers [L,...]]`` writes the
 causal effect matrix (``step_effects.safetensors``), ``steps.json``, ``effects.json``
 (Spearman per layer against the trace's Step-Saliency) and ``effects.png``.
@@ -11,7 +13,9 @@ causal effect matrix (``step_effects.safetensors``), ``steps.json``, ``effects.j
 generation: prompt, text, token ids, segments and StepFlow's stats.
 
 ``stepsal eval --model M --data FILE --out DIR [--stepflow ...]`` evaluates accuracy
-(resumable); ``stepsal compare RUN_A RUN_B`` runs a paired McNemar test on two runs.
+(resumable; ``--ray [--ray-address ADDR] [--workers N]`` spreads the problems over Ray
+workers, see :mod:`stepsal_lens.eval.scale`); ``stepsal compare RUN_A RUN_B`` runs a paired
+McNemar test on two runs.
 ``stepsal grade IN.jsonl --out OUT.jsonl`` re-grades existing outputs (lines with
 ``output``, ``answer`` and optional ``kind``) with the grader of ``stepsal eval``.
 
@@ -39,6 +43,7 @@ from pathlib import Path
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.outputs import read_jsonl_objects
 from stepsal_lens.results.config import StepFlowConfig
+from stepsal_lens.eval.scale import add_ray_options, check_ray_options
 
 __all__ = ["main"]
 
@@ -94,17 +99,23 @@ def _read_trace_doc(path: Path) -> dict:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
+    return _check_trace_doc(doc, f"trace file {str(path)!r}")
+
+
+def _check_trace_doc(doc, where: str) -> dict:
+    """A trace document (``{"question", "thinking", "summary"}`` or ``{"text"}``),
+    checked; ``where`` names it in messages (a file, or a line of a JSONL file)."""
     if not isinstance(doc, dict):
-        raise StepSalError(f"trace file {str(path)!r} must hold a JSON object")
+        raise StepSalError(f"{where} must hold a JSON object")
     if "text" not in doc:
         missing = [k for k in ("question", "thinking", "summary") if k not in doc]
         if missing:
-            raise StepSalError(f"trace file {str(path)!r} needs {{'question', 'thinking', "
+            raise StepSalError(f"{where} needs {{'question', 'thinking', "
                                f"'summary'}} or {{'text'}}; missing {missing}")
     keys = ["text"] if "text" in doc else ["question", "thinking", "summary"]
     bad = [k for k in keys if not isinstance(doc[k], str)]
     if bad:
-        raise StepSalError(f"trace file {str(path)!r}: {bad} must be strings")
+        raise StepSalError(f"{where}: {bad} must be strings")
     return doc
 
 
@@ -119,12 +130,20 @@ def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
 
 
 def analyze(args: argparse.Namespace) -> int:
-    from stepsal_lens.core.metrics import trace_metrics
+    from stepsal_lens.apps.batch import write_analysis
     from stepsal_lens.results.outputs import output_dir
-    from stepsal_lens.apps.plots import plot_step_maps
-    from stepsal_lens.lens.saliency import step_saliency
 
     _check_common(args)
+    if args.traces is not None:  # many traces: stepsal_lens.apps.batch
+        from stepsal_lens.apps.batch import batch_cmd
+
+        return batch_cmd(args)
+    for flag, value in (("--ray", args.ray), ("--ray-address", args.ray_address),
+                        ("--workers", args.workers), ("--effects", args.effects)):
+        if value not in (None, False):
+            raise StepSalError(f"{flag} is for many traces (--traces FILE.jsonl); for one "
+                               f"trace drop it" + (" (or run `stepsal effects`)"
+                                                   if flag == "--effects" else ""))
     doc = _read_trace_doc(Path(args.trace))
     # written into a temporary sibling, renamed into place at the end
     with output_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -135,26 +154,15 @@ def analyze(args: argparse.Namespace) -> int:
         if trace.truncated:
             print("warning: the thinking never closes (truncated trace); there is no summary",
                   file=sys.stderr)
-        result = step_saliency(model, trace, target=args.target, low_memory=args.low_memory,
-                               engine=args.engine,
-                               progress=True)
-        result.meta["model"] = args.model
-        result.save(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(trace_metrics(result), indent=1))
-        fig = plot_step_maps(result.head_mean(), result.segments, layers=result.layers,
-                             title=f"{args.model}: step saliency (target {args.target})")
-        fig.savefig(tmp / "maps.png", dpi=110)
+        write_analysis(model, trace, tmp, model_name=args.model, target=args.target,
+                       engine=args.engine, low_memory=args.low_memory, progress=True)
     print(f"{trace!r}\nwrote {args.out}/step_saliency.safetensors, steps.json, metrics.json, "
           f"maps.png", file=sys.stderr)
     return 0
 
 
 def effects_cmd(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
-    from stepsal_lens.apps.circuits import plot_effects
-    from stepsal_lens.core.causal import saliency_effect_correlation
-    from stepsal_lens.lens.causal import step_effects
+    from stepsal_lens.apps.batch import write_effects
     from stepsal_lens.lens.saliency import step_saliency
 
     per_layer = args.layers is not None
@@ -162,24 +170,14 @@ def effects_cmd(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", file=sys.stderr)
     model = _load_model(args.model, device=args.device, dtype=args.dtype, format=args.format)
     trace = _read_trace(Path(args.trace), model, args.format)
-    eff = step_effects(model, trace, layers=layers, per_layer=per_layer,
-                       batch_size=args.batch_size, progress=True)
-    eff.meta["model"] = args.model
     sal = step_saliency(model, trace, target=args.target, progress=True)
     sal.meta["model"] = args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(eff.tensors(), out / "step_effects.safetensors")
+    write_effects(model, trace, sal, out, model_name=args.model, target=args.target,
+                  layers=layers, per_layer=per_layer, batch_size=args.batch_size,
+                  progress=True)
     (out / "steps.json").write_text(json.dumps(sal.steps_json(), indent=1, ensure_ascii=False))
-    corr = saliency_effect_correlation(sal, eff)
-    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
-            for r in corr.drop(columns="trace").to_dict(orient="records")]
-    doc = {"model": args.model, "format": trace.format.name, "saliency_target": args.target,
-           "effect_layers": eff.layers, "per_layer": per_layer,
-           "measure": eff.meta["measure"], "spearman": rows}
-    (out / "effects.json").write_text(json.dumps(doc, indent=1))
-    fig = plot_effects(eff, title=f"{args.model}: causal effects of cutting each step")
-    fig.savefig(out / "effects.png", dpi=110)
     print(f"{trace!r}\nwrote {out}/step_effects.safetensors, steps.json, effects.json, "
           f"effects.png", file=sys.stderr)
     return 0
@@ -262,11 +260,12 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.eval.runs import check_eval_settings, check_run_folder, evaluate
+    from stepsal_lens.eval.runs import check_eval_settings, check_run_folder
     from stepsal_lens.eval.problems import load_problems
     from stepsal_lens.results.outputs import run_lock
 
     _check_common(args)
+    use_ray = check_ray_options(args)
     settings = _stepflow_settings(args)
     check_eval_settings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         samples=args.samples, temperature=args.temperature, seed=args.seed)
@@ -281,6 +280,29 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
         known["format"] = get_format(args.format).name
     check_run_folder(args.out, known)
+    if use_ray:  # the driver writes the folder, Ray workers generate (stepsal_lens.eval.scale)
+        from stepsal_lens.eval.scale import evaluate_ray
+
+        print(f"starting Ray workers for {args.model} ...", file=sys.stderr)
+        with run_lock(args.out), pool_from_args(args, len(problems) * args.samples) as pool:
+            run = evaluate_ray(pool, problems, args.out, stepflow=settings,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               samples=args.samples, temperature=args.temperature,
+                               seed=args.seed, model_name=args.model, data_name=str(args.data))
+    else:
+        run = _eval_here(args, problems, settings)
+    s = run.summary
+    print(f"accuracy {100 * s['accuracy']:.1f}% ({s['correct']}/{s['n']}, 95% CI "
+          f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}); wrote {run.out}/results.jsonl, "
+          f"summary.json", file=sys.stderr)
+    return 0
+
+
+def _eval_here(args: argparse.Namespace, problems, settings):
+    """``stepsal eval`` in this process."""
+    from stepsal_lens.eval.runs import evaluate
+    from stepsal_lens.results.outputs import run_lock
+
     with run_lock(args.out):
         print(f"loading {args.model} ...", file=sys.stderr)
         model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
@@ -288,11 +310,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        samples=args.samples, temperature=args.temperature, seed=args.seed,
                        model_name=args.model, data_name=str(args.data))
-    s = run.summary
-    print(f"accuracy {100 * s['accuracy']:.1f}% ({s['correct']}/{s['n']}, 95% CI "
-          f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}); wrote {run.out}/results.jsonl, "
-          f"summary.json", file=sys.stderr)
-    return 0
+    return run
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -376,15 +394,33 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                         "paper_code: mean values added to hook_z in the first SMI layer")
 
 
+def pool_from_args(args: argparse.Namespace, n_units: int):
+    """The CLI's pool: no more workers than units of work (when ``--workers`` is not
+    given)."""
+    from stepsal_lens.eval.scale import RayPool
+
+    pool = RayPool(args.model, workers=args.workers, address=args.ray_address,
+                   device=args.device, dtype=getattr(args, "dtype", None), format=args.format,
+                   loader=_load_model)
+    pool._default_cap = n_units
+    return pool
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepsal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("analyze", help="Step-Saliency maps and metrics of one trace")
+    p = sub.add_parser("analyze", help="Step-Saliency maps and metrics of one trace "
+                                       "(--trace) or of many (--traces)")
     p.add_argument("--model", required=True,
                    help="local checkpoint folder, hub name, or random:ARCH")
-    p.add_argument("--trace", required=True,
-                   help='JSON with {"question","thinking","summary"} or {"text"}')
-    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trace",
+                       help='JSON with {"question","thinking","summary"} or {"text"}')
+    which.add_argument("--traces", metavar="FILE.jsonl",
+                       help="many traces, one JSON per line (plus optional id, correct): "
+                            "a folder per trace, metrics.csv, compare.csv (resumable)")
+    p.add_argument("--out", required=True,
+                   help="output folder (must be new or empty; with --traces: re-run to resume)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder as a whole")
     p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
@@ -398,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "low-precision model with sinks need the hook_pattern reference)")
     p.add_argument("--low-memory", action="store_true",
                    help="recompute layer by layer: peak memory of one layer's attention")
+    p.add_argument("--effects", action="store_true",
+                   help="with --traces: also each trace's causal effect matrix")
+    add_ray_options(p)
     p.set_defaults(func=analyze)
 
     f = sub.add_parser("effects", help="causal effect matrix of one trace (step knockouts)")
@@ -451,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=1, help="generations per problem")
     e.add_argument("--batch-size", type=int, default=8)
     _add_generation_options(e)
+    add_ray_options(e)
     e.set_defaults(func=eval_cmd)
 
     c = sub.add_parser("compare", help="paired McNemar test of two eval runs")

@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "check_run_folder",
     "compare_runs",
     "evaluate",
+    "sample_seed",
 ]
 
 
@@ -171,6 +173,41 @@ def check_run_folder(out: str | Path, settings: dict[str, Any]) -> None:
             f"old settings to resume it, or choose another --out folder (or delete this one)")
 
 
+#: How sampled runs seed each (problem, sample); recorded in ``run.json`` when sampling.
+SAMPLE_SEEDING = "sha256(seed:id:sample)"
+
+
+def sample_seed(seed: int, problem_id: str, sample: int) -> int:
+    """The sampling seed of one (problem, sample): a function of the run's ``seed``, the
+    problem's id and the sample index only.
+
+    So a sample does not depend on which other problems share its batch, on the order
+    the problems are run in, on resuming, or on the process (or Ray worker) that runs it.
+
+    Examples
+    --------
+    >>> sample_seed(0, "id-3", 1) == sample_seed(0, "id-3", 1)
+    True
+    >>> len({sample_seed(0, "id-3", 0), sample_seed(0, "id-3", 1), sample_seed(1, "id-3", 0)})
+    3
+    """
+    digest = hashlib.sha256(f"{seed}:{problem_id}:{sample}".encode()).hexdigest()
+    return int(digest[:15], 16)  # 60 bits: a valid torch.manual_seed
+
+
+def _run_config(model_name: str, data_name: str | None, sf: StepFlowConfig | None,
+                format_name: str, *, max_new_tokens: int, samples: int, temperature: float,
+                seed: int) -> dict[str, Any]:
+    """The settings ``run.json`` records (``sf``: StepFlow resolved, or None)."""
+    config = {"model": model_name, "data": data_name,
+              "stepflow": None if sf is None else sf.to_dict(),
+              "max_new_tokens": max_new_tokens, "samples": samples,
+              "temperature": temperature, "seed": seed, "format": format_name}
+    if temperature > 0:
+        config["seeding"] = SAMPLE_SEEDING
+    return config
+
+
 def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
              stepflow: StepFlowConfig | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
@@ -192,6 +229,11 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         resolved (explicit layers).
     samples
         Generations per problem (needs ``temperature > 0`` when above 1).
+    temperature, seed
+        0 (default): greedy, batched. Above 0: each (problem, sample) is sampled on its
+        own with the seed :func:`sample_seed` ``(seed, problem id, sample)``, recorded in
+        its record's ``seed``; so samples do not depend on batching, resuming or the
+        worker that runs them (:func:`stepsal_lens.eval.scale.evaluate_ray`).
     grading_timeout
         Seconds the grader may spend on one answer's symbolic comparisons; past it the
         record is not correct and its ``grading_error`` says why.
@@ -207,6 +249,23 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
 
     check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
                         temperature=temperature, seed=seed, grading_timeout=grading_timeout)
+    _check_problems(problems)
+    out = Path(out)
+    if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
+        raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
+    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers)
+    config = _run_config(model_name or name_of(model), data_name, sf, info_of(model).format.name,
+                         max_new_tokens=max_new_tokens, samples=samples,
+                         temperature=temperature, seed=seed)
+    # everything is checked before run.json is written: a refused run leaves no trace
+    check_run_folder(out, config)
+    with run_lock(out):
+        return _evaluate_locked(model, problems, out, config, sf, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, samples=samples, temperature=temperature,
+                                seed=seed, grading_timeout=grading_timeout, progress=progress)
+
+
+def _check_problems(problems: Sequence[Problem]) -> None:
     if not problems:
         raise StepSalError("no problems to evaluate")
     ids = [p.id for p in problems]
@@ -214,19 +273,6 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise StepSalError(f"problem ids {dup} occur more than once; records are keyed by id, "
                            f"so give every problem its own id")
-    out = Path(out)
-    if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
-        raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
-    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers)
-    config = {"model": model_name or name_of(model), "data": data_name,
-              "stepflow": None if sf is None else sf.to_dict(), "max_new_tokens": max_new_tokens, "samples": samples,
-              "temperature": temperature, "seed": seed, "format": info_of(model).format.name}
-    # everything is checked before run.json is written: a refused run leaves no trace
-    check_run_folder(out, config)
-    with run_lock(out):
-        return _evaluate_locked(model, problems, out, config, sf, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, samples=samples, temperature=temperature,
-                                seed=seed, grading_timeout=grading_timeout, progress=progress)
 
 
 def _read_results(results_file: Path) -> dict[tuple[str, int], dict[str, Any]]:
@@ -242,12 +288,9 @@ def _read_results(results_file: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return done
 
 
-def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
-                     max_new_tokens: int, batch_size: int, samples: int, temperature: float,
-                     seed: int, grading_timeout: float | int, progress: bool) -> EvalRun:
-    """The body of :func:`evaluate`, run while holding the folder's lock."""
-    from tqdm.auto import tqdm
-
+def _open_results(out: Path, config: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Write ``run.json`` and read the records already in ``results.jsonl`` (rewritten
+    without a line cut by an interrupt); the caller holds the folder's lock."""
     from stepsal_lens.results.outputs import write_text_atomic
 
     check_run_folder(out, config)  # again, now that the folder is ours
@@ -259,56 +302,109 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
         # rewrite without a possibly cut last line (or a duplicate)
         write_text_atomic(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                 for r in done.values()))
-    keys = [(p.id, s) for p in problems for s in range(samples)]
-    todo = [(p, s) for p in problems for s in range(samples) if (p.id, s) not in done]
-    bar = tqdm(total=len(todo), desc="evaluating", unit="problem", disable=not progress)
-    try:
-        _generate_and_grade(model, todo, done, results_file, sf, bar,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            temperature=temperature, seed=seed, grading_timeout=grading_timeout)
-    except KeyboardInterrupt:
-        n_done = sum(k in done for k in keys)
-        raise KeyboardInterrupt(
-            f"interrupted after {n_done} of {len(keys)}; the finished records are in "
-            f"{str(results_file)!r}: run the same command to resume") from None
-    finally:
-        bar.close()
+    return done
+
+
+def _append_records(f, done: dict[tuple[str, int], dict[str, Any]],
+                    records: list[dict[str, Any]]) -> None:
+    """Append records to the open ``results.jsonl`` (flushed) and to ``done``."""
+    for rec in records:
+        done[(rec["id"], rec["sample"])] = rec
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def _interrupted(done, keys, results_file: Path) -> KeyboardInterrupt:
+    n_done = sum(k in done for k in keys)
+    return KeyboardInterrupt(
+        f"interrupted after {n_done} of {len(keys)}; the finished records are in "
+        f"{str(results_file)!r}: run the same command to resume")
+
+
+def _finish_run(out: Path, keys: list[tuple[str, int]],
+                done: dict[tuple[str, int], dict[str, Any]], config: dict[str, Any]) -> EvalRun:
+    """Rewrite ``results.jsonl`` in problem order (records of problems not in this run
+    kept after them), write ``summary.json``."""
+    from stepsal_lens.results.outputs import write_text_atomic
+
+    wanted = set(keys)
+    ordered = [done[k] for k in keys] + [r for k, r in done.items() if k not in wanted]
+    write_text_atomic(out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                     for r in ordered))
     records = [done[k] for k in keys]
     summary = _summarize(records, config)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return EvalRun(out, records, summary, config)
 
 
-def _generate_and_grade(model, todo, done, results_file: Path, sf, bar, *, max_new_tokens: int,
-                        batch_size: int, temperature: float, seed: int,
-                        grading_timeout: float | int) -> None:
+def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
+                     max_new_tokens: int, batch_size: int, samples: int, temperature: float,
+                     seed: int, grading_timeout: float | int, progress: bool) -> EvalRun:
+    """The body of :func:`evaluate`, run while holding the folder's lock."""
+    from tqdm.auto import tqdm
+
+    done = _open_results(out, config)
+    results_file = out / "results.jsonl"
+    keys = [(p.id, s) for p in problems for s in range(samples)]
+    todo = [(p, s) for p in problems for s in range(samples) if (p.id, s) not in done]
+    bar = tqdm(total=len(todo), desc="evaluating", unit="problem", disable=not progress)
+    try:
+        with open(results_file, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                _append_records(f, done, _eval_chunk(
+                    model, chunk, sf, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    temperature=temperature, seed=seed, grading_timeout=grading_timeout))
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        raise _interrupted(done, keys, results_file) from None
+    finally:
+        bar.close()
+    return _finish_run(out, keys, done, config)
+
+
+def _record(p: Problem, s: int, g, grading_timeout: float | int,
+            seed: int | None) -> dict[str, Any]:
+    """Grade one generation into its ``results.jsonl`` record."""
+    seg = g.segments()
+    if seg["error"] or seg["truncated"]:
+        verdict = Grade(None, False, method="no answer")
+    else:
+        verdict = grade_output(seg["summary"], p.answer, p.kind, timeout=grading_timeout)
+    return {"id": p.id, "sample": s, "source": p.source, "kind": p.kind,
+            "answer": p.answer, "prediction": verdict.prediction,
+            "correct": verdict.correct, "grading_error": verdict.error,
+            "finished": g.finished,
+            "truncated": seg["truncated"],
+            "n_completion_tokens": len(g.completion_ids),
+            "completion": g.text[len(g.prompt):] if g.text.startswith(g.prompt)
+            else g.text, "stats": g.stats, "seed": seed}
+
+
+def _eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_tokens: int,
+                batch_size: int, temperature: float, seed: int,
+                grading_timeout: float | int) -> list[dict[str, Any]]:
+    """Generate and grade (problem, sample) pairs: the records, in ``chunk``'s order.
+
+    Greedy pairs are generated in batches (left padding changes no row). Sampled pairs
+    are generated one at a time, each seeded with :func:`sample_seed`, so a sample is
+    the same whichever batch, order, process or Ray worker runs it. This is the unit of
+    work of :func:`evaluate` and of :func:`stepsal_lens.eval.scale.evaluate_ray`.
+    """
     from stepsal_lens.lens.generation import generate
 
-    with open(results_file, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            gens = generate(model, [p.prompt_question() for p, _ in chunk], stepflow=sf,
-                            max_new_tokens=max_new_tokens, temperature=temperature,
-                            seed=seed + start, batch_size=batch_size, progress=False)
-            for (p, s), g in zip(chunk, gens):
-                seg = g.segments()
-                if seg["error"] or seg["truncated"]:
-                    verdict = Grade(None, False, method="no answer")
-                else:
-                    verdict = grade_output(seg["summary"], p.answer, p.kind,
-                                           timeout=grading_timeout)
-                rec = {"id": p.id, "sample": s, "source": p.source, "kind": p.kind,
-                       "answer": p.answer, "prediction": verdict.prediction,
-                       "correct": verdict.correct, "grading_error": verdict.error,
-                       "finished": g.finished,
-                       "truncated": seg["truncated"],
-                       "n_completion_tokens": len(g.completion_ids),
-                       "completion": g.text[len(g.prompt):] if g.text.startswith(g.prompt)
-                       else g.text, "stats": g.stats}
-                done[(p.id, s)] = rec
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(len(chunk))
+    questions = [p.prompt_question() for p, _ in chunk]
+    if temperature <= 0:
+        gens = generate(model, questions, stepflow=sf, max_new_tokens=max_new_tokens,
+                        temperature=temperature, batch_size=batch_size, progress=False)
+        seeds: list[int | None] = [None] * len(chunk)
+    else:
+        seeds = [sample_seed(seed, p.id, s) for p, s in chunk]
+        gens = [generate(model, [q], stepflow=sf, max_new_tokens=max_new_tokens,
+                         temperature=temperature, seed=row_seed, batch_size=1,
+                         progress=False)[0] for q, row_seed in zip(questions, seeds)]
+    return [_record(p, s, g, grading_timeout, row_seed)
+            for (p, s), g, row_seed in zip(chunk, gens, seeds)]
 
 
 def _load_run(run: str | Path | EvalRun) -> dict[tuple[str, int], bool]:
