@@ -309,7 +309,7 @@ def test_compare_groups():
     assert set(cmp.metrics) == {"correct", "wrong"} and cmp.curves.value[:4] == b"\x89PNG"
     assert cmp.static_bundle()["image/png"]
     with pytest.raises(StepSalError, match="empty"):
-        compare([], wrong)
+        compare_groups([], wrong)
 
 
 def test_compare_stepflow_on_one_trace(case):
