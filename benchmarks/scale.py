@@ -1,6 +1,6 @@
 """Wall time of ``stepsal eval`` on tiny-lrm: one process vs Ray with 1 and 2 workers.
 
-    python benchmarks/scale.py [--n 64] [--max-new-tokens 128] [--batch-size 8]
+    python benchmarks/scale.py [--n 64] [--max-new-tokens 128] [--batch-size 8] [--one-thread]
 
 All conditions run in one process, one after the other, on the same problems (greedy,
 ``tiny:id``) and a local Ray started once with every CPU of the machine. One process
@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="problems")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--one-thread", action="store_true",
+                        help="only the one-thread runs (the multi-thread ones are slow on a "
+                             "busy machine)")
     args = parser.parse_args()
 
     import ray
@@ -48,9 +51,14 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load_lrm("tiny-lrm", device="cpu")
     start = time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    if args.one_thread:
+        torch.set_num_threads(1)
     t0 = time.perf_counter()
     single = evaluate(model, problems, root / "single", model_name="tiny-lrm", **settings)
-    threads = torch.get_num_threads()
+    if args.one_thread:
+        torch.set_num_threads(threads)
+        threads = 1
     rows.append(("one process", f"1 x {threads} thread{'s' * (threads > 1)}", start,
                  time.perf_counter() - t0, True))
     load.append(os.getloadavg()[0])
@@ -68,7 +76,7 @@ def main() -> None:
     try:
         for label, workers, cpus_each in (("Ray, 1 worker", 1, 1), ("Ray, 1 worker", 1, cpus),
                                           ("Ray, 2 workers", 2, 1)):
-            if workers * cpus_each > cpus:
+            if workers * cpus_each > cpus or (args.one_thread and cpus_each > 1):
                 continue
             t0 = time.perf_counter()
             with RayPool("tiny-lrm", workers=workers, device="cpu",

@@ -265,6 +265,10 @@ class RayPool:
         else:
             self._options = {"num_cpus": self.cpus_per_worker}
             capacity, what = cpus // self.cpus_per_worker, "CPU"
+        if capacity == 0:
+            raise StepSalError(f"each worker needs {self.cpus_per_worker} CPUs but the Ray "
+                               f"cluster has {cpus}; pass cpus_per_worker <= {cpus} or add "
+                               f"machines to the cluster")
         if self.workers is None:
             self.workers = max(1, min(capacity, self._default_cap or capacity))
         if self.workers > capacity:

@@ -173,8 +173,7 @@ def test_ray_errors_are_one_line(free_cluster, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--ray"]) == 2
     assert "--ray is for many traces" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": "a", "text": "y"})
-                   + "\n")
+    bad.write_text("".join(json.dumps({"id": "a", "text": t}) + "\n" for t in ("x", "y")))
     assert main(["analyze", "--model", "tiny-lrm", "--traces", str(bad), "--out",
                  str(tmp_path / "o")]) == 2
     assert "both name the folder 'a'" in capsys.readouterr().err
