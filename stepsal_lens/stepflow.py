@@ -542,11 +542,16 @@ class StepFlow:
 
     # ---- following the model's forward passes ----------------------------------------------
     def _before_forward(self, module, args, kwargs):
+        """Forward pre-hook on the bridge (the ``hook_pattern`` engine)."""
         tokens = args[0] if args else kwargs.get("input")
         if isinstance(tokens, (str, list)):
             tokens = self.model.to_tokens(tokens)
-        mask = kwargs.get("attention_mask")
-        if kwargs.get("past_key_values") is None:  # a fresh pass: prompt, trace or re-feed
+        self._follow(tokens, kwargs.get("attention_mask"), kwargs.get("past_key_values") is None)
+
+    def _follow(self, tokens: Tensor, mask: Tensor | None, fresh: bool) -> None:
+        """Feed one forward pass's token ids to the tracker: a fresh pass (prompt, trace or
+        re-feed) starts over, a KV-cached step appends. Both engines call it."""
+        if fresh:
             self.stats._archive_batch()
             self.tracker.reset(tokens, mask)
             self.stats.start_batch(len(self.tracker.rows))
@@ -569,20 +574,32 @@ class StepFlow:
     def _oeb_hook(self, pattern: Pattern, hook) -> Pattern:
         layer = _layer_of(hook.name)
         lab = self._check_batch(pattern)
-        total = lab["segment"].shape[1]
         n_q, n_k = pattern.shape[-2:]
+        groups = self._oeb_groups(lab, layer, n_q, n_k)
+        if groups is None:
+            return pattern
+        return self._oeb_apply(pattern, *groups, layer, self._count(layer, "oeb"))
+
+    def _oeb_groups(self, lab: dict[str, Tensor], layer: int, n_q: int, n_k: int,
+                    rows: tuple[int, int] | None = None) -> tuple[Tensor, Tensor] | None:
+        """OEB's same and bridge key masks ``[batch, 1, row, key]`` for query rows
+        ``rows`` (default: all ``n_q``) of a pass with ``n_q`` queries and ``n_k`` keys, or
+        None when no row is a thinking or summary query (nothing to edit)."""
+        total = lab["segment"].shape[1]
+        a, b = rows or (0, n_q)
         # queries are the last n_q known positions, keys the last n_k (a sliding-window
         # cache may hold fewer than all)
-        q_seg = lab["segment"][:, total - n_q:]
+        q0 = total - n_q
+        q_seg = lab["segment"][:, q0 + a:q0 + b]
         targeted = (q_seg == _T) | (q_seg == _S)
         if not bool(targeted.any()):
-            return pattern
+            return None
         k_seg = lab["segment"][:, total - n_k:]
         visible = lab["valid"][:, None, total - n_k:]
         width = self._windows.get(layer)
         if n_q > 1 or width is not None:
-            dev = pattern.device
-            q_pos = torch.arange(total - n_q, total, device=dev)[:, None]
+            dev = visible.device
+            q_pos = torch.arange(q0 + a, q0 + b, device=dev)[:, None]
             k_pos = torch.arange(total - n_k, total, device=dev)[None, :]
             sight = k_pos <= q_pos
             if width is not None:
@@ -592,9 +609,14 @@ class StepFlow:
         bridge_seg = torch.where(q_seg == _T, _Q, torch.where(q_seg == _S, _T, -9))
         same = visible & (k_seg[:, None, :] == torch.where(targeted, q_seg, -9)[:, :, None])
         bridge = visible & (k_seg[:, None, :] == bridge_seg[:, :, None])
-        out, eligible, act, p_b, tau_b = _oeb(pattern, same[:, None], bridge[:, None],
-                                              self.tau_max)
-        if self._count(layer, "oeb"):  # on detached values: checkpointing must not see it
+        return same[:, None], bridge[:, None]
+
+    def _oeb_apply(self, pattern: Pattern, same: Tensor, bridge: Tensor, layer: int,
+                   count: bool) -> Pattern:
+        """:func:`odds_equal_bridge` on ``pattern`` with the given groups; adds to the
+        statistics when ``count`` (the first time this pass reaches ``layer``)."""
+        out, eligible, act, p_b, tau_b = _oeb(pattern, same, bridge, self.tau_max)
+        if count:  # on detached values: checkpointing must not see it
             p_b, tau_b = p_b.detach(), tau_b.detach()
             after = torch.where(act, tau_b, p_b)
             sums = torch.stack([act.to(p_b.dtype), eligible.to(p_b.dtype), p_b * eligible,
@@ -607,14 +629,21 @@ class StepFlow:
         return out
 
     def _keep_values(self, v: Tensor, hook) -> None:
+        self._keep_v(v, _layer_of(hook.name))
+
+    def _keep_v(self, v: Tensor, layer: int) -> None:
         """``hook_v`` ``[batch, pos, kv_head, d_head]``: keep it with the key/value heads
         expanded to query heads (Hugging Face's ``repeat_kv`` order), for ``hook_z``."""
         n_rep = self.model.cfg.n_heads // v.shape[2]
-        self._values[_layer_of(hook.name)] = einops.repeat(
+        self._values[layer] = einops.repeat(
             v, "batch pos kv_head d -> batch pos (kv_head rep) d", rep=n_rep)
 
     def _smi_hook(self, act: Tensor, hook) -> Tensor:
-        layer = _layer_of(hook.name)
+        return self._smi(act, _layer_of(hook.name))
+
+    def _smi(self, act: Tensor, layer: int) -> Tensor:
+        """SMI on one layer's activation ``[batch, pos, ...]`` (``hook_resid_post``, or
+        ``hook_z`` for ``paper_code``), for either engine."""
         lab = self._check_batch(act)
         total = lab["segment"].shape[1]
         n_q = act.shape[1]
