@@ -506,14 +506,21 @@ def _layer_of(name: str) -> int:
 class StepFlow:
     """The live intervention: hooks, tracker and stats (made by :func:`stepflow`).
 
-    ``config`` is the resolved :class:`~stepsal_lens.StepFlowConfig` (explicit layers).
+    ``config`` is the resolved :class:`~stepsal_lens.StepFlowConfig` (explicit layers);
+    ``engine`` is ``"hook_pattern"`` (hooks on the bridge's hook points) or ``"fused"``
+    (:mod:`stepsal_lens.fused_stepflow`), ``engine_reason`` why it was chosen.
     """
 
-    def __init__(self, model: Any, config: StepFlowConfig | None = None):
+    def __init__(self, model: Any, config: StepFlowConfig | None = None,
+                 engine: str = "hook_pattern", engine_reason: str = "requested"):
         from stepsal_lens.models import info_of
 
+        if engine not in ("fused", "hook_pattern"):
+            raise StepSalError(f"StepFlow runs engine 'fused' or 'hook_pattern'; got {engine!r} "
+                               f"(stepflow(..., engine='auto') chooses one)")
         fmt = info_of(model).format
         self.model = model
+        self.engine, self.engine_reason = engine, engine_reason
         self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
         c = self.config
         self.tau_max, self.alpha, self.window = c.tau_max, c.alpha, c.window
@@ -758,18 +765,24 @@ class StepFlow:
             raise StepSalError(f"a stepflow block is already active on this model "
                                f"({_ACTIVE[self.model].config}); stepflow blocks do not "
                                f"nest - leave the first block, or change its StepFlowConfig")
-        hooks = self.hooks()
+        hooks = self.hooks() if self.engine == "hook_pattern" else []
         require_hooks(self.model, [name for name, _ in hooks])
         with ExitStack() as stack:
             _ACTIVE[self.model] = self
             stack.callback(_ACTIVE.pop, self.model, None)
+            if self.engine == "fused":
+                from stepsal_lens.fused_stepflow import fused_hooks
+
+                stack.enter_context(fused_hooks(self))
+                yield self
+                return
             handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
             stack.callback(handle.remove)
             stack.enter_context(self.model.hooks(fwd_hooks=hooks))
             yield self
 
     def __repr__(self) -> str:
-        return f"StepFlow({self.config})"
+        return f"StepFlow({self.config}, engine={self.engine!r})"
 
 
 #: The StepFlow active on each model (blocks do not nest).
@@ -805,7 +818,7 @@ def _sliding_windows(model: Any) -> dict[int, int]:
 
 
 @contextmanager
-def stepflow(model: Any, config: StepFlowConfig | None = None,
+def stepflow(model: Any, config: StepFlowConfig | None = None, *, engine: str = "auto",
              **settings: Any) -> Iterator[StepFlow]:
     """Turn StepFlow on for every forward pass of ``model`` inside the block.
 
@@ -828,12 +841,21 @@ def stepflow(model: Any, config: StepFlowConfig | None = None,
         non-space tokens at each new thinking step's first token, in every SMI layer;
         ``"paper_code"`` (the paper's code) adds the mean value vector (``hook_v``) to
         each head's ``hook_z``, in the first SMI layer only (docs/stepflow.md).
+    engine
+        ``"hook_pattern"``: hooks on the bridge's ``hook_pattern`` and ``hook_resid_post``
+        (anything can run inside the block: other hooks, ``run_with_cache``,
+        :func:`~stepsal_lens.step_saliency`). ``"fused"``: OEB as an attention function
+        and SMI as module hooks on the Hugging Face model inside the bridge
+        (:mod:`stepsal_lens.fused_stepflow`; the same results, at Hugging Face's speed,
+        for forward passes and generation only: the bridge's hook points do not run).
+        ``"auto"`` (default): ``"hook_pattern"`` in a block;
+        :func:`~stepsal_lens.generation.generate` chooses ``"fused"``.
 
     Yields
     ------
     StepFlow
-        ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`) and
-        ``sf.tracker`` (:class:`SegmentTracker`).
+        ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`), ``sf.tracker``
+        (:class:`SegmentTracker`) and ``sf.engine`` (the engine that runs).
     """
     settings = _smi_site(dict(settings))
     config = config or StepFlowConfig()
@@ -844,7 +866,10 @@ def stepflow(model: Any, config: StepFlowConfig | None = None,
             known = [f.name for f in fields(StepFlowConfig)]
             raise StepSalError(f"unknown StepFlow setting(s) {sorted(settings)}; known: "
                                f"{known}") from None
-    sf = StepFlow(model, config)
+    from stepsal_lens.fused_stepflow import choose_engine
+
+    used, reason = choose_engine(model, engine, block=True)
+    sf = StepFlow(model, config, used, reason)
     with sf.active():
         yield sf
 
@@ -853,8 +878,9 @@ class _CallableModule(types.ModuleType):
     """Lets ``stepsal_lens.stepflow`` be both this module and the context manager, so
     ``with stepflow(model):`` and ``stepflow.odds_equal_bridge`` both read naturally."""
 
-    def __call__(self, model: Any, config: StepFlowConfig | None = None, **settings: Any):
-        return stepflow(model, config, **settings)
+    def __call__(self, model: Any, config: StepFlowConfig | None = None, *,
+                 engine: str = "auto", **settings: Any):
+        return stepflow(model, config, engine=engine, **settings)
 
 
 sys.modules[__name__].__class__ = _CallableModule
