@@ -9,7 +9,8 @@ same checkpoint and prompts. The processes take turns, one run at a time, round-
 (so a noisy neighbour on a shared machine slows every method alike); each figure is the
 median of ``--repeats`` turns after one warm-up, every run generates exactly
 ``--new-tokens`` tokens per row (no early stop), and StepFlow runs with the paper's
-settings (OEB on the bottom quarter, SMI on the top quarter). Methods:
+settings (OEB on the bottom quarter, SMI on the top quarter). Workers run with
+``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. Methods:
 
 * ``HF sdpa generate``: ``AutoModelForCausalLM(..., attn_implementation="sdpa").generate``.
 * ``bridge generate``: the bridge's ``generate``, StepFlow off.
@@ -24,11 +25,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,8 +105,13 @@ def _spawn(method: str, folder, batch: int, new_tokens: int, threads: int | None
            "--batch", str(batch), "--new-tokens", str(new_tokens)]
     if threads:
         cmd += ["--threads", str(threads)]
+    # threads that sleep at barriers instead of spinning: on a shared machine spinning
+    # threads make every method several times slower, and unevenly (docs/benchmarks.md)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])  # this checkout's package
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, env=env)
     while proc.stdout.readline().strip() != "ready":
         if proc.poll() is not None:
             raise RuntimeError(f"the {method!r} worker failed to start")

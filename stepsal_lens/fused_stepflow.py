@@ -216,7 +216,8 @@ def hugging_face_mode(model: Any) -> Iterator[nn.Module]:
     the attention implementation is :data:`ATTN_IMPLEMENTATION` (Hugging Face's sdpa,
     except where a :class:`~stepsal_lens.stepflow.StepFlow` of the fused engine owns the
     layer, and except attention with sinks, which runs eagerly). Both are restored on
-    exit, also after an exception. Re-entrant.
+    exit, also after an exception. Re-entrant. The config's ``output_attentions`` (which
+    the bridge turns on) is off meanwhile: no attention weights are returned.
 
     Parameters
     ----------
@@ -244,15 +245,19 @@ def hugging_face_mode(model: Any) -> Iterator[nn.Module]:
         return
     _register()
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    old_impl = hf.config._attn_implementation
+    old_impl, old_weights = hf.config._attn_implementation, hf.config.output_attentions
     try:
         _unwrap(hf, swaps)
         hf.config._attn_implementation = ATTN_IMPLEMENTATION
+        # the bridge asks for attention weights by default; nothing here returns them, and
+        # collecting them costs a tenth of a generation step
+        hf.config.output_attentions = False
         _RUNNING.add(hf)
         yield hf
     finally:
         _RUNNING.discard(hf)
         hf.config._attn_implementation = old_impl
+        hf.config.output_attentions = old_weights
         for parent, name, component in reversed(swaps):
             parent._modules[name] = component
 
@@ -279,12 +284,16 @@ def _decoder_layers(hf: nn.Module) -> nn.ModuleList:
 # ---- the attention function ----------------------------------------------------------------
 
 
-def _first_target_row(sf: StepFlow, n_q: int) -> int:
-    """First query row (of ``n_q``) that is a thinking or summary query in some batch row
-    (``n_q`` when none is: OEB leaves the whole pass alone)."""
-    seg = sf._labels["segment"][:, -n_q:]
-    rows = ((seg == _THINKING) | (seg == _SUMMARY)).any(0).nonzero()
-    return int(rows[0]) if len(rows) else n_q
+def _first_target_row(sf: StepFlow, query: Tensor) -> int:
+    """First query row that is a thinking or summary query in some batch row (the number
+    of rows when none is: OEB leaves the whole pass alone); once per pass."""
+    n_q = query.shape[2]
+    key = ("first row", n_q)
+    if key not in sf._per_pass:
+        seg = sf._check_batch(query)["segment"][:, -n_q:]
+        rows = ((seg == _THINKING) | (seg == _SUMMARY)).any(0).nonzero()
+        sf._per_pass[key] = int(rows[0]) if len(rows) else n_q
+    return sf._per_pass[key]
 
 
 def _row_mask(mask: Tensor | None, a: int, b: int, n_q: int, n_k: int, device
@@ -354,9 +363,13 @@ def stepflow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     oeb = sf is not None and sf.tau_max > 0 and layer in sf._oeb_set
     n_q, n_k = query.shape[2], key.shape[2]
     r0 = 0 if s_aux is not None else n_q
-    if oeb:
-        sf._check_batch(query)
-        r0 = min(r0, _first_target_row(sf, n_q))
+    if oeb and n_q == 1:  # a generation step: explicit when it has groups to edit
+        if "checked" not in sf._per_pass:
+            sf._per_pass["checked"] = sf._check_batch(query)
+        if sf._oeb_groups(sf._labels, layer, 1, n_k) is not None:
+            r0 = 0
+    elif oeb:
+        r0 = min(r0, _first_target_row(sf, query))
         # sdpa serves a block of leading rows on its own only without a cache offset
         if 0 < r0 < n_q and attention_mask is None and n_q != n_k:
             r0 = 0
@@ -369,9 +382,14 @@ def stepflow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     parts = []
     if r0 > 0:
-        head = None if attention_mask is None else attention_mask[:, :, :r0]
-        out, _ = sdpa_attention_forward(module, query[:, :, :r0], key, value, head,
-                                        dropout=0.0, scaling=scaling, **kwargs)
+        if attention_mask is None:  # no cache offset here: rows :r0 see keys :r0 at most
+            out, _ = sdpa_attention_forward(module, query[:, :, :r0], key[:, :, :r0],
+                                            value[:, :, :r0], None, dropout=0.0,
+                                            scaling=scaling, **kwargs)
+        else:
+            out, _ = sdpa_attention_forward(module, query[:, :, :r0], key, value,
+                                            attention_mask[:, :, :r0], dropout=0.0,
+                                            scaling=scaling, **kwargs)
         parts.append(out)
     count = oeb and sf._count(layer, "oeb")
     batch, heads = query.shape[:2]
@@ -382,7 +400,7 @@ def stepflow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         pattern = _explicit_rows(query[:, :, a:b], key, mask, scale, s_aux)
         groups = sf._oeb_groups(sf._labels, layer, n_q, n_k, rows=(a, b)) if oeb else None
         if groups is not None:
-            pattern = sf._oeb_apply(pattern, *groups, layer, count)
+            pattern = sf._oeb_apply(pattern, groups, layer, count)
         parts.append(_times_values(pattern, value))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out.contiguous(), None
@@ -522,11 +540,12 @@ def generate_tokens(model: Any, tokens: Int[Tensor, "batch pos"],
     pad = pad_token if pad_token is not None else (int(stops[0]) if len(stops) else 0)
     mask = attention_mask.to(tokens.device).long()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    padded = not bool(mask.all())  # without padding, no mask to build at every step
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     sampled: list[Tensor] = []
     with hugging_face_mode(model) as hf:
-        out = hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                 logits_to_keep=1)
+        out = hf(input_ids=tokens, attention_mask=mask if padded else None,
+                 position_ids=positions, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
             logits = out.logits[:, -1, :]
             new = utils.sample_logits(logits, temperature=float(temperature)).to(tokens.device)
@@ -536,8 +555,10 @@ def generate_tokens(model: Any, tokens: Int[Tensor, "batch pos"],
             sampled.append(new)
             if step == max_new_tokens - 1 or (len(stops) and bool(finished.all())):
                 break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = hf(input_ids=new[:, None], attention_mask=mask, position_ids=positions,
-                     past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out = hf(input_ids=new[:, None], attention_mask=mask if padded else None,
+                     position_ids=positions, past_key_values=out.past_key_values,
+                     use_cache=True, logits_to_keep=1)
     return torch.cat([tokens, torch.stack(sampled, dim=1)], dim=1)

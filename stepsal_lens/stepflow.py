@@ -49,7 +49,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import einops
 import torch
@@ -75,31 +75,73 @@ __all__ = [
 #: Integer codes of the segments in the tracker's label tensors (-1: none / padding).
 SEGMENT_CODES = {"question": 0, "thinking": 1, "summary": 2}
 _Q, _T, _S = 0, 1, 2
+#: OEB's group of a key, indexed by (query segment + 1, key segment + 1): 1 = same,
+#: 2 = bridge, 0 = neither. A thinking query's same group is thinking and its bridge the
+#: question; a summary query's are summary and thinking; other queries are left alone.
+_GROUP_OF = torch.tensor([[0, 0, 0, 0],   # query in no segment (template, padding)
+                          [0, 0, 0, 0],   # question
+                          [0, 2, 1, 0],   # thinking
+                          [0, 0, 2, 1]],  # summary
+                         dtype=torch.uint8)
 
 
 # ---- pure cores ----------------------------------------------------------------------------
 
-def _oeb(pattern: Tensor, same: Tensor, bridge: Tensor, tau_max: float):
-    """OEB plus what it did: (new pattern, eligible rows, triggered rows, p_B, tau_B).
-    ``same`` and ``bridge`` must be disjoint (checked by :func:`odds_equal_bridge`)."""
-    p = pattern.float()
-    same_f, bridge_f = same.to(p.dtype), bridge.to(p.dtype)
-    row = p.sum(-1)
-    safe_row = row.clamp_min(torch.finfo(p.dtype).tiny)
-    p_s = (p * same_f).sum(-1) / safe_row
-    p_b = (p * bridge_f).sum(-1) / safe_row
-    n_s, n_b = same_f.sum(-1), bridge_f.sum(-1)
+class _Groups(NamedTuple):
+    """OEB's key groups, prepared once for every layer that shares them. Masks that vary
+    with the query (``[batch, 1, query, key]``) stay float masks ``same`` and ``bridge``;
+    masks shared by all queries (``[key]``, or one query row) become ``keys``
+    ``[..., key, 2]`` (columns: same, bridge), so that the masses and the rescale are one
+    matrix product each. ``tau_b`` is the bridge target per query row, ``nonempty`` whether
+    both groups have a key."""
+
+    same: Tensor | None
+    bridge: Tensor | None
+    keys: Tensor | None
+    tau_b: Tensor
+    nonempty: Tensor
+
+
+def _groups(same: Tensor, bridge: Tensor, tau_max: float) -> _Groups:
+    """Prepare disjoint boolean key masks (checked by :func:`odds_equal_bridge`)."""
+    if same.dim() > 1 and same.shape[-2] != 1:  # one mask per query row
+        same_f, bridge_f = same.float(), bridge.float()
+        n_s, n_b, keys = same_f.sum(-1), bridge_f.sum(-1), None
+    else:
+        same_f = bridge_f = None
+        keys = torch.stack(torch.broadcast_tensors(same, bridge), -1).float()
+        n = keys.sum(-2)
+        n_s, n_b = n[..., 0], n[..., 1]
+        if keys.dim() > 2:
+            keys = keys.squeeze(-3)  # [..., key, 2]: the query dimension comes from A
     tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1)).clamp(max=tau_max)
-    tau_s = p_s + p_b - tau_b  # = 1 - p_O - tau_B
-    eligible = (n_b > 0) & (n_s > 0) & (row > 0)
+    return _Groups(same_f, bridge_f, keys, tau_b, torch.minimum(n_s, n_b) > 0)
+
+
+def _oeb(pattern: Tensor, g: _Groups) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OEB plus what it needs for the statistics: (new pattern, triggered rows, row sums,
+    bridge mass). Masses are compared in the row's own units: ``p_B < tau_B`` is
+    ``m_B < tau_B * row`` and ``tau_S = p_S + p_B - tau_B > 0`` is ``m_S + m_B > tau_B *
+    row``, so no row is divided before it is known to move."""
+    p = pattern.float()
+    row = p.sum(-1)
+    if g.keys is not None:
+        m = torch.matmul(p, g.keys)  # [..., query, 2]: m_S, m_B
+    else:
+        m = torch.stack([(p * g.same).sum(-1), (p * g.bridge).sum(-1)], -1)
+    m_s, m_b = m[..., 0], m[..., 1]
+    target_b = g.tau_b * row  # tau_B of this row's mass (sinks keep the rest)
+    both = m_s + m_b
     # tau_S <= 0 means the other keys hold so much mass that B cannot reach tau_B.
-    act = eligible & (p_b > 0) & (p_s > 0) & (p_b < tau_b) & (tau_s > 0)
-    one = torch.ones_like(p_b)
-    scale_b = torch.where(act, tau_b / p_b.clamp_min(1e-30), one)
-    scale_s = torch.where(act, tau_s / p_s.clamp_min(1e-30), one)
-    factor = 1 + (scale_b - 1)[..., None] * bridge_f + (scale_s - 1)[..., None] * same_f
-    out = (p * factor).to(pattern.dtype)
-    return out, eligible.expand_as(row), act.expand_as(row), p_b.expand_as(row), tau_b.expand_as(row)
+    act = g.nonempty & (torch.minimum(m_s, m_b) > 0) & (m_b < target_b) & (both > target_b)
+    # the groups' new masses over their old: tau_S / p_S and tau_B / p_B
+    scale = torch.where(act[..., None], torch.stack([both - target_b, target_b], -1)
+                        / m.clamp_min(1e-30), 1.0)
+    if g.keys is not None:
+        factor = 1 + torch.matmul(scale - 1, g.keys.transpose(-1, -2))
+    else:
+        factor = 1 + (scale[..., 0:1] - 1) * g.same + (scale[..., 1:2] - 1) * g.bridge
+    return (p * factor).to(pattern.dtype), act, row, m_b
 
 
 def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
@@ -139,7 +181,7 @@ def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
         raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
     if (same & bridge).any():
         raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
-    return _oeb(pattern, same, bridge, tau_max)[0]
+    return _oeb(pattern, _groups(same, bridge, tau_max))[0]
 
 
 def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],
@@ -423,9 +465,42 @@ class StepFlowStats:
     smi_injections: dict[int, Tensor] = field(default_factory=dict)
     #: summaries of earlier batches inside the same ``stepflow`` block
     archive: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    #: OEB records not yet counted: (layer, triggered, row sum, bridge mass, tau_B,
+    #: eligible groups), each ``[batch, head or 1, query]``; summed when read
+    _pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]] = field(
+        default_factory=list, repr=False)
+
+    def add_oeb(self, layer: int, act: Tensor, row: Tensor, m_b: Tensor, tau_b: Tensor,
+                nonempty: Tensor) -> None:
+        """Record what OEB did in one layer of one pass (counted lazily, so that a
+        generation step costs one list append per layer)."""
+        detached = [x.detach() if x.requires_grad else x for x in (row, m_b, tau_b)]
+        self._pending.append((layer, act, *detached, nonempty))
+
+    def _flush(self) -> None:
+        """Add the pending OEB records into the per-row counters (one reduction per layer
+        over all of its records)."""
+        pending, self._pending = self._pending, []
+        by_layer: dict[int, list] = {}
+        for rec in pending:
+            by_layer.setdefault(rec[0], []).append(rec[1:])
+        for layer, recs in by_layer.items():
+            act, row, m_b, tau_b, nonempty = (
+                torch.cat([r[i].expand_as(r[0]).flatten(1) for r in recs], dim=1)
+                for i in range(5))
+            eligible = nonempty & (row > 0)
+            p_b = m_b / row.clamp_min(torch.finfo(row.dtype).tiny)
+            after = torch.where(act, tau_b, p_b)
+            sums = torch.stack([act.to(p_b.dtype), eligible.to(p_b.dtype), p_b * eligible,
+                                after * eligible]).double().sum(2).cpu()  # [4, batch]
+            self.oeb_triggers[layer] += sums[0]
+            self.oeb_eligible[layer] += sums[1]
+            self.bridge_before[layer] += sums[2]
+            self.bridge_after[layer] += sums[3]
 
     def start_batch(self, batch: int) -> None:
         """Zero the per-row counters for a new batch of sequences."""
+        self._flush()
         self.batch = batch
         z = lambda: torch.zeros(batch, dtype=torch.float64)  # noqa: E731
         for store, layers in ((self.oeb_triggers, self.oeb_layers),
@@ -437,6 +512,7 @@ class StepFlowStats:
                 store[layer] = z()
 
     def _summary(self, rows: slice | int) -> dict[str, Any]:
+        self._flush()
         pick = lambda d: {l: float(v[rows].sum()) for l, v in d.items()}  # noqa: E731
         trig, elig = pick(self.oeb_triggers), pick(self.oeb_eligible)
         before, after = pick(self.bridge_before), pick(self.bridge_after)
@@ -529,10 +605,14 @@ class StepFlow:
         self.tracker = SegmentTracker(model.tokenizer, fmt, c.splitter)
         self.stats = StepFlowStats(list(self.oeb_layers), list(self.smi_layers))
         self._windows = _sliding_windows(model)
+        self._device = torch.device(model.cfg.device)
+        self._group_of = _GROUP_OF.to(self._device)
         self._buffers: dict[int, dict[str, Any]] = {}
         self._values: dict[int, Tensor] = {}  # this pass's hook_v per layer (paper_code)
         self._pass = 0
         self._counted: set[tuple[int, int, str]] = set()
+        self._per_pass: dict[Any, Any] = {}
+        self._labels: dict[str, Tensor] | None = None
 
     def hooks(self) -> list[tuple[str, Any]]:
         """``(hook name, function)`` pairs, for ``model.hooks(fwd_hooks=...)``."""
@@ -568,7 +648,11 @@ class StepFlow:
         self._pass += 1
         self._counted.clear()
         self._values.clear()
-        self._labels = {k: v.to(self.model.cfg.device) for k, v in self.tracker._tensors().items()}
+        self._per_pass: dict[Any, Any] = {}  # label slices and OEB groups shared by layers
+        labels = self.tracker._tensors()
+        if labels["segment"].device != self._device:
+            labels = {k: v.to(self._device) for k, v in labels.items()}
+        self._labels = labels
 
     def _count(self, layer: int, kind: str) -> bool:
         """Count each hook once per forward pass (checkpointed backward re-runs it)."""
@@ -585,23 +669,30 @@ class StepFlow:
         groups = self._oeb_groups(lab, layer, n_q, n_k)
         if groups is None:
             return pattern
-        return self._oeb_apply(pattern, *groups, layer, self._count(layer, "oeb"))
+        return self._oeb_apply(pattern, groups, layer, self._count(layer, "oeb"))
 
     def _oeb_groups(self, lab: dict[str, Tensor], layer: int, n_q: int, n_k: int,
-                    rows: tuple[int, int] | None = None) -> tuple[Tensor, Tensor] | None:
-        """OEB's same and bridge key masks ``[batch, 1, row, key]`` for query rows
+                    rows: tuple[int, int] | None = None) -> _Groups | None:
+        """OEB's same and bridge groups (key masks ``[batch, 1, row, key]``) for query rows
         ``rows`` (default: all ``n_q``) of a pass with ``n_q`` queries and ``n_k`` keys, or
-        None when no row is a thinking or summary query (nothing to edit)."""
+        None when no row is a thinking or summary query (nothing to edit). Layers of one
+        pass with the same keys and window share them."""
+        rows = None if rows == (0, n_q) else rows
+        key = ("oeb", n_q, n_k, rows, self._windows.get(layer))
+        if key not in self._per_pass:
+            self._per_pass[key] = self._make_groups(lab, layer, n_q, n_k, rows)
+        return self._per_pass[key]
+
+    def _make_groups(self, lab: dict[str, Tensor], layer: int, n_q: int, n_k: int,
+                     rows: tuple[int, int] | None) -> _Groups | None:
         total = lab["segment"].shape[1]
         a, b = rows or (0, n_q)
         # queries are the last n_q known positions, keys the last n_k (a sliding-window
         # cache may hold fewer than all)
         q0 = total - n_q
         q_seg = lab["segment"][:, q0 + a:q0 + b]
-        targeted = (q_seg == _T) | (q_seg == _S)
-        if not bool(targeted.any()):
-            return None
         k_seg = lab["segment"][:, total - n_k:]
+        group = self._group_of[(q_seg + 1)[:, :, None], (k_seg + 1)[:, None, :]]
         visible = lab["valid"][:, None, total - n_k:]
         width = self._windows.get(layer)
         if n_q > 1 or width is not None:
@@ -612,27 +703,19 @@ class StepFlow:
             if width is not None:
                 sight = sight & (k_pos > q_pos - width)
             visible = visible & sight
-        # question -> thinking queries' bridge; thinking -> summary queries' bridge
-        bridge_seg = torch.where(q_seg == _T, _Q, torch.where(q_seg == _S, _T, -9))
-        same = visible & (k_seg[:, None, :] == torch.where(targeted, q_seg, -9)[:, :, None])
-        bridge = visible & (k_seg[:, None, :] == bridge_seg[:, :, None])
-        return same[:, None], bridge[:, None]
+        group = group * visible  # [batch, row, key]: 1 same, 2 bridge, 0 neither
+        if not bool(group.any()):
+            return None
+        return _groups(group[:, None] == 1, group[:, None] == 2, self.tau_max)
 
-    def _oeb_apply(self, pattern: Pattern, same: Tensor, bridge: Tensor, layer: int,
+    def _oeb_apply(self, pattern: Pattern, groups: _Groups, layer: int,
                    count: bool) -> Pattern:
         """:func:`odds_equal_bridge` on ``pattern`` with the given groups; adds to the
-        statistics when ``count`` (the first time this pass reaches ``layer``)."""
-        out, eligible, act, p_b, tau_b = _oeb(pattern, same, bridge, self.tau_max)
-        if count:  # on detached values: checkpointing must not see it
-            p_b, tau_b = p_b.detach(), tau_b.detach()
-            after = torch.where(act, tau_b, p_b)
-            sums = torch.stack([act.to(p_b.dtype), eligible.to(p_b.dtype), p_b * eligible,
-                                after * eligible]).double().sum((2, 3)).cpu()  # [4, batch]
-            st = self.stats
-            st.oeb_triggers[layer] += sums[0]
-            st.oeb_eligible[layer] += sums[1]
-            st.bridge_before[layer] += sums[2]
-            st.bridge_after[layer] += sums[3]
+        statistics when ``count`` (the first time this pass reaches ``layer``; on
+        detached values, so that checkpointing does not see it)."""
+        out, act, row, m_b = _oeb(pattern, groups)
+        if count:
+            self.stats.add_oeb(layer, act, row, m_b, groups.tau_b, groups.nonempty)
         return out
 
     def _keep_values(self, v: Tensor, hook) -> None:
@@ -651,24 +734,28 @@ class StepFlow:
     def _smi(self, act: Tensor, layer: int) -> Tensor:
         """SMI on one layer's activation ``[batch, pos, ...]`` (``hook_resid_post``, or
         ``hook_z`` for ``paper_code``), for either engine."""
-        lab = self._check_batch(act)
-        total = lab["segment"].shape[1]
         n_q = act.shape[1]
-        pos = slice(total - n_q, total)
-        thinking = lab["segment"][:, pos] == _T
+        key = ("smi", n_q, act.shape[0])
+        if key not in self._per_pass:  # the labels of this pass's positions, for every layer
+            lab = self._check_batch(act)
+            total = lab["segment"].shape[1]
+            pos = slice(total - n_q, total)
+            thinking = lab["segment"][:, pos] == _T
+            # resid_post's window: the step's last non-space tokens; paper_code's: the
+            # step's last tokens (spaces inside it included)
+            inside = thinking & lab["anchored"][:, pos] if self.smi_variant == "resid_post" \
+                else thinking
+            self._per_pass[key] = (torch.where(inside, lab["step"][:, pos], -1).tolist(),
+                                   (thinking & lab["step_start"][:, pos]).tolist())
+        steps, starts = self._per_pass[key]  # [batch][pos] lists
         if self.smi_variant == "resid_post":
-            # the window: the step's last non-space tokens, at the same hook
-            src = act
-            steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
+            src = act  # the window's activations at the same hook
         else:
-            # the window: the step's last tokens (spaces inside it included), their values
-            src = self._values.pop(layer, None)
+            src = self._values.pop(layer, None)  # the values
             if src is None or src.shape[:2] != act.shape[:2]:
                 raise StepSalError(f"smi_variant='paper_code' saw blocks.{layer}.attn.hook_z "
                                    f"without the same pass's hook_v (the attention ran outside "
                                    f"its block?); use smi_variant='resid_post' for this model")
-            steps = torch.where(thinking, lab["step"][:, pos], -1)
-        starts = thinking & lab["step_start"][:, pos]
         # Per row: the last `window` source activations of the latest thinking step seen so
         # far (right-aligned in `vec`, `count` of them valid). Each pass starts from the
         # state the previous pass left, so a pass re-run by checkpointing starts the same way.
@@ -677,14 +764,13 @@ class StepFlow:
             b, w = act.shape[0], self.window
             init = state["end"] if state else {
                 "vec": src.new_zeros((b, w, *src.shape[2:])).detach(),
-                "count": torch.zeros(b, dtype=torch.long, device=act.device),
-                "step": torch.full((b,), -1, dtype=torch.long, device=act.device)}
+                "count": [0] * b, "step": [-1] * b}
             state = {"pass": self._pass, "init": init}
             self._buffers[layer] = state
         count = self._count(layer, "smi")
         if n_q == 1:
-            out, state["end"] = self._smi_one(act, src, steps[:, 0], starts[:, 0],
-                                              state["init"], layer, count)
+            out, state["end"] = self._smi_one(act, src, [r[0] for r in steps],
+                                              [r[0] for r in starts], state["init"], layer, count)
         else:
             out, state["end"] = self._smi_block(act, src, steps, starts, state["init"], layer,
                                                 count)
@@ -700,35 +786,47 @@ class StepFlow:
         return out
 
     def _smi_one(self, act, src, steps, starts, buf, layer, count):
-        """One new position per row (a KV-cached step), vectorised over rows. ``act`` is
-        edited, ``src`` feeds the window (the same tensor for ``resid_post``)."""
-        vec, n, step = buf["vec"], buf["count"], buf["step"]
+        """One new position per row (a KV-cached step): the bookkeeping on the rows' plain
+        ints, the window shifted by one tensor op for all rows. ``act`` is edited, ``src``
+        feeds the window (the same tensor for ``resid_post``); ``steps`` and ``starts``
+        hold one label per row."""
+        w = self.window
+        vec, n, step = buf["vec"], list(buf["count"]), list(buf["step"])
         out = act
-        inject = starts & (steps >= 0) & (step == steps - 1) & (n > 0)
-        for b in inject.nonzero().flatten().tolist():
-            out = self._inject(out, act, b, 0, vec[b, self.window - int(n[b]):], layer, count)
-        live = steps >= 0
-        fresh = live & (steps != step)
-        n = torch.where(fresh, 0, n)
-        shifted = torch.cat([vec[:, 1:], src[:, :1].detach().to(vec.dtype)], dim=1)
-        keep = live.view(-1, *([1] * (vec.dim() - 1)))
-        vec = torch.where(keep, shifted, vec)
-        n = torch.where(live, (n + 1).clamp(max=self.window), n)
-        step = torch.where(live, steps, step)
+        live = []
+        for b, (s, is_start) in enumerate(zip(steps, starts)):
+            if s < 0:
+                continue
+            if is_start and step[b] == s - 1 and n[b] > 0:
+                out = self._inject(out, act, b, 0, vec[b, w - n[b]:], layer, count)
+            if s != step[b]:
+                n[b], step[b] = 0, s
+            n[b] = min(n[b] + 1, w)
+            live.append(b)
+        if live:
+            new = src[:, :1]
+            new = new.detach() if new.requires_grad else new
+            shifted = torch.cat([vec[:, 1:], new if new.dtype == vec.dtype else new.to(vec.dtype)],
+                                dim=1)
+            if len(live) < len(steps):
+                keep = torch.zeros(len(steps), dtype=torch.bool)
+                keep[live] = True
+                shifted = torch.where(keep.to(vec.device).view(-1, *([1] * (vec.dim() - 1))),
+                                      shifted, vec)
+            vec = shifted
         return out, {"vec": vec, "count": n, "step": step}
 
     def _smi_block(self, act, src, steps, starts, buf, layer, count):
         """Many positions per row (prompt, teacher-forced trace, uncached step)."""
         w = self.window
         out = act
-        vec, n, step = buf["vec"].clone(), buf["count"].clone(), buf["step"].clone()
-        steps_l, starts_l = steps.tolist(), starts.tolist()
+        vec, n, step = buf["vec"].clone(), list(buf["count"]), list(buf["step"])
         for b in range(act.shape[0]):
-            if all(s < 0 for s in steps_l[b]):
+            if all(s < 0 for s in steps[b]):
                 continue
-            cur = int(step[b])
-            win = [vec[b, j] for j in range(w - int(n[b]), w)]
-            for i, (s, is_start) in enumerate(zip(steps_l[b], starts_l[b])):
+            cur = step[b]
+            win = [vec[b, j] for j in range(w - n[b], w)]
+            for i, (s, is_start) in enumerate(zip(steps[b], starts[b])):
                 if s < 0:
                     continue
                 if is_start and cur == s - 1 and win:

@@ -168,7 +168,7 @@ def test_other_generation_loops_inside_a_fused_block(arch_, bridges):
 def _state(model):
     hf = model.original_model
     return ([(name, id(m)) for name, m in hf.named_modules()],
-            hf.config._attn_implementation,
+            hf.config._attn_implementation, hf.config.output_attentions,
             sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in hf.modules()),
             dict(model._forward_pre_hooks))
 
@@ -241,3 +241,64 @@ def test_low_precision_sinks_fall_back(checkpoints, arch_formats):
                      format=arch_formats["gpt-oss"])
     assert choose_engine(model) == ("hook_pattern", "attention sinks in a low-precision model")
     assert choose_engine(model, "fused") == ("fused", "requested")
+
+
+class _Attention(torch.nn.Module):
+    """What the attention function reads off a Hugging Face attention module."""
+
+    def __init__(self, layer: int, groups: int):
+        super().__init__()
+        self.layer_idx, self.num_key_value_groups, self.is_causal = layer, groups, True
+
+
+@pytest.mark.parametrize("first, padded, sinks", [(1, False, False), (4, False, False),
+                                                   (4, True, False), (0, True, True),
+                                                   (3, False, True)])
+def test_attention_function_against_eager_reference(first, padded, sinks, bridges,
+                                                    monkeypatch):
+    """Rows in front of the first thinking query through sdpa, the rest explicitly in
+    blocks (here of 3 rows), against eager attention + odds_equal_bridge on every row."""
+    from stepsal_lens.stepflow import StepFlow, odds_equal_bridge
+
+    torch.manual_seed(0)
+    n, heads, kv, d, layer = 11, 4, 2, 8, 0
+    sf = StepFlow(bridges["qwen2"], StepFlowConfig(tau_max=0.5, alpha=0.0, oeb_layers=[layer]),
+                  engine="fused")
+    sf._oeb_set, sf._pass = {layer}, 1
+    sf.stats.start_batch(2)
+    segment = torch.tensor([[0] * first + [1] * (n - first - 3) + [2] * 3] * 2)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    if padded:
+        valid[1, :2] = False
+        segment[1, :2] = -1
+    sf._labels = {"segment": segment, "valid": valid}
+    q, k = torch.randn(2, heads, n, d) * 2, torch.randn(2, kv, n, d) * 2
+    v = torch.randn(2, kv, n, d)
+    s_aux = torch.randn(heads) if sinks else None
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    full = causal[None, None] & valid[:, None, None, :]
+    mask = full if padded else None  # what sdpa's mask builder passes
+    module = _Attention(layer, heads // kv)
+    monkeypatch.setitem(fused_stepflow._OWNERS, module, sf)
+    monkeypatch.setattr(fused_stepflow, "_BLOCK_BUDGET", 3 * 3 * 4 * 2 * heads * n)
+    ours, _ = fused_stepflow.stepflow_attention(module, q, k, v, mask, scaling=0.3, s_aux=s_aux)
+
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kr.transpose(2, 3) * 0.3).masked_fill(~full, torch.finfo(q.dtype).min)
+    if sinks:
+        cat = torch.cat([scores, s_aux.reshape(1, -1, 1, 1).expand(2, -1, n, 1)], -1)
+        pattern = cat.softmax(-1)[..., :-1]
+    else:
+        pattern = scores.softmax(-1)
+    # the groups from the definition: thinking queries see thinking (same) and question
+    # (bridge) keys, summary queries summary and thinking keys
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    think, summ = q_seg == 1, q_seg == 2
+    same = full[:, 0] & ((think & (k_seg == 1)) | (summ & (k_seg == 2)))
+    bridge = full[:, 0] & ((think & (k_seg == 0)) | (summ & (k_seg == 1)))
+    ref = (odds_equal_bridge(pattern, same[:, None], bridge[:, None], tau_max=0.5) @ vr)
+    ref = ref.transpose(1, 2)
+    real = valid[:, :, None, None].expand_as(ref)  # padded query rows are never read
+    err = (ours - ref)[real].abs().max().item()
+    assert err < 1e-5, f"max |ours - eager + OEB| = {err:.2e}"
+    assert sf.stats.to_dict()["oeb"]["triggers"] > 0
