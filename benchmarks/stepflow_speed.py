@@ -9,8 +9,8 @@ same checkpoint and prompts. The processes take turns, one run at a time, round-
 (so a noisy neighbour on a shared machine slows every method alike); each figure is the
 median of ``--repeats`` turns after one warm-up, every run generates exactly
 ``--new-tokens`` tokens per row (no early stop), and StepFlow runs with the paper's
-settings (OEB on the bottom quarter, SMI on the top quarter). Workers run with
-``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. Methods:
+settings (OEB on the bottom quarter, SMI on the top quarter). ``--passive`` sets
+``OMP_WAIT_POLICY=PASSIVE`` in the workers (a busy machine). Methods:
 
 * ``HF sdpa generate``: ``AutoModelForCausalLM(..., attn_implementation="sdpa").generate``.
 * ``bridge generate``: the bridge's ``generate``, StepFlow off.
@@ -100,14 +100,17 @@ def worker(method: str, folder: str, batch: int, new_tokens: int) -> None:
         print(json.dumps({"time": dt, "tokens": out[:, tokens.shape[1]:].tolist()}), flush=True)
 
 
-def _spawn(method: str, folder, batch: int, new_tokens: int, threads: int | None):
+def _spawn(method: str, folder, batch: int, new_tokens: int, threads: int | None,
+           passive: bool):
     cmd = [sys.executable, __file__, "--worker", method, "--folder", str(folder),
            "--batch", str(batch), "--new-tokens", str(new_tokens)]
     if threads:
         cmd += ["--threads", str(threads)]
-    # threads that sleep at barriers instead of spinning: on a shared machine spinning
-    # threads make every method several times slower, and unevenly (docs/benchmarks.md)
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = dict(os.environ)
+    if passive:
+        # threads that sleep at barriers instead of spinning: on a busy shared machine
+        # spinning threads slow every method several times, and unevenly
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                          env.get("PYTHONPATH", "")])  # this checkout's package
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -139,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: torch's)")
+    parser.add_argument("--passive", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE in the workers (for a busy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -154,7 +159,8 @@ def main(argv=None):
                                     n_heads=8, n_kv_heads=4, n_ctx=1024)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        procs = {m: _spawn(m, folder, batch, args.new_tokens, args.threads) for m in METHODS}
+        procs = {m: _spawn(m, folder, batch, args.new_tokens, args.threads, args.passive)
+                 for m in METHODS}
         res: dict[str, dict] = {m: {"times": []} for m in METHODS}
         try:
             for _ in range(args.repeats):
@@ -175,7 +181,8 @@ def main(argv=None):
                 "same tokens as " + ("HF" if method == "bridge generate" else "hook_pattern")
                 if same["tokens"] == res[method]["tokens"] else "TOKENS DIFFER")
             rows.append((batch, method, med, batch * args.new_tokens / med, hf / med, note))
-    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads"
+          f"{', OMP_WAIT_POLICY=PASSIVE' if args.passive else ''}, "
           f"random Qwen2 (8 layers, d_model 256, 8 heads / 4 kv heads), {args.new_tokens} new "
           f"tokens per row, median of {args.repeats} turns, a fresh process per method\n")
     print("| batch | generation | seconds | tokens/s | vs HF sdpa | note |")

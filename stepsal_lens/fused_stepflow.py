@@ -315,10 +315,12 @@ def _explicit_rows(query: Tensor, key: Tensor, mask: Tensor | None, scale: float
     are grouped under their key/value head, so keys are never repeated."""
     b, h, n, d = query.shape
     kv, n_k = key.shape[1], key.shape[2]
-    q = query.float().reshape(b, kv, h // kv * n, d)
-    s = torch.matmul(q, key.float().transpose(2, 3)).view(b, h, n, n_k) * scale
+    if query.dtype != torch.float32:
+        query, key = query.float(), key.float()
+    q = query.reshape(b, kv, h // kv * n, d)
+    s = torch.matmul(q, key.transpose(2, 3)).view(b, h, n, n_k) * scale
     if mask is not None:
-        s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool \
+        s = torch.where(mask, s, torch.finfo(s.dtype).min) if mask.dtype == torch.bool \
             else s + mask.float()
     if sinks is None:
         return torch.softmax(s, dim=-1)
@@ -333,7 +335,9 @@ def _times_values(pattern: Tensor, value: Tensor) -> Tensor:
     ``[batch, head, row, key]`` x ``[batch, kv_head, key, d]`` -> ``[batch, row, head, d]``."""
     b, h, n, n_k = pattern.shape
     kv = value.shape[1]
-    out = torch.matmul(pattern.to(value.dtype).view(b, kv, h // kv * n, n_k), value)
+    if pattern.dtype != value.dtype:
+        pattern = pattern.to(value.dtype)
+    out = torch.matmul(pattern.view(b, kv, h // kv * n, n_k), value)
     return out.view(b, h, n, -1).transpose(1, 2)
 
 

@@ -91,9 +91,9 @@ class _Groups(NamedTuple):
     """OEB's key groups, prepared once for every layer that shares them. Masks that vary
     with the query (``[batch, 1, query, key]``) stay float masks ``same`` and ``bridge``;
     masks shared by all queries (``[key]``, or one query row) become ``keys``
-    ``[..., key, 2]`` (columns: same, bridge), so that the masses and the rescale are one
-    matrix product each. ``tau_b`` is the bridge target per query row, ``nonempty`` whether
-    both groups have a key."""
+    ``[..., key, 3]`` (columns: same, bridge, every key), so that the masses, the row sum
+    and the rescale are one matrix product each. ``tau_b`` is the bridge target per query
+    row, ``nonempty`` whether both groups have a key."""
 
     same: Tensor | None
     bridge: Tensor | None
@@ -109,39 +109,43 @@ def _groups(same: Tensor, bridge: Tensor, tau_max: float) -> _Groups:
         n_s, n_b, keys = same_f.sum(-1), bridge_f.sum(-1), None
     else:
         same_f = bridge_f = None
-        keys = torch.stack(torch.broadcast_tensors(same, bridge), -1).float()
+        same, bridge = torch.broadcast_tensors(same, bridge)
+        keys = torch.stack([same, bridge, torch.ones_like(same)], -1).float()
         n = keys.sum(-2)
         n_s, n_b = n[..., 0], n[..., 1]
         if keys.dim() > 2:
-            keys = keys.squeeze(-3)  # [..., key, 2]: the query dimension comes from A
+            keys = keys.squeeze(-3)  # [..., key, 3]: the query dimension comes from A
     tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1)).clamp(max=tau_max)
     return _Groups(same_f, bridge_f, keys, tau_b, torch.minimum(n_s, n_b) > 0)
 
 
 def _oeb(pattern: Tensor, g: _Groups) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """OEB plus what it needs for the statistics: (new pattern, triggered rows, row sums,
-    bridge mass). Masses are compared in the row's own units: ``p_B < tau_B`` is
-    ``m_B < tau_B * row`` and ``tau_S = p_S + p_B - tau_B > 0`` is ``m_S + m_B > tau_B *
-    row``, so no row is divided before it is known to move."""
-    p = pattern.float()
-    row = p.sum(-1)
+    bridge mass).
+
+    Masses are compared in the row's own units: ``p_B < tau_B`` is ``m_B < tau_B * row``
+    and ``tau_S = p_S + p_B - tau_B > 0`` is ``m_S + m_B > tau_B * row`` (which, with
+    ``m_B < tau_B * row``, also makes ``m_S > 0``). The new masses over the old,
+    ``(tau_S / p_S, tau_B / p_B, 1)``, are the factors of the same group, the bridge and
+    the rest."""
+    p = pattern if pattern.dtype == torch.float32 else pattern.float()
     if g.keys is not None:
-        m = torch.matmul(p, g.keys)  # [..., query, 2]: m_S, m_B
+        m = torch.matmul(p, g.keys)  # [..., query, 3]: m_S, m_B, row sum
     else:
-        m = torch.stack([(p * g.same).sum(-1), (p * g.bridge).sum(-1)], -1)
-    m_s, m_b = m[..., 0], m[..., 1]
+        m = torch.stack([(p * g.same).sum(-1), (p * g.bridge).sum(-1), p.sum(-1)], -1)
+    m_s, m_b, row = m.unbind(-1)
     target_b = g.tau_b * row  # tau_B of this row's mass (sinks keep the rest)
     both = m_s + m_b
     # tau_S <= 0 means the other keys hold so much mass that B cannot reach tau_B.
-    act = g.nonempty & (torch.minimum(m_s, m_b) > 0) & (m_b < target_b) & (both > target_b)
-    # the groups' new masses over their old: tau_S / p_S and tau_B / p_B
-    scale = torch.where(act[..., None], torch.stack([both - target_b, target_b], -1)
+    act = g.nonempty & (m_b > 0) & (m_b < target_b) & (both > target_b)
+    scale = torch.where(act[..., None], torch.stack([both - target_b, target_b, row], -1)
                         / m.clamp_min(1e-30), 1.0)
     if g.keys is not None:
         factor = 1 + torch.matmul(scale - 1, g.keys.transpose(-1, -2))
     else:
         factor = 1 + (scale[..., 0:1] - 1) * g.same + (scale[..., 1:2] - 1) * g.bridge
-    return (p * factor).to(pattern.dtype), act, row, m_b
+    out = p * factor
+    return out if out.dtype == pattern.dtype else out.to(pattern.dtype), act, row, m_b
 
 
 def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
@@ -259,7 +263,8 @@ class SegmentTracker:
         self.splitter = splitter
         self._split = get_splitter(splitter)
         self.rows: list[_Row] = []
-        self._cache: dict[str, Tensor] | None = None
+        self._cache: Tensor | None = None  # [field, batch, pos] int64 labels
+        self._typed: dict[str, Tensor] | None = None  # the same, one tensor per field
         self._relabelled = False
 
     # ---- feeding ---------------------------------------------------------------------------
@@ -279,7 +284,7 @@ class SegmentTracker:
                     self._label(row, next(it), regions)
                 else:
                     self._pad(row)
-        self._cache = None
+        self._cache = self._typed = None
 
     def extend(self, ids: Tensor, mask: Tensor | None = None) -> None:
         """Append ``[batch, n]`` new tokens (``mask`` covers all positions or the new)."""
@@ -298,12 +303,12 @@ class SegmentTracker:
                 else:
                     self._pad(row)
         if self._cache is not None and not self._relabelled:
-            # Grow the label tensors by the new columns instead of rebuilding them.
+            # Grow the label tensor by the new columns instead of rebuilding it.
             n = ids.shape[1]
-            new = self._build(lambda values: values[-n:])
-            self._cache = {k: torch.cat([v, new[k]], dim=1) for k, v in self._cache.items()}
+            self._cache = torch.cat([self._cache, self._build(lambda values: values[-n:])], dim=2)
         else:
             self._cache = None
+        self._typed = None
 
     def _pad(self, row: _Row) -> None:
         row.valid.append(False)
@@ -392,15 +397,17 @@ class SegmentTracker:
                ("step_start", "start", torch.bool), ("anchored", "anchored", torch.bool),
                ("valid", "valid", torch.bool))
 
-    def _build(self, cut=lambda values: values) -> dict[str, Tensor]:
-        data = torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
+    def _build(self, cut=lambda values: values) -> Tensor:
+        return torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
                              for _, attr, _ in self._FIELDS], dtype=torch.long)
-        return {name: data[i].to(dtype) for i, (name, _, dtype) in enumerate(self._FIELDS)}
 
     def _tensors(self) -> dict[str, Tensor]:
-        if self._cache is None:
-            self._cache = self._build()
-        return self._cache
+        """The label tensors by field name, each converted on first use."""
+        if self._typed is None:
+            if self._cache is None:
+                self._cache = self._build()
+            self._typed = _Labels(self._cache, self._FIELDS)
+        return self._typed
 
     @property
     def segment(self) -> Tensor:
@@ -434,6 +441,22 @@ class SegmentTracker:
         """The offline :class:`~stepsal_lens.Trace` of one row's tokens."""
         return Trace.from_token_ids(self.token_ids(row), model_or_tokenizer or self.tokenizer,
                                     format=self.format, **kwargs)
+
+
+class _Labels(dict):
+    """Field name -> ``[batch, pos]`` label tensor, cut from the tracker's stacked int64
+    labels when first asked for (a generation step needs two of the five)."""
+
+    def __init__(self, stacked: Tensor, fields: tuple):
+        super().__init__()
+        self._stacked = stacked
+        self._index = {name: (i, dtype) for i, (name, _, dtype) in enumerate(fields)}
+
+    def __missing__(self, name: str) -> Tensor:
+        i, dtype = self._index[name]
+        value = self._stacked[i] if dtype == torch.long else self._stacked[i].bool()
+        self[name] = value
+        return value
 
 
 def _as_2d(ids: Tensor) -> Tensor:
@@ -651,7 +674,7 @@ class StepFlow:
         self._per_pass: dict[Any, Any] = {}  # label slices and OEB groups shared by layers
         labels = self.tracker._tensors()
         if labels["segment"].device != self._device:
-            labels = {k: v.to(self._device) for k, v in labels.items()}
+            labels = {name: labels[name].to(self._device) for name, _, _ in self.tracker._FIELDS}
         self._labels = labels
 
     def _count(self, layer: int, kind: str) -> bool:
@@ -736,7 +759,20 @@ class StepFlow:
         ``hook_z`` for ``paper_code``), for either engine."""
         n_q = act.shape[1]
         key = ("smi", n_q, act.shape[0])
-        if key not in self._per_pass:  # the labels of this pass's positions, for every layer
+        if key not in self._per_pass and n_q == 1:  # a generation step: the rows' last labels
+            self._check_batch(act)
+            rows = self.tracker.rows
+            thinking = [r.segment[-1] == _T for r in rows]
+            # resid_post's window: the step's last non-space tokens; paper_code's: the
+            # step's last tokens (spaces inside it included)
+            steps = [r.step[-1] if t and (r.anchored[-1] or self.smi_variant != "resid_post")
+                     else -1 for r, t in zip(rows, thinking)]
+            starts = [t and r.start[-1] for r, t in zip(rows, thinking)]
+            live = [s >= 0 for s in steps]
+            live = torch.tensor(live, device=act.device) if any(live) and not all(live) \
+                else any(live)
+            self._per_pass[key] = (steps, starts, live)
+        elif key not in self._per_pass:  # the labels of this pass's positions
             lab = self._check_batch(act)
             total = lab["segment"].shape[1]
             pos = slice(total - n_q, total)
@@ -746,8 +782,8 @@ class StepFlow:
             inside = thinking & lab["anchored"][:, pos] if self.smi_variant == "resid_post" \
                 else thinking
             self._per_pass[key] = (torch.where(inside, lab["step"][:, pos], -1).tolist(),
-                                   (thinking & lab["step_start"][:, pos]).tolist())
-        steps, starts = self._per_pass[key]  # [batch][pos] lists
+                                   (thinking & lab["step_start"][:, pos]).tolist(), None)
+        steps, starts, live = self._per_pass[key]  # [batch] or [batch][pos] lists
         if self.smi_variant == "resid_post":
             src = act  # the window's activations at the same hook
         else:
@@ -769,8 +805,8 @@ class StepFlow:
             self._buffers[layer] = state
         count = self._count(layer, "smi")
         if n_q == 1:
-            out, state["end"] = self._smi_one(act, src, [r[0] for r in steps],
-                                              [r[0] for r in starts], state["init"], layer, count)
+            out, state["end"] = self._smi_one(act, src, steps, starts, live, state["init"],
+                                              layer, count)
         else:
             out, state["end"] = self._smi_block(act, src, steps, starts, state["init"], layer,
                                                 count)
@@ -785,15 +821,15 @@ class StepFlow:
             self.stats.smi_injections[layer][b] += 1
         return out
 
-    def _smi_one(self, act, src, steps, starts, buf, layer, count):
+    def _smi_one(self, act, src, steps, starts, live, buf, layer, count):
         """One new position per row (a KV-cached step): the bookkeeping on the rows' plain
         ints, the window shifted by one tensor op for all rows. ``act`` is edited, ``src``
         feeds the window (the same tensor for ``resid_post``); ``steps`` and ``starts``
-        hold one label per row."""
+        hold one label per row, ``live`` says which rows' windows move (True: all, False:
+        none, else a ``[batch]`` mask)."""
         w = self.window
         vec, n, step = buf["vec"], list(buf["count"]), list(buf["step"])
         out = act
-        live = []
         for b, (s, is_start) in enumerate(zip(steps, starts)):
             if s < 0:
                 continue
@@ -802,17 +838,13 @@ class StepFlow:
             if s != step[b]:
                 n[b], step[b] = 0, s
             n[b] = min(n[b] + 1, w)
-            live.append(b)
-        if live:
+        if live is not False:
             new = src[:, :1]
             new = new.detach() if new.requires_grad else new
             shifted = torch.cat([vec[:, 1:], new if new.dtype == vec.dtype else new.to(vec.dtype)],
                                 dim=1)
-            if len(live) < len(steps):
-                keep = torch.zeros(len(steps), dtype=torch.bool)
-                keep[live] = True
-                shifted = torch.where(keep.to(vec.device).view(-1, *([1] * (vec.dim() - 1))),
-                                      shifted, vec)
+            if live is not True:
+                shifted = torch.where(live.view(-1, *([1] * (vec.dim() - 1))), shifted, vec)
             vec = shifted
         return out, {"vec": vec, "count": n, "step": step}
 
