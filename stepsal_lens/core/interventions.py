@@ -24,6 +24,8 @@ Examples
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -34,27 +36,65 @@ from stepsal_lens.typing import KeyMask, Pattern
 __all__ = ["odds_equal_bridge", "step_momentum"]
 
 
-def _oeb(pattern: Tensor, same: Tensor, bridge: Tensor, tau_max: float):
-    """OEB plus what it did: (new pattern, eligible rows, triggered rows, p_B, tau_B).
-    ``same`` and ``bridge`` must be disjoint (checked by :func:`odds_equal_bridge`)."""
-    p = pattern.float()
-    same_f, bridge_f = same.to(p.dtype), bridge.to(p.dtype)
-    row = p.sum(-1)
-    safe_row = row.clamp_min(torch.finfo(p.dtype).tiny)
-    p_s = (p * same_f).sum(-1) / safe_row
-    p_b = (p * bridge_f).sum(-1) / safe_row
-    n_s, n_b = same_f.sum(-1), bridge_f.sum(-1)
+class _Groups(NamedTuple):
+    """OEB's key groups, prepared once for every layer that shares them. Masks that vary
+    with the query (``[batch, 1, query, key]``) stay float masks ``same`` and ``bridge``;
+    masks shared by all queries (``[key]``, or one query row) become ``keys``
+    ``[..., key, 3]`` (columns: same, bridge, every key), so that the masses, the row sum
+    and the rescale are one matrix product each. ``tau_b`` is the bridge target per query
+    row, ``nonempty`` whether both groups have a key."""
+
+    same: Tensor | None
+    bridge: Tensor | None
+    keys: Tensor | None
+    tau_b: Tensor
+    nonempty: Tensor
+
+
+def _groups(same: Tensor, bridge: Tensor, tau_max: float) -> _Groups:
+    """Prepare disjoint boolean key masks (checked by :func:`odds_equal_bridge`)."""
+    if same.dim() > 1 and same.shape[-2] != 1:  # one mask per query row
+        same_f, bridge_f = same.float(), bridge.float()
+        n_s, n_b, keys = same_f.sum(-1), bridge_f.sum(-1), None
+    else:
+        same_f = bridge_f = None
+        same, bridge = torch.broadcast_tensors(same, bridge)
+        keys = torch.stack([same, bridge, torch.ones_like(same)], -1).float()
+        n = keys.sum(-2)
+        n_s, n_b = n[..., 0], n[..., 1]
+        if keys.dim() > 2:
+            keys = keys.squeeze(-3)  # [..., key, 3]: the query dimension comes from A
     tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1)).clamp(max=tau_max)
-    tau_s = p_s + p_b - tau_b  # = 1 - p_O - tau_B
-    eligible = (n_b > 0) & (n_s > 0) & (row > 0)
+    return _Groups(same_f, bridge_f, keys, tau_b, torch.minimum(n_s, n_b) > 0)
+
+
+def _oeb(pattern: Tensor, g: _Groups) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OEB plus what it needs for the statistics: (new pattern, triggered rows, row sums,
+    bridge mass).
+
+    Masses are compared in the row's own units: ``p_B < tau_B`` is ``m_B < tau_B * row``
+    and ``tau_S = p_S + p_B - tau_B > 0`` is ``m_S + m_B > tau_B * row`` (which, with
+    ``m_B < tau_B * row``, also makes ``m_S > 0``). The new masses over the old,
+    ``(tau_S / p_S, tau_B / p_B, 1)``, are the factors of the same group, the bridge and
+    the rest."""
+    p = pattern if pattern.dtype == torch.float32 else pattern.float()
+    if g.keys is not None:
+        m = torch.matmul(p, g.keys)  # [..., query, 3]: m_S, m_B, row sum
+    else:
+        m = torch.stack([(p * g.same).sum(-1), (p * g.bridge).sum(-1), p.sum(-1)], -1)
+    m_s, m_b, row = m.unbind(-1)
+    target_b = g.tau_b * row  # tau_B of this row's mass (sinks keep the rest)
+    both = m_s + m_b
     # tau_S <= 0 means the other keys hold so much mass that B cannot reach tau_B.
-    act = eligible & (p_b > 0) & (p_s > 0) & (p_b < tau_b) & (tau_s > 0)
-    one = torch.ones_like(p_b)
-    scale_b = torch.where(act, tau_b / p_b.clamp_min(1e-30), one)
-    scale_s = torch.where(act, tau_s / p_s.clamp_min(1e-30), one)
-    factor = 1 + (scale_b - 1)[..., None] * bridge_f + (scale_s - 1)[..., None] * same_f
-    out = (p * factor).to(pattern.dtype)
-    return out, eligible.expand_as(row), act.expand_as(row), p_b.expand_as(row), tau_b.expand_as(row)
+    act = g.nonempty & (m_b > 0) & (m_b < target_b) & (both > target_b)
+    scale = torch.where(act[..., None], torch.stack([both - target_b, target_b, row], -1)
+                        / m.clamp_min(1e-30), 1.0)
+    if g.keys is not None:
+        factor = 1 + torch.matmul(scale - 1, g.keys.transpose(-1, -2))
+    else:
+        factor = 1 + (scale[..., 0:1] - 1) * g.same + (scale[..., 1:2] - 1) * g.bridge
+    out = p * factor
+    return out if out.dtype == pattern.dtype else out.to(pattern.dtype), act, row, m_b
 
 
 def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
@@ -94,7 +134,7 @@ def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
         raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
     if (same & bridge).any():
         raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
-    return _oeb(pattern, same, bridge, tau_max)[0]
+    return _oeb(pattern, _groups(same, bridge, tau_max))[0]
 
 
 def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],
@@ -112,4 +152,3 @@ def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],
     if window.shape[0] == 0:
         return x
     return x + alpha * window.mean(0).to(x.dtype)
-

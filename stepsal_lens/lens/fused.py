@@ -383,6 +383,10 @@ def attention_hooks_in_use(model) -> list[str]:
                                                or hp._forward_hooks or hp._backward_hooks)]
     if model._forward_pre_hooks or model._forward_hooks:
         names.append("<model forward hooks>")
+    from stepsal_lens.lens.fused_stepflow import RUNNING_MARK, is_running
+
+    if is_running(model):  # the bridge's components are swapped out (fused StepFlow)
+        names.append(RUNNING_MARK)
     return sorted(set(names))
 
 

@@ -3,8 +3,11 @@
 Prompts are the model's chat template (:meth:`ReasoningFormat.chat_prompt`), tokenised
 the way :class:`~stepsal_lens.Trace` tokenises them (BOS only where the template writes
 one), left-padded
-with an explicit attention mask, and generated with the bridge's ``generate``. Each
-completion is cut after the format's end-of-sequence marker.
+with an explicit attention mask, and generated KV-cached: by default on the Hugging Face
+model inside the bridge, StepFlow through its fused engine
+(:mod:`stepsal_lens.lens.fused_stepflow`), or with the bridge's ``generate`` and hooks
+(``engine="hook_pattern"``); both give the same tokens. Each completion is cut after the
+format's end-of-sequence marker.
 
 Examples
 --------
@@ -72,7 +75,7 @@ def stop_ids(model: Any) -> list[int]:
 def generate(model: Any, questions: Sequence[str] | None = None, *,
              prompts: Sequence[str] | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, seed: int | None = None, batch_size: int = 8,
-             stepflow: StepFlowConfig | None = None,
+             stepflow: StepFlowConfig | None = None, engine: str = "auto",
              system: str | None = None, reasoning_effort: str | None = None,
              progress: bool = True) -> list[Generation]:
     """Generate one trace per question (or raw prompt), KV-cached and batched.
@@ -98,6 +101,14 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     stepflow
         A :class:`~stepsal_lens.StepFlowConfig` to generate with StepFlow on
         (``StepFlowConfig()``: the paper's defaults); None for plain generation.
+    engine
+        ``"fused"``: a KV-cached loop on the Hugging Face model inside the bridge (sdpa;
+        StepFlow's OEB as an attention function, SMI as module hooks), at about Hugging
+        Face's speed. ``"hook_pattern"``: the bridge's ``generate`` (StepFlow as hooks on
+        its hook points; hooks attached to the bridge take effect). ``"auto"`` (default):
+        ``"fused"``, unless hooks are attached to the bridge or the model has attention
+        sinks in low precision (:func:`~stepsal_lens.lens.fused_stepflow.choose_engine`). The
+        tokens are the same either way; ``Generation.engine`` records which ran.
     system
         A system message before each question (gpt-oss: its developer message).
     reasoning_effort
@@ -134,7 +145,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
             and temperature >= 0):
         raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
                            f"{temperature!r}")
+    from stepsal_lens.lens.fused_stepflow import choose_engine, generate_tokens
+
+    used, _ = choose_engine(model, engine)
     stops = stop_ids(model)
+    # what the bridge's generate writes into finished rows
+    done_pad = model.tokenizer.eos_token_id
+    done_pad = stops[0] if done_pad is None else done_pad
     pad = model.tokenizer.pad_token_id
     pad = stops[0] if pad is None else pad
     n_ctx = model.cfg.n_ctx
@@ -150,18 +167,24 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
                                f"exceeds the model's context of {n_ctx}; lower max_new_tokens")
         tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        ctx = (stepflow_on(model, stepflow) if stepflow is not None
+        ctx = (stepflow_on(model, stepflow, engine=used) if stepflow is not None
                else nullcontext())
         # model.generate samples from the global RNG: seed it inside a fork, so the
         # caller's random stream is the same afterwards
         with torch.random.fork_rng(devices=[]), ctx as sf:
             if temperature > 0 and seed is not None:
                 torch.manual_seed(seed + i)
-            gen = model.generate(
-                tokens.to(model.cfg.device), attention_mask=mask.to(model.cfg.device),
-                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else 1.0, stop_at_eos=True,
-                eos_token_id=stops, verbose=False, return_type="tokens")
+            if used == "fused":
+                gen = generate_tokens(
+                    model, tokens.to(model.cfg.device), mask.to(model.cfg.device),
+                    max_new_tokens=max_new_tokens, temperature=temperature,
+                    stop_tokens=stops, pad_token=done_pad)
+            else:
+                gen = model.generate(
+                    tokens.to(model.cfg.device), attention_mask=mask.to(model.cfg.device),
+                    max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else 1.0, stop_at_eos=True,
+                    eos_token_id=stops, verbose=False, return_type="tokens")
         rows_stats = sf.stats.per_row() if sf is not None else [_empty_stats()] * len(batch)
         for prompt, p_ids, row, st in zip(batch, ids, gen[:, width:].tolist(), rows_stats):
             cut = next((j for j, t in enumerate(row) if t in stops), None)
@@ -170,7 +193,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
             text = model.tokenizer.decode(all_ids, skip_special_tokens=False,
                                           clean_up_tokenization_spaces=False)
             out.append(Generation(prompt, text, all_ids, len(p_ids), cut is not None,
-                                  fmt.name, st, sf.config.to_dict() if sf else None))
+                                  fmt.name, st, sf.config.to_dict() if sf else None, used))
     return out
 
 

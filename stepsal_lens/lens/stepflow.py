@@ -54,16 +54,26 @@ import einops
 import torch
 from torch import Tensor
 
-from stepsal_lens.core.interventions import _oeb, step_momentum
+from stepsal_lens.core.interventions import _groups, _Groups, _oeb, step_momentum
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.association import info_of
 from stepsal_lens.lens.models import require_hooks
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.results.stats import StepFlowStats
-from stepsal_lens.segments.tracker import SegmentTracker, _Q, _S, _T
+from stepsal_lens.segments.tracker import SegmentTracker, _T
 from stepsal_lens.typing import Pattern
 
 __all__ = ["StepFlow", "active_stepflow", "stepflow"]
+
+#: OEB's group of a key, indexed by (query segment + 1, key segment + 1): 1 = same,
+#: 2 = bridge, 0 = neither. A thinking query's same group is thinking and its bridge the
+#: question; a summary query's are summary and thinking; other queries are left alone.
+_GROUP_OF = torch.tensor([[0, 0, 0, 0],   # query in no segment (template, padding)
+                          [0, 0, 0, 0],   # question
+                          [0, 2, 1, 0],   # thinking
+                          [0, 0, 2, 1]],  # summary
+                         dtype=torch.uint8)
+
 
 # ---- hooks ---------------------------------------------------------------------------------
 
@@ -74,12 +84,19 @@ def _layer_of(name: str) -> int:
 class StepFlow:
     """The live intervention: hooks, tracker and stats (made by :func:`stepflow`).
 
-    ``config`` is the resolved :class:`~stepsal_lens.StepFlowConfig` (explicit layers).
+    ``config`` is the resolved :class:`~stepsal_lens.StepFlowConfig` (explicit layers);
+    ``engine`` is ``"hook_pattern"`` (hooks on the bridge's hook points) or ``"fused"``
+    (:mod:`stepsal_lens.lens.fused_stepflow`), ``engine_reason`` why it was chosen.
     """
 
-    def __init__(self, model: Any, config: StepFlowConfig | None = None):
+    def __init__(self, model: Any, config: StepFlowConfig | None = None,
+                 engine: str = "hook_pattern", engine_reason: str = "requested"):
+        if engine not in ("fused", "hook_pattern"):
+            raise StepSalError(f"StepFlow runs engine 'fused' or 'hook_pattern'; got {engine!r} "
+                               f"(stepflow(..., engine='auto') chooses one)")
         fmt = info_of(model).format
         self.model = model
+        self.engine, self.engine_reason = engine, engine_reason
         self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
         c = self.config
         self.tau_max, self.alpha, self.window = c.tau_max, c.alpha, c.window
@@ -88,10 +105,14 @@ class StepFlow:
         self.tracker = SegmentTracker(model.tokenizer, fmt, c.splitter)
         self.stats = StepFlowStats(list(self.oeb_layers), list(self.smi_layers))
         self._windows = _sliding_windows(model)
+        self._device = torch.device(model.cfg.device)
+        self._group_of = _GROUP_OF.to(self._device)
         self._buffers: dict[int, dict[str, Any]] = {}
         self._values: dict[int, Tensor] = {}  # this pass's hook_v per layer (paper_code)
         self._pass = 0
         self._counted: set[tuple[int, int, str]] = set()
+        self._per_pass: dict[Any, Any] = {}
+        self._labels: dict[str, Tensor] | None = None
 
     def hooks(self) -> list[tuple[str, Any]]:
         """``(hook name, function)`` pairs, for ``model.hooks(fwd_hooks=...)``."""
@@ -108,11 +129,16 @@ class StepFlow:
 
     # ---- following the model's forward passes ----------------------------------------------
     def _before_forward(self, module, args, kwargs):
+        """Forward pre-hook on the bridge (the ``hook_pattern`` engine)."""
         tokens = args[0] if args else kwargs.get("input")
         if isinstance(tokens, (str, list)):
             tokens = self.model.to_tokens(tokens)
-        mask = kwargs.get("attention_mask")
-        if kwargs.get("past_key_values") is None:  # a fresh pass: prompt, trace or re-feed
+        self._follow(tokens, kwargs.get("attention_mask"), kwargs.get("past_key_values") is None)
+
+    def _follow(self, tokens: Tensor, mask: Tensor | None, fresh: bool) -> None:
+        """Feed one forward pass's token ids to the tracker: a fresh pass (prompt, trace or
+        re-feed) starts over, a KV-cached step appends. Both engines call it."""
+        if fresh:
             self.stats._archive_batch()
             self.tracker.reset(tokens, mask)
             self.stats.start_batch(len(self.tracker.rows))
@@ -122,7 +148,11 @@ class StepFlow:
         self._pass += 1
         self._counted.clear()
         self._values.clear()
-        self._labels = {k: v.to(self.model.cfg.device) for k, v in self.tracker._tensors().items()}
+        self._per_pass: dict[Any, Any] = {}  # label slices and OEB groups shared by layers
+        labels = self.tracker._tensors()
+        if labels["segment"].device != self._device:
+            labels = {name: labels[name].to(self._device) for name, _, _ in self.tracker._FIELDS}
+        self._labels = labels
 
     def _count(self, layer: int, kind: str) -> bool:
         """Count each hook once per forward pass (checkpointed backward re-runs it)."""
@@ -135,70 +165,110 @@ class StepFlow:
     def _oeb_hook(self, pattern: Pattern, hook) -> Pattern:
         layer = _layer_of(hook.name)
         lab = self._check_batch(pattern)
-        total = lab["segment"].shape[1]
         n_q, n_k = pattern.shape[-2:]
+        groups = self._oeb_groups(lab, layer, n_q, n_k)
+        if groups is None:
+            return pattern
+        return self._oeb_apply(pattern, groups, layer, self._count(layer, "oeb"))
+
+    def _oeb_groups(self, lab: dict[str, Tensor], layer: int, n_q: int, n_k: int,
+                    rows: tuple[int, int] | None = None) -> _Groups | None:
+        """OEB's same and bridge groups (key masks ``[batch, 1, row, key]``) for query rows
+        ``rows`` (default: all ``n_q``) of a pass with ``n_q`` queries and ``n_k`` keys, or
+        None when no row is a thinking or summary query (nothing to edit). Layers of one
+        pass with the same keys and window share them."""
+        rows = None if rows == (0, n_q) else rows
+        key = ("oeb", n_q, n_k, rows, self._windows.get(layer))
+        if key not in self._per_pass:
+            self._per_pass[key] = self._make_groups(lab, layer, n_q, n_k, rows)
+        return self._per_pass[key]
+
+    def _make_groups(self, lab: dict[str, Tensor], layer: int, n_q: int, n_k: int,
+                     rows: tuple[int, int] | None) -> _Groups | None:
+        total = lab["segment"].shape[1]
+        a, b = rows or (0, n_q)
         # queries are the last n_q known positions, keys the last n_k (a sliding-window
         # cache may hold fewer than all)
-        q_seg = lab["segment"][:, total - n_q:]
-        targeted = (q_seg == _T) | (q_seg == _S)
-        if not bool(targeted.any()):
-            return pattern
+        q0 = total - n_q
+        q_seg = lab["segment"][:, q0 + a:q0 + b]
         k_seg = lab["segment"][:, total - n_k:]
+        group = self._group_of[(q_seg + 1)[:, :, None], (k_seg + 1)[:, None, :]]
         visible = lab["valid"][:, None, total - n_k:]
         width = self._windows.get(layer)
         if n_q > 1 or width is not None:
-            dev = pattern.device
-            q_pos = torch.arange(total - n_q, total, device=dev)[:, None]
+            dev = visible.device
+            q_pos = torch.arange(q0 + a, q0 + b, device=dev)[:, None]
             k_pos = torch.arange(total - n_k, total, device=dev)[None, :]
             sight = k_pos <= q_pos
             if width is not None:
                 sight = sight & (k_pos > q_pos - width)
             visible = visible & sight
-        # question -> thinking queries' bridge; thinking -> summary queries' bridge
-        bridge_seg = torch.where(q_seg == _T, _Q, torch.where(q_seg == _S, _T, -9))
-        same = visible & (k_seg[:, None, :] == torch.where(targeted, q_seg, -9)[:, :, None])
-        bridge = visible & (k_seg[:, None, :] == bridge_seg[:, :, None])
-        out, eligible, act, p_b, tau_b = _oeb(pattern, same[:, None], bridge[:, None],
-                                              self.tau_max)
-        if self._count(layer, "oeb"):  # on detached values: checkpointing must not see it
-            p_b, tau_b = p_b.detach(), tau_b.detach()
-            after = torch.where(act, tau_b, p_b)
-            sums = torch.stack([act.to(p_b.dtype), eligible.to(p_b.dtype), p_b * eligible,
-                                after * eligible]).double().sum((2, 3)).cpu()  # [4, batch]
-            st = self.stats
-            st.oeb_triggers[layer] += sums[0]
-            st.oeb_eligible[layer] += sums[1]
-            st.bridge_before[layer] += sums[2]
-            st.bridge_after[layer] += sums[3]
+        group = group * visible  # [batch, row, key]: 1 same, 2 bridge, 0 neither
+        if not bool(group.any()):
+            return None
+        return _groups(group[:, None] == 1, group[:, None] == 2, self.tau_max)
+
+    def _oeb_apply(self, pattern: Pattern, groups: _Groups, layer: int,
+                   count: bool) -> Pattern:
+        """:func:`odds_equal_bridge` on ``pattern`` with the given groups; adds to the
+        statistics when ``count`` (the first time this pass reaches ``layer``; on
+        detached values, so that checkpointing does not see it)."""
+        out, act, row, m_b = _oeb(pattern, groups)
+        if count:
+            self.stats.add_oeb(layer, act, row, m_b, groups.tau_b, groups.nonempty)
         return out
 
     def _keep_values(self, v: Tensor, hook) -> None:
+        self._keep_v(v, _layer_of(hook.name))
+
+    def _keep_v(self, v: Tensor, layer: int) -> None:
         """``hook_v`` ``[batch, pos, kv_head, d_head]``: keep it with the key/value heads
         expanded to query heads (Hugging Face's ``repeat_kv`` order), for ``hook_z``."""
         n_rep = self.model.cfg.n_heads // v.shape[2]
-        self._values[_layer_of(hook.name)] = einops.repeat(
+        self._values[layer] = einops.repeat(
             v, "batch pos kv_head d -> batch pos (kv_head rep) d", rep=n_rep)
 
     def _smi_hook(self, act: Tensor, hook) -> Tensor:
-        layer = _layer_of(hook.name)
-        lab = self._check_batch(act)
-        total = lab["segment"].shape[1]
+        return self._smi(act, _layer_of(hook.name))
+
+    def _smi(self, act: Tensor, layer: int) -> Tensor:
+        """SMI on one layer's activation ``[batch, pos, ...]`` (``hook_resid_post``, or
+        ``hook_z`` for ``paper_code``), for either engine."""
         n_q = act.shape[1]
-        pos = slice(total - n_q, total)
-        thinking = lab["segment"][:, pos] == _T
+        key = ("smi", n_q, act.shape[0])
+        if key not in self._per_pass and n_q == 1:  # a generation step: the rows' last labels
+            self._check_batch(act)
+            rows = self.tracker.rows
+            thinking = [r.segment[-1] == _T for r in rows]
+            # resid_post's window: the step's last non-space tokens; paper_code's: the
+            # step's last tokens (spaces inside it included)
+            steps = [r.step[-1] if t and (r.anchored[-1] or self.smi_variant != "resid_post")
+                     else -1 for r, t in zip(rows, thinking)]
+            starts = [t and r.start[-1] for r, t in zip(rows, thinking)]
+            live = [s >= 0 for s in steps]
+            live = torch.tensor(live, device=act.device) if any(live) and not all(live) \
+                else any(live)
+            self._per_pass[key] = (steps, starts, live)
+        elif key not in self._per_pass:  # the labels of this pass's positions
+            lab = self._check_batch(act)
+            total = lab["segment"].shape[1]
+            pos = slice(total - n_q, total)
+            thinking = lab["segment"][:, pos] == _T
+            # resid_post's window: the step's last non-space tokens; paper_code's: the
+            # step's last tokens (spaces inside it included)
+            inside = thinking & lab["anchored"][:, pos] if self.smi_variant == "resid_post" \
+                else thinking
+            self._per_pass[key] = (torch.where(inside, lab["step"][:, pos], -1).tolist(),
+                                   (thinking & lab["step_start"][:, pos]).tolist(), None)
+        steps, starts, live = self._per_pass[key]  # [batch] or [batch][pos] lists
         if self.smi_variant == "resid_post":
-            # the window: the step's last non-space tokens, at the same hook
-            src = act
-            steps = torch.where(thinking & lab["anchored"][:, pos], lab["step"][:, pos], -1)
+            src = act  # the window's activations at the same hook
         else:
-            # the window: the step's last tokens (spaces inside it included), their values
-            src = self._values.pop(layer, None)
+            src = self._values.pop(layer, None)  # the values
             if src is None or src.shape[:2] != act.shape[:2]:
                 raise StepSalError(f"smi_variant='paper_code' saw blocks.{layer}.attn.hook_z "
                                    f"without the same pass's hook_v (the attention ran outside "
                                    f"its block?); use smi_variant='resid_post' for this model")
-            steps = torch.where(thinking, lab["step"][:, pos], -1)
-        starts = thinking & lab["step_start"][:, pos]
         # Per row: the last `window` source activations of the latest thinking step seen so
         # far (right-aligned in `vec`, `count` of them valid). Each pass starts from the
         # state the previous pass left, so a pass re-run by checkpointing starts the same way.
@@ -207,14 +277,13 @@ class StepFlow:
             b, w = act.shape[0], self.window
             init = state["end"] if state else {
                 "vec": src.new_zeros((b, w, *src.shape[2:])).detach(),
-                "count": torch.zeros(b, dtype=torch.long, device=act.device),
-                "step": torch.full((b,), -1, dtype=torch.long, device=act.device)}
+                "count": [0] * b, "step": [-1] * b}
             state = {"pass": self._pass, "init": init}
             self._buffers[layer] = state
         count = self._count(layer, "smi")
         if n_q == 1:
-            out, state["end"] = self._smi_one(act, src, steps[:, 0], starts[:, 0],
-                                              state["init"], layer, count)
+            out, state["end"] = self._smi_one(act, src, steps, starts, live, state["init"],
+                                              layer, count)
         else:
             out, state["end"] = self._smi_block(act, src, steps, starts, state["init"], layer,
                                                 count)
@@ -229,36 +298,44 @@ class StepFlow:
             self.stats.smi_injections[layer][b] += 1
         return out
 
-    def _smi_one(self, act, src, steps, starts, buf, layer, count):
-        """One new position per row (a KV-cached step), vectorised over rows. ``act`` is
-        edited, ``src`` feeds the window (the same tensor for ``resid_post``)."""
-        vec, n, step = buf["vec"], buf["count"], buf["step"]
+    def _smi_one(self, act, src, steps, starts, live, buf, layer, count):
+        """One new position per row (a KV-cached step): the bookkeeping on the rows' plain
+        ints, the window shifted by one tensor op for all rows. ``act`` is edited, ``src``
+        feeds the window (the same tensor for ``resid_post``); ``steps`` and ``starts``
+        hold one label per row, ``live`` says which rows' windows move (True: all, False:
+        none, else a ``[batch]`` mask)."""
+        w = self.window
+        vec, n, step = buf["vec"], list(buf["count"]), list(buf["step"])
         out = act
-        inject = starts & (steps >= 0) & (step == steps - 1) & (n > 0)
-        for b in inject.nonzero().flatten().tolist():
-            out = self._inject(out, act, b, 0, vec[b, self.window - int(n[b]):], layer, count)
-        live = steps >= 0
-        fresh = live & (steps != step)
-        n = torch.where(fresh, 0, n)
-        shifted = torch.cat([vec[:, 1:], src[:, :1].detach().to(vec.dtype)], dim=1)
-        keep = live.view(-1, *([1] * (vec.dim() - 1)))
-        vec = torch.where(keep, shifted, vec)
-        n = torch.where(live, (n + 1).clamp(max=self.window), n)
-        step = torch.where(live, steps, step)
+        for b, (s, is_start) in enumerate(zip(steps, starts)):
+            if s < 0:
+                continue
+            if is_start and step[b] == s - 1 and n[b] > 0:
+                out = self._inject(out, act, b, 0, vec[b, w - n[b]:], layer, count)
+            if s != step[b]:
+                n[b], step[b] = 0, s
+            n[b] = min(n[b] + 1, w)
+        if live is not False:
+            new = src[:, :1]
+            new = new.detach() if new.requires_grad else new
+            shifted = torch.cat([vec[:, 1:], new if new.dtype == vec.dtype else new.to(vec.dtype)],
+                                dim=1)
+            if live is not True:
+                shifted = torch.where(live.view(-1, *([1] * (vec.dim() - 1))), shifted, vec)
+            vec = shifted
         return out, {"vec": vec, "count": n, "step": step}
 
     def _smi_block(self, act, src, steps, starts, buf, layer, count):
         """Many positions per row (prompt, teacher-forced trace, uncached step)."""
         w = self.window
         out = act
-        vec, n, step = buf["vec"].clone(), buf["count"].clone(), buf["step"].clone()
-        steps_l, starts_l = steps.tolist(), starts.tolist()
+        vec, n, step = buf["vec"].clone(), list(buf["count"]), list(buf["step"])
         for b in range(act.shape[0]):
-            if all(s < 0 for s in steps_l[b]):
+            if all(s < 0 for s in steps[b]):
                 continue
-            cur = int(step[b])
-            win = [vec[b, j] for j in range(w - int(n[b]), w)]
-            for i, (s, is_start) in enumerate(zip(steps_l[b], starts_l[b])):
+            cur = step[b]
+            win = [vec[b, j] for j in range(w - n[b], w)]
+            for i, (s, is_start) in enumerate(zip(steps[b], starts[b])):
                 if s < 0:
                     continue
                 if is_start and cur == s - 1 and win:
@@ -293,18 +370,24 @@ class StepFlow:
             raise StepSalError(f"a stepflow block is already active on this model "
                                f"({_ACTIVE[self.model].config}); stepflow blocks do not "
                                f"nest - leave the first block, or change its StepFlowConfig")
-        hooks = self.hooks()
+        hooks = self.hooks() if self.engine == "hook_pattern" else []
         require_hooks(self.model, [name for name, _ in hooks])
         with ExitStack() as stack:
             _ACTIVE[self.model] = self
             stack.callback(_ACTIVE.pop, self.model, None)
+            if self.engine == "fused":
+                from stepsal_lens.lens.fused_stepflow import fused_hooks
+
+                stack.enter_context(fused_hooks(self))
+                yield self
+                return
             handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
             stack.callback(handle.remove)
             stack.enter_context(self.model.hooks(fwd_hooks=hooks))
             yield self
 
     def __repr__(self) -> str:
-        return f"StepFlow({self.config})"
+        return f"StepFlow({self.config}, engine={self.engine!r})"
 
 
 #: The StepFlow active on each model (blocks do not nest).
@@ -340,7 +423,7 @@ def _sliding_windows(model: Any) -> dict[int, int]:
 
 
 @contextmanager
-def stepflow(model: Any, config: StepFlowConfig | None = None,
+def stepflow(model: Any, config: StepFlowConfig | None = None, *, engine: str = "auto",
              **settings: Any) -> Iterator[StepFlow]:
     """Turn StepFlow on for every forward pass of ``model`` inside the block.
 
@@ -358,17 +441,26 @@ def stepflow(model: Any, config: StepFlowConfig | None = None,
     **settings
         Fields of :class:`~stepsal_lens.StepFlowConfig` that override ``config``
         (``tau_max``, ``alpha``, ``oeb_layers``, ``smi_layers``, ``window``,
-        ``smi_variant``). ``smi_variant="resid_post"`` (the default; docs/concepts.md) adds ``alpha``
+        ``smi_variant``). ``smi_variant="resid_post"`` (the design card) adds ``alpha``
         times the mean ``hook_resid_post`` over the previous step's last ``window``
         non-space tokens at each new thinking step's first token, in every SMI layer;
         ``"paper_code"`` (the paper's code) adds the mean value vector (``hook_v``) to
         each head's ``hook_z``, in the first SMI layer only (docs/stepflow.md).
+    engine
+        ``"hook_pattern"``: hooks on the bridge's ``hook_pattern`` and ``hook_resid_post``
+        (anything can run inside the block: other hooks, ``run_with_cache``,
+        :func:`~stepsal_lens.step_saliency`). ``"fused"``: OEB as an attention function
+        and SMI as module hooks on the Hugging Face model inside the bridge
+        (:mod:`stepsal_lens.lens.fused_stepflow`; the same results, at Hugging Face's speed,
+        for forward passes and generation only: the bridge's hook points do not run).
+        ``"auto"`` (default): ``"hook_pattern"`` in a block;
+        :func:`~stepsal_lens.lens.generation.generate` chooses ``"fused"``.
 
     Yields
     ------
     StepFlow
-        ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`) and
-        ``sf.tracker`` (:class:`SegmentTracker`).
+        ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`), ``sf.tracker``
+        (:class:`SegmentTracker`) and ``sf.engine`` (the engine that runs).
     """
     settings = _smi_site(dict(settings))
     config = config or StepFlowConfig()
@@ -379,6 +471,9 @@ def stepflow(model: Any, config: StepFlowConfig | None = None,
             known = [f.name for f in fields(StepFlowConfig)]
             raise StepSalError(f"unknown StepFlow setting(s) {sorted(settings)}; known: "
                                f"{known}") from None
-    sf = StepFlow(model, config)
+    from stepsal_lens.lens.fused_stepflow import choose_engine
+
+    used, reason = choose_engine(model, engine, block=True)
+    sf = StepFlow(model, config, used, reason)
     with sf.active():
         yield sf

@@ -41,6 +41,10 @@ class Generation:
         StepFlow's counts for this sequence (zeros when StepFlow was off).
     stepflow : dict or None
         The resolved :class:`~stepsal_lens.StepFlowConfig` it ran with (None: off).
+    engine : str or None
+        How the model ran: ``"fused"`` (the Hugging Face model inside the bridge, StepFlow
+        as an attention function and module hooks) or ``"hook_pattern"`` (the bridge's
+        ``generate``, StepFlow as hooks on its hook points).
     """
 
     prompt: str
@@ -51,6 +55,7 @@ class Generation:
     format: str
     stats: dict[str, Any] = field(default_factory=dict)
     stepflow: dict[str, Any] | None = None
+    engine: str | None = None
 
     @property
     def completion_ids(self) -> list[int]:

@@ -39,9 +39,42 @@ class StepFlowStats:
     smi_injections: dict[int, Tensor] = field(default_factory=dict)
     #: summaries of earlier batches inside the same ``stepflow`` block
     archive: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    #: OEB records not yet counted: (layer, triggered, row sum, bridge mass, tau_B,
+    #: eligible groups), each ``[batch, head or 1, query]``; summed when read
+    _pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]] = field(
+        default_factory=list, repr=False)
+
+    def add_oeb(self, layer: int, act: Tensor, row: Tensor, m_b: Tensor, tau_b: Tensor,
+                nonempty: Tensor) -> None:
+        """Record what OEB did in one layer of one pass (counted lazily, so that a
+        generation step costs one list append per layer)."""
+        detached = [x.detach() if x.requires_grad else x for x in (row, m_b, tau_b)]
+        self._pending.append((layer, act, *detached, nonempty))
+
+    def _flush(self) -> None:
+        """Add the pending OEB records into the per-row counters (one reduction per layer
+        over all of its records)."""
+        pending, self._pending = self._pending, []
+        by_layer: dict[int, list] = {}
+        for rec in pending:
+            by_layer.setdefault(rec[0], []).append(rec[1:])
+        for layer, recs in by_layer.items():
+            act, row, m_b, tau_b, nonempty = (
+                torch.cat([r[i].expand_as(r[0]).flatten(1) for r in recs], dim=1)
+                for i in range(5))
+            eligible = nonempty & (row > 0)
+            p_b = m_b / row.clamp_min(torch.finfo(row.dtype).tiny)
+            after = torch.where(act, tau_b, p_b)
+            sums = torch.stack([act.to(p_b.dtype), eligible.to(p_b.dtype), p_b * eligible,
+                                after * eligible]).double().sum(2).cpu()  # [4, batch]
+            self.oeb_triggers[layer] += sums[0]
+            self.oeb_eligible[layer] += sums[1]
+            self.bridge_before[layer] += sums[2]
+            self.bridge_after[layer] += sums[3]
 
     def start_batch(self, batch: int) -> None:
         """Zero the per-row counters for a new batch of sequences."""
+        self._flush()
         self.batch = batch
         z = lambda: torch.zeros(batch, dtype=torch.float64)  # noqa: E731
         for store, layers in ((self.oeb_triggers, self.oeb_layers),
@@ -53,6 +86,7 @@ class StepFlowStats:
                 store[layer] = z()
 
     def _summary(self, rows: slice | int) -> dict[str, Any]:
+        self._flush()
         pick = lambda d: {l: float(v[rows].sum()) for l, v in d.items()}  # noqa: E731
         trig, elig = pick(self.oeb_triggers), pick(self.oeb_eligible)
         before, after = pick(self.bridge_before), pick(self.bridge_after)
@@ -111,5 +145,3 @@ def _add_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
                 "injections_per_layer": add(a["smi"]["injections_per_layer"],
                                             b["smi"]["injections_per_layer"])},
     }
-
-

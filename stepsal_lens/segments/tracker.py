@@ -95,7 +95,8 @@ class SegmentTracker:
         self.splitter = splitter
         self._split = get_splitter(splitter)
         self.rows: list[_Row] = []
-        self._cache: dict[str, Tensor] | None = None
+        self._cache: Tensor | None = None  # [field, batch, pos] int64 labels
+        self._typed: dict[str, Tensor] | None = None  # the same, one tensor per field
         self._relabelled = False
 
     # ---- feeding ---------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class SegmentTracker:
                     self._label(row, next(it), regions)
                 else:
                     self._pad(row)
-        self._cache = None
+        self._cache = self._typed = None
 
     def extend(self, ids: Tensor, mask: Tensor | None = None) -> None:
         """Append ``[batch, n]`` new tokens (``mask`` covers all positions or the new)."""
@@ -134,12 +135,12 @@ class SegmentTracker:
                 else:
                     self._pad(row)
         if self._cache is not None and not self._relabelled:
-            # Grow the label tensors by the new columns instead of rebuilding them.
+            # Grow the label tensor by the new columns instead of rebuilding it.
             n = ids.shape[1]
-            new = self._build(lambda values: values[-n:])
-            self._cache = {k: torch.cat([v, new[k]], dim=1) for k, v in self._cache.items()}
+            self._cache = torch.cat([self._cache, self._build(lambda values: values[-n:])], dim=2)
         else:
             self._cache = None
+        self._typed = None
 
     def _pad(self, row: _Row) -> None:
         row.valid.append(False)
@@ -228,15 +229,17 @@ class SegmentTracker:
                ("step_start", "start", torch.bool), ("anchored", "anchored", torch.bool),
                ("valid", "valid", torch.bool))
 
-    def _build(self, cut=lambda values: values) -> dict[str, Tensor]:
-        data = torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
+    def _build(self, cut=lambda values: values) -> Tensor:
+        return torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
                              for _, attr, _ in self._FIELDS], dtype=torch.long)
-        return {name: data[i].to(dtype) for i, (name, _, dtype) in enumerate(self._FIELDS)}
 
     def _tensors(self) -> dict[str, Tensor]:
-        if self._cache is None:
-            self._cache = self._build()
-        return self._cache
+        """The label tensors by field name, each converted on first use."""
+        if self._typed is None:
+            if self._cache is None:
+                self._cache = self._build()
+            self._typed = _Labels(self._cache, self._FIELDS)
+        return self._typed
 
     @property
     def segment(self) -> Tensor:
@@ -272,9 +275,24 @@ class SegmentTracker:
                                     format=self.format, **kwargs)
 
 
+class _Labels(dict):
+    """Field name -> ``[batch, pos]`` label tensor, cut from the tracker's stacked int64
+    labels when first asked for (a generation step needs two of the five)."""
+
+    def __init__(self, stacked: Tensor, fields: tuple):
+        super().__init__()
+        self._stacked = stacked
+        self._index = {name: (i, dtype) for i, (name, _, dtype) in enumerate(fields)}
+
+    def __missing__(self, name: str) -> Tensor:
+        i, dtype = self._index[name]
+        value = self._stacked[i] if dtype == torch.long else self._stacked[i].bool()
+        self[name] = value
+        return value
+
+
 def _as_2d(ids: Tensor) -> Tensor:
     if not isinstance(ids, Tensor) or ids.dtype.is_floating_point:
         raise StepSalError("StepFlow follows token ids; pass a [batch, pos] integer tensor "
                            "(e.g. model.to_tokens(text))")
     return ids[None] if ids.dim() == 1 else ids
-
