@@ -162,9 +162,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
         batch = list(prompts[start:start + batch_size])
         ids = [prompt_ids(model, p) for p in batch]
         width = max(len(x) for x in ids)
+        if width >= n_ctx:
+            raise StepSalError(f"a prompt of {width} tokens does not fit the model's context "
+                               f"of {n_ctx} (with room to generate); shorten the prompt")
         if width + max_new_tokens > n_ctx:
             raise StepSalError(f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} "
-                               f"exceeds the model's context of {n_ctx}; lower max_new_tokens")
+                               f"exceeds the model's context of {n_ctx}; lower max_new_tokens "
+                               f"to at most {n_ctx - width}")
         tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         ctx = (stepflow_on(model, stepflow, engine=used) if stepflow is not None

@@ -30,6 +30,7 @@ import torch
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import default_layer_split
+from stepsal_lens.results.fingerprint import fingerprint
 from stepsal_lens.segments.association import attach
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
 
@@ -40,6 +41,7 @@ __all__ = [
     "detect_format",
     "list_models",
     "load_lrm",
+    "model_fingerprint",
     "register_model",
 ]
 
@@ -454,5 +456,31 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     # gradients, z, resid_post and logits then differ from Hugging Face's.
     model.enable_compatibility_mode(no_processing=True)
     model.eval()
-    attach(model, fmt, spec=spec, source=str(source))
+    attach(model, fmt, spec=spec, source=str(source),
+           fingerprint=fingerprint(source) if Path(source).is_dir() else None)
     return model
+
+
+def model_fingerprint(name_or_path: str | os.PathLike) -> str | None:
+    """The fingerprint of the files :func:`load_lrm` would load for ``name_or_path``,
+    without loading them (None: not a local folder or a cached hub model, e.g.
+    ``random:ARCH``; known only once loaded).
+
+    Examples
+    --------
+    >>> from stepsal_lens import info_of
+    >>> model_fingerprint("tiny-lrm") == info_of(load_lrm("tiny-lrm")).fingerprint
+    True
+    """
+    name = os.fspath(name_or_path)
+    local = BUNDLED.get(name, Path(name).expanduser())
+    if local.is_dir():
+        return fingerprint(local)
+    if name in _MODELS or (name.count("/") == 1 and not name.startswith((".", "/", "~"))):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return fingerprint(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached (the hub library raises several types here)
+            return None
+    return None

@@ -27,7 +27,6 @@ from stepsal_lens.eval.runs import evaluate
 from stepsal_lens.eval.grading import grade_output
 from stepsal_lens.eval.problems import load_problems
 from stepsal_lens.lens.generation import generate
-from stepsal_lens.results.outputs import LOCK_NAME
 from stepsal_lens.eval.scale import RayPool, evaluate_ray
 
 TOKENS = 128  # tiny-lrm finishes these hard problems within it (86-121 tokens)
@@ -85,7 +84,7 @@ def test_cli_eval_two_workers_equals_single_process(free_cluster, tmp_path):
     assert [r["id"] for r in records] == [f"hard-{i}" for i in range(4)]
     # the problems are not all right or all wrong: the comparison has teeth
     assert 0 < sum(r["correct"] for r in records) < 4
-    assert not (tmp_path / "ray" / LOCK_NAME).exists()
+    assert not (tmp_path / ".ray.stepsal-lock").exists()
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +228,7 @@ def test_resume_a_run_interrupted_under_ray(pool, tiny_lrm, tmp_path):
     with pytest.raises(KeyboardInterrupt, match=r"interrupted after 2 of 6.*resume"):
         evaluate_ray(pool, problems, out, max_new_tokens=SHORT, batch_size=1, progress=False,
                      after_result=interrupt)
-    assert len(_records(out)) == 2 and not (out / LOCK_NAME).exists()
+    assert len(_records(out)) == 2 and not (out.parent / f".{out.name}.stepsal-lock").exists()
     assert not (out / "summary.json").exists()
     first = _records(out)
     written = []
