@@ -169,6 +169,8 @@ class StepEffects:
         for key, value in (("n_layers", n_layers), ("n_heads", n_heads), ("d_vocab", vocab)):
             if value is not None:
                 jcheck.integer(f"meta.{key}", value, low=1)
+        for key in ("text", "tokenizer", "model"):
+            jcheck.string(f"meta.{key}", meta.get(key), optional=True)
         ids = tcheck.token_ids(t["token_ids"], vocab)
         steps = jcheck.steps(jcheck.key(doc, "steps"), len(ids))
         n = len(steps)

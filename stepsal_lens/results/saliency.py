@@ -194,8 +194,8 @@ def _read_saved(files: list[Path]) -> tuple[Tensor, list[int], list[Step], Tenso
     vocab = extra.get("d_vocab")
     if vocab is not None:
         jcheck.integer("meta.d_vocab", vocab, low=1)
-    if extra.get("text") is not None:
-        jcheck.string("meta.text", extra["text"])
+    for key in ("text", "tokenizer"):
+        jcheck.string(f"meta.{key}", extra.get(key), optional=True)
     ids = tcheck.token_ids(ids, vocab)
     layers = doc.get("layers")
     layers = (list(range(maps.shape[0])) if layers is None else
