@@ -183,6 +183,15 @@ class StepExplorer(_StaticTwin):
 
         if model is not None and trace is None or trace is not None and model is None:
             raise StepSalError("pass both model= and trace= to drill down to tokens, or neither")
+        if model is not None:
+            from stepsal_lens.lens.saliency import trace_tokens
+
+            trace_tokens(model, trace)  # refuses a model with another tokenizer
+            if result.token_ids.tolist() != trace.token_ids.tolist():
+                raise StepSalError(
+                    f"the result covers {len(result.token_ids)} token ids and the trace "
+                    f"{trace.n_tokens} other ones; pass the trace the result was computed on "
+                    f"(Trace.from_token_ids(result.token_ids, model))")
         self.result, self.model, self.trace = result, model, trace
         self.static_key = uuid.uuid4().hex[:12]
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -104,3 +104,16 @@ def test_hostile_trace_document(trace, tiny_lrm, edit, message):
     edit(doc)
     with pytest.raises(StepSalError, match=message):
         Trace.from_dict(doc, tiny_lrm, where="'t.json'")
+
+
+def test_explorer_drill_down_refuses_another_model(trace, tiny_lrm, llama):
+    from stepsal_lens.apps.widgets import explore
+
+    sal = step_saliency(tiny_lrm, trace)
+    with pytest.raises(StepSalError, match=REFUSED):
+        explore(sal, model=llama, trace=trace)
+    other = Trace.from_segments("Start with 2. Add 3. What is the result?",
+                                "We start with 2. Adding 3 to 2 gives 5.",
+                                "The result is \\boxed{5}.", tiny_lrm)
+    with pytest.raises(StepSalError, match=r"pass the trace the result was computed on"):
+        explore(sal, model=tiny_lrm, trace=other)
