@@ -85,6 +85,8 @@ class FileCheck:
         """An ``int`` (never a bool, float or string) in ``[low, high]``."""
         if not isinstance(value, int) or isinstance(value, bool):
             self.bad(field, value, f"must be an integer (got {type(value).__name__})")
+        if low is not None and low == high and value != low:
+            self.bad(field, value, f"must be {low}")
         if (low is not None and value < low) or (high is not None and value > high):
             lo = "-inf" if low is None else low
             hi = "inf" if high is None else high
@@ -180,12 +182,13 @@ class FileCheck:
         bad = torch.isinf(t) if allow_nan else ~torch.isfinite(t)
         if bool(bad.any()):
             what = "infinite" if allow_nan else "NaN or infinite"
-            self.fail(f"{int(bad.sum())} {name} values are {what}; stepsal never saves them "
-                      f"non-finite, so the file was altered")
+            self.fail(f"{int(bad.sum())} values of {name} are {what}; stepsal never saves "
+                      f"them non-finite, so the file was altered")
         negative = t < 0
         if bool(negative.any()):
-            self.fail(f"{int(negative.sum())} {name} values are negative (e.g. "
-                      f"{float(t[negative][0]):.4g}); they are never below 0")
+            self.fail(f"{int(negative.sum())} values of {name} are negative (e.g. "
+                      f"{float(t[negative][0]):.4g}); saliency, attention and effects are never "
+                      f"below 0")
         return t.float()
 
     def token_ids(self, ids: Tensor, vocab: int | None = None) -> Tensor:

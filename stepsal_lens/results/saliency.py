@@ -190,7 +190,9 @@ def _read_saved(files: list[Path]) -> tuple[Tensor, list[int], list[Step], Tenso
     if n_layers is not None:
         jcheck.integer("n_layers", n_layers, low=1)
     if meta["n_heads"] is not None:
-        jcheck.integer("n_heads", meta["n_heads"], low=maps.shape[1], high=maps.shape[1])
+        jcheck.integer("n_heads", meta["n_heads"], low=1)
+        if meta["n_heads"] != maps.shape[1]:
+            jcheck.bad("n_heads", meta["n_heads"], f"but the maps hold {maps.shape[1]} heads")
     vocab = extra.get("d_vocab")
     if vocab is not None:
         jcheck.integer("meta.d_vocab", vocab, low=1)

@@ -329,12 +329,12 @@ class Trace:
             A field is missing or malformed, the tokenizer differs, or the steps do not
             match the text.
         """
+        fix = "write it again with Trace.to_dict, or cut the trace with Trace.from_text(text, model)"
+
         def bad(field: str, value: Any, rule: str) -> StepSalError:
             shown = repr(value)
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            return StepSalError(f"{where}: {field} is {shown}, {rule}; write it again with "
-                                f"Trace.to_dict, or cut the trace with "
-                                f"Trace.from_text(text, model)")
+            return StepSalError(f"{where}: {field} is {shown}, {rule}; {fix}")
 
         def integer(field: str, value: Any, low: int, high: int) -> int:
             if not isinstance(value, int) or isinstance(value, bool):
@@ -344,10 +344,10 @@ class Trace:
             return value
 
         if not isinstance(doc, dict):
-            raise bad("the document", type(doc).__name__, "must be a JSON object")
+            raise StepSalError(f"{where} holds a {type(doc).__name__}, not a JSON object; {fix}")
         missing = [k for k in ("text", "format", "token_ids", "offsets", "steps") if k not in doc]
         if missing:
-            raise bad("the document's keys", sorted(doc), f"lacks {missing}")
+            raise StepSalError(f"{where} lacks {missing} (it has {sorted(doc)}); {fix}")
         text, fmt_name = doc["text"], doc["format"]
         for field, value in (("text", text), ("format", fmt_name)):
             if not isinstance(value, str):
@@ -365,8 +365,8 @@ class Trace:
         vocab = len(tok) - 1 if hasattr(tok, "__len__") else 2**62
         ids = [integer(f"token_ids[{i}]", t, 0, vocab) for i, t in enumerate(ids)]
         if len(offsets) != len(ids):
-            raise bad("offsets", f"{len(offsets)} spans", f"must hold one span per token id "
-                      f"({len(ids)})")
+            raise StepSalError(f"{where}: offsets holds {len(offsets)} spans but token_ids "
+                               f"{len(ids)} ids (one span per id); {fix}")
         spans = []
         for i, o in enumerate(offsets):
             if not isinstance(o, list) or len(o) != 2:
