@@ -412,6 +412,16 @@ def replay(result: StepSaliency, model: Any, fn: Callable[..., Any], *args: Any,
     from stepsal_lens.results.config import StepFlowConfig
     from stepsal_lens.lens.stepflow import stepflow
 
+    made_with = result.meta.get("tokenizer")
+    if made_with is not None and getattr(model, "tokenizer", None) is not None:
+        from stepsal_lens.segments.fingerprint import tokenizer_fingerprint
+
+        theirs = tokenizer_fingerprint(model)
+        if theirs != made_with:
+            raise StepSalError(
+                f"this result was computed with tokenizer {made_with} (model "
+                f"{result.meta.get('model')!r}), but the model {model_name(model)!r} has "
+                f"tokenizer {theirs}; replay it with the model it was computed with")
     target = result.meta.get("target", "lm")
     if target not in _TARGETS:
         raise StepSalError(f"this result was made with target {target!r}, which is not "

@@ -198,6 +198,14 @@ def _read_saved(files: list[Path]) -> tuple[Tensor, list[int], list[Step], Tenso
         jcheck.integer("meta.d_vocab", vocab, low=1)
     for key in ("text", "tokenizer"):
         jcheck.string(f"meta.{key}", extra.get(key), optional=True)
+    if extra.get("stepflow") is not None:  # replay() runs the model with these settings
+        from stepsal_lens.results.config import StepFlowConfig
+
+        flow = jcheck.obj("meta.stepflow", extra["stepflow"])
+        try:
+            StepFlowConfig.from_dict(flow)
+        except (StepSalError, TypeError) as err:
+            jcheck.bad("meta.stepflow", flow, f"not StepFlow settings ({err})")
     ids = tcheck.token_ids(ids, vocab)
     layers = doc.get("layers")
     layers = (list(range(maps.shape[0])) if layers is None else

@@ -107,6 +107,9 @@ SALIENCY_CASES = [
      r"holds maps over \(2, 2\) steps but '.*steps\.json' lists 3 steps"),
     ("maps-3d", _tensors(maps=lambda t: t["maps"][0]),
      r"maps must be a 4-d float tensor .*shape \(3, 3, 3\)"),
+    ("stepflow-not-settings", _json(lambda d: d["meta"].update(stepflow={"alpha": "x", "evil": 1})),
+     r"meta\.stepflow is \{'alpha': 'x', 'evil': 1\}, not StepFlow settings \(unknown StepFlow "
+     r"settings \['evil'\]"),
     ("meta-not-object", _json(lambda d: d.update(meta=[1])),
      r"meta is \[1\], must be a JSON object \(got list\)"),
 ]

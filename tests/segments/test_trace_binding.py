@@ -117,3 +117,13 @@ def test_explorer_drill_down_refuses_another_model(trace, tiny_lrm, llama):
                                 "The result is \\boxed{5}.", tiny_lrm)
     with pytest.raises(StepSalError, match=r"pass the trace the result was computed on"):
         explore(sal, model=tiny_lrm, trace=other)
+
+
+def test_replay_refuses_another_tokenizer(trace, tiny_lrm, llama):
+    from stepsal_lens.lens.saliency import replay
+
+    sal = step_saliency(tiny_lrm, trace)
+    with pytest.raises(StepSalError, match=r"this result was computed with tokenizer sha256:"
+                       r"[0-9a-f]{16} \(model 'tiny-lrm'\), but the model '.*' has tokenizer "
+                       r"sha256:[0-9a-f]{16}; replay it with the model it was computed with"):
+        replay(sal, llama, token_saliency, trace, 0)
