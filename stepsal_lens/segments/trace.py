@@ -47,8 +47,6 @@ __all__ = [
 
 SEGMENTS = ("question", "thinking", "summary")
 
-_DERIVED = object()  # the fingerprint is the trace's own tokenizer's (computed when asked)
-
 
 @dataclass(frozen=True)
 class Step:
@@ -195,7 +193,10 @@ class Trace:
         self.format = format
         self.tokenizer = tokenizer
         self.truncated = parsed.truncated
-        self._fingerprint: Any = _DERIVED
+        # the fingerprint: of self.tokenizer, computed when first asked (own = True), or
+        # the one a document recorded (own = False; None there means unknown)
+        self._fingerprint: str | None = None
+        self._own_fingerprint = True
         self.model_name: str | None = None
 
         if token_ids is None:
@@ -399,7 +400,7 @@ class Trace:
         if got != token_spans or trace.token_ids.tolist() != ids:
             raise bad("steps", token_spans, f"but the text cuts into {got} with this "
                       f"tokenizer")
-        trace._fingerprint = stored
+        trace._fingerprint, trace._own_fingerprint = stored, False
         name = doc.get("model")
         trace.model_name = name if isinstance(name, str) else None
         return trace
@@ -418,7 +419,7 @@ class Trace:
     @property
     def tokenizer_fingerprint(self) -> str | None:
         """Fingerprint of the tokenizer that cut this trace (None: unknown)."""
-        if self._fingerprint is _DERIVED:
+        if self._own_fingerprint and self._fingerprint is None:
             self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         return self._fingerprint
 
@@ -433,7 +434,7 @@ class Trace:
             Naming both tokenizers' fingerprints, both models and the fix.
         """
         tok = _tokenizer_of(model_or_tokenizer)
-        if tok is None or (tok is self.tokenizer and self._fingerprint is _DERIVED):
+        if tok is None or (tok is self.tokenizer and self._own_fingerprint):
             return
         stored = self.tokenizer_fingerprint
         if stored is not None:

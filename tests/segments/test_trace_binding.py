@@ -127,3 +127,14 @@ def test_replay_refuses_another_tokenizer(trace, tiny_lrm, llama):
                        r"[0-9a-f]{16} \(model 'tiny-lrm'\), but the model '.*' has tokenizer "
                        r"sha256:[0-9a-f]{16}; replay it with the model it was computed with"):
         replay(sal, llama, token_saliency, trace, 0)
+
+
+def test_pickled_trace_keeps_its_binding(trace, tiny_lrm, llama):
+    """A trace sent to another process (e.g. a Ray worker) keeps its fingerprint."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(trace))
+    assert copy.tokenizer_fingerprint == trace.tokenizer_fingerprint
+    copy.check_tokenizer(tiny_lrm)
+    with pytest.raises(StepSalError, match=REFUSED):
+        copy.check_tokenizer(llama)
