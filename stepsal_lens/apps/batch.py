@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
 
 __all__ = ["BatchAnalysis", "TraceLine", "analyze_traces", "check_batch_folder", "read_traces",
@@ -460,7 +461,7 @@ def _combine(out: Path, lines: list[TraceLine], settings: dict[str, Any]) -> Bat
         rows["decay"] = float("nan") if decay is None else decay
         frames.append(rows)
     metrics = pd.concat(frames, ignore_index=True)
-    metrics.to_csv(out / "metrics.csv", index=False)
+    write_csv(metrics, out / "metrics.csv")
     comparison, why = None, None
     n_right, n_wrong = len(groups[True]), len(groups[False])
     if n_right + n_wrong == 0:
@@ -469,7 +470,7 @@ def _combine(out: Path, lines: list[TraceLine], settings: dict[str, Any]) -> Bat
         why = f"needs at least 2 correct and 2 wrong traces; got {n_right} and {n_wrong}"
     else:
         comparison = compare(groups[True], groups[False])
-        comparison.to_csv(out / "compare.csv", index=False)
+        write_csv(comparison, out / "compare.csv")
         records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                    for r in comparison.to_dict(orient="records")]
         write_text_atomic(out / "compare.json", json.dumps(records, indent=1) + "\n")

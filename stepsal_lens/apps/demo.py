@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens.segments.association import model_name
+from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import StepFlowConfig
 
@@ -172,14 +173,14 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
         comparison = compare(right, wrong) if len(right) >= 2 and len(wrong) >= 2 else None
 
         write_jsonl(tmp / "traces.jsonl", records)
-        metrics.to_csv(tmp / "metrics.csv", index=False)
+        write_csv(metrics, tmp / "metrics.csv")
         if comparison is not None:
-            comparison.to_csv(tmp / "compare.csv", index=False)
+            write_csv(comparison, tmp / "compare.csv")
         from stepsal_lens.apps.circuits import demo_causality
 
         causal_part = demo_causality(model, saliencies, limit=causal) if causal else None
         if causal_part is not None:
-            causal_part["per_trace"].to_csv(tmp / "causal.csv", index=False)
+            write_csv(causal_part["per_trace"], tmp / "causal.csv")
         flow = None
         if stepflow is not None:
             settings = stepflow.resolve(model.cfg.n_layers)
@@ -188,7 +189,7 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
                                                  max_new_tokens=max_new_tokens,
                                                  progress=progress)
             write_jsonl(tmp / "traces_stepflow.jsonl", sf_records)
-            sf_metrics.to_csv(tmp / "metrics_stepflow.csv", index=False)
+            write_csv(sf_metrics, tmp / "metrics_stepflow.csv")
             flow = {"settings": settings.to_dict(), "records": sf_records,
                     "metrics": sf_metrics,
                     "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}

@@ -215,7 +215,8 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
         raise StepSalError("the effect matrix holds NaN/inf: the model gives non-finite logits "
                            "on this trace; check its weights for NaN/inf and load it in float32")
     meta = {"model": model_name(model), "format": trace.format.name, "n_layers": n_layers,
-            "n_heads": n_heads, "measure": "KL(p || p_cut) of next-token distributions, nats",
+            "n_heads": n_heads, "d_vocab": int(model.cfg.d_vocab),
+            "tokenizer": getattr(trace, "tokenizer_fingerprint", None), "measure": "KL(p || p_cut) of next-token distributions, nats",
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "truncated": trace.truncated, "text": trace.text}
     return StepEffects(out[0], list(trace.steps), trace.token_ids.clone(),
@@ -257,7 +258,8 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
         _final_states(model, tokens, hooks)
     maps = torch.stack([out[l] for l in layers])
     meta = {"model": model_name(model), "format": trace.format.name, "target": "attention",
-            "n_layers": model.cfg.n_layers, "n_heads": int(maps.shape[1]), "text": trace.text}
+            "n_layers": model.cfg.n_layers, "n_heads": int(maps.shape[1]),
+            "d_vocab": int(model.cfg.d_vocab), "text": trace.text}
     return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
 
 

@@ -175,7 +175,7 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
         raise StepSalError(f"layer {layer} is not valid for a model with {model.cfg.n_layers} "
                            f"layers")
     _refuse_float16(model)
-    tokens = trace.token_ids[None].to(next(model.parameters()).device)
+    tokens = trace_tokens(model, trace)
     kept: dict[str, Tensor] = {}
     name = f"blocks.{layer}.attn.hook_pattern"
 
@@ -236,9 +236,15 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
 
 
 def trace_tokens(model, trace: Trace) -> Tensor:
-    """``[1, n_tokens]`` ids on the model's device, refused when the trace was built with
-    another tokenizer (ids beyond the model's vocabulary)."""
-    if int(trace.token_ids.max()) >= model.cfg.d_vocab:
+    """``[1, n_tokens]`` ids on the model's device, refused when the trace was cut with
+    another tokenizer: its tokenizer fingerprint differs from the model's
+    (:meth:`Trace.check_tokenizer <stepsal_lens.Trace.check_tokenizer>`; a trace without a
+    fingerprint is accepted) or its ids lie beyond the model's vocabulary. Every function
+    that runs a model on a trace goes through it."""
+    check = getattr(trace, "check_tokenizer", None)
+    if check is not None:
+        check(model)
+    if int(trace.token_ids.min()) < 0 or int(trace.token_ids.max()) >= model.cfg.d_vocab:
         raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
                            "Trace with this model (Trace.from_text(text, model))")
     return trace.token_ids[None].to(next(model.parameters()).device)
@@ -382,6 +388,8 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         "target": target if isinstance(target, str) else getattr(target, "__name__", "custom"),
         "n_layers": n_layers,
         "n_heads": int(maps.shape[1]),
+        "d_vocab": int(model.cfg.d_vocab),
+        "tokenizer": getattr(trace, "tokenizer_fingerprint", None),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "truncated": trace.truncated,
         "engine": used,
@@ -404,6 +412,16 @@ def replay(result: StepSaliency, model: Any, fn: Callable[..., Any], *args: Any,
     from stepsal_lens.results.config import StepFlowConfig
     from stepsal_lens.lens.stepflow import stepflow
 
+    made_with = result.meta.get("tokenizer")
+    if made_with is not None and getattr(model, "tokenizer", None) is not None:
+        from stepsal_lens.segments.fingerprint import tokenizer_fingerprint
+
+        theirs = tokenizer_fingerprint(model)
+        if theirs != made_with:
+            raise StepSalError(
+                f"this result was computed with tokenizer {made_with} (model "
+                f"{result.meta.get('model')!r}), but the model {model_name(model)!r} has "
+                f"tokenizer {theirs}; replay it with the model it was computed with")
     target = result.meta.get("target", "lm")
     if target not in _TARGETS:
         raise StepSalError(f"this result was made with target {target!r}, which is not "

@@ -282,3 +282,33 @@ def test_unreachable_cluster_is_refused_at_once(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "stepsal: error: cannot join the Ray cluster at '127.0.0.1:1': ")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_driver_stops_the_local_ray_it_started():
+    """SIGKILL of a driver runs no clean-up; the reaper it started beside its local Ray
+    stops Ray's processes (GCS, raylet, dashboard and runtime-env agents, workers)."""
+    import time
+
+    from stepsal_lens.eval._reaper import _start_time, descendants
+
+    code = ("import time\nfrom stepsal_lens.eval.scale import RayPool\n"
+            "pool = RayPool('tiny-lrm', workers=1, device='cpu').start()\n"
+            "print('started', flush=True)\ntime.sleep(600)\n")
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True) as driver:
+        try:
+            assert driver.stdout.readline().strip() == "started"
+            time.sleep(1.5)  # the reaper records descendants every 0.5 s
+            ray_processes = descendants(driver.pid)
+            assert len(ray_processes) >= 4  # the reaper, GCS, raylet, agents, the worker
+        finally:
+            driver.kill()
+            driver.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = {p for p, start in ray_processes.items() if _start_time(p) == start}
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:80]
+                       for p in alive]
