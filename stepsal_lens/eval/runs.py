@@ -34,7 +34,7 @@ from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.grading import Grade, grade_output
 from stepsal_lens.eval.problems import Problem
 from stepsal_lens.results.config import StepFlowConfig
-from stepsal_lens.results.fingerprint import fingerprint
+from stepsal_lens.fingerprint import file_fingerprint
 from stepsal_lens.results.jsonl import dumps_line, read_jsonl, write_jsonl
 from stepsal_lens.results.outputs import check_run_dir, run_folder, write_text_atomic
 from stepsal_lens.segments.association import info_of, model_name as name_of
@@ -255,7 +255,7 @@ def run_identity(problems: Sequence[Problem], data: str | Path | None) -> dict[s
     version, the data file's fingerprint (when ``data`` is a file) and the problems'."""
     is_file = data is not None and Path(data).is_file()
     return {"stepsal": __version__,
-            "data_fingerprint": fingerprint(data) if is_file else None,
+            "data_fingerprint": file_fingerprint(data) if is_file else None,
             "problems": problems_fingerprint(problems), "n_problems": len(problems)}
 
 

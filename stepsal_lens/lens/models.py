@@ -30,7 +30,7 @@ import torch
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import default_layer_split
-from stepsal_lens.results.fingerprint import fingerprint
+from stepsal_lens.fingerprint import file_fingerprint
 from stepsal_lens.segments.association import attach
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
 
@@ -457,7 +457,7 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     model.enable_compatibility_mode(no_processing=True)
     model.eval()
     attach(model, fmt, spec=spec, source=str(source),
-           fingerprint=fingerprint(source) if Path(source).is_dir() else None)
+           fingerprint=file_fingerprint(source) if Path(source).is_dir() else None)
     return model
 
 
@@ -475,12 +475,12 @@ def model_fingerprint(name_or_path: str | os.PathLike) -> str | None:
     name = os.fspath(name_or_path)
     local = BUNDLED.get(name, Path(name).expanduser())
     if local.is_dir():
-        return fingerprint(local)
+        return file_fingerprint(local)
     if name in _MODELS or (name.count("/") == 1 and not name.startswith((".", "/", "~"))):
         from huggingface_hub import snapshot_download
 
         try:
-            return fingerprint(snapshot_download(name, local_files_only=True))
+            return file_fingerprint(snapshot_download(name, local_files_only=True))
         except Exception:  # not cached (the hub library raises several types here)
             return None
     return None

@@ -414,7 +414,7 @@ def replay(result: StepSaliency, model: Any, fn: Callable[..., Any], *args: Any,
 
     made_with = result.meta.get("tokenizer")
     if made_with is not None and getattr(model, "tokenizer", None) is not None:
-        from stepsal_lens.segments.fingerprint import tokenizer_fingerprint
+        from stepsal_lens.fingerprint import tokenizer_fingerprint
 
         theirs = tokenizer_fingerprint(model)
         if theirs != made_with:

@@ -35,7 +35,7 @@ __all__ = ["ModelInfo", "attach", "format_of", "info_of", "model_name"]
 class ModelInfo:
     """What stepsal_lens knows about a loaded model: its reasoning format, its registry
     entry (None for a local checkpoint that is not registered), where it came from and the
-    fingerprint of its files (:func:`~stepsal_lens.results.fingerprint.fingerprint`; None
+    fingerprint of its files (:func:`~stepsal_lens.fingerprint.file_fingerprint`; None
     when it was not loaded from a folder)."""
 
     format: ReasoningFormat

@@ -34,7 +34,7 @@ import torch
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.association import format_of, info_of
-from stepsal_lens.segments.fingerprint import tokenizer_fingerprint
+from stepsal_lens.fingerprint import tokenizer_fingerprint
 from stepsal_lens.segments.formats import ParsedText, ReasoningFormat, get_format, list_formats
 from stepsal_lens.segments.splitters import Span, Splitter, get_splitter
 
@@ -159,7 +159,7 @@ class Trace:
         The thinking never closed, so there is no summary.
     tokenizer_fingerprint : str or None
         The fingerprint of the tokenizer that cut the trace
-        (:func:`~stepsal_lens.segments.fingerprint.tokenizer_fingerprint`); functions that
+        (:func:`~stepsal_lens.fingerprint.tokenizer_fingerprint`); functions that
         run a model on the trace refuse a model whose tokenizer differs
         (:meth:`check_tokenizer`). None for a trace read from a file that has none
         (written before fingerprints, or by hand): such a trace is accepted by any model

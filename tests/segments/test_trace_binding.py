@@ -11,7 +11,7 @@ import pytest
 from stepsal_lens import StepSalError, StepSaliency, Trace, load_lrm, step_saliency
 from stepsal_lens.lens.causal import step_effects
 from stepsal_lens.lens.saliency import token_saliency
-from stepsal_lens.segments.fingerprint import tokenizer_fingerprint
+from stepsal_lens.fingerprint import tokenizer_fingerprint
 from stepsal_lens.zoo.tiny_random import make_random_checkpoint, train_tokenizer
 
 REFUSED = (r"the trace was cut with tokenizer sha256:[0-9a-f]{16} \(made with 'tiny-lrm'\), but "
