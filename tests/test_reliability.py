@@ -765,7 +765,7 @@ def test_a_resume_on_changed_inputs_is_refused(world, capsys, command, change):
     assert main(argv) == 2
     line = _one_error(capsys)
     named = {"data file edited": "the data file's content changed",
-             "traces file edited": "traces: 'sha256:",
+             "traces file edited": "the traces file's content changed",
              "checkpoint replaced": "the model's files (weights, config or tokenizer) are not "
                                     "those the run began with"}[change]
     assert "holds a run made from other inputs or settings" in line and named in line, line

@@ -134,6 +134,7 @@ _WHAT_CHANGED = {
                          "run began with",
     "data_fingerprint": "the data file's content changed",
     "problems": "the problems differ (an edited or another data file, or another --limit)",
+    "traces": "the traces file's content changed (lines edited, added or removed)",
     "stepsal": "it was written by another stepsal version",
 }
 
