@@ -69,6 +69,7 @@ MARKER = ".stepsal"
 #: Commands whose folders are resumed in place, never replaced by ``--overwrite``.
 RESUMABLE = frozenset({"eval", "analyze-traces"})
 _TAG = "stepsal-"  # in the names of the lock and of temporary siblings: .NAME.stepsal-*
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 Inputs = Mapping[str, "str | os.PathLike | None"] | None
 
@@ -502,6 +503,11 @@ def clean_leftovers(folder: str | Path) -> None:
             os.close(fd)
 
 
+def _no_room(err: OSError, out: str | Path, what: str, then: str) -> StepSalError:
+    """A full disk (or quota) while writing, as one clear error."""
+    return StepSalError(f"no space left to write {what} {str(out)!r} ({err.strerror}); {then}")
+
+
 # ---- what commands use -----------------------------------------------------------------------
 
 @contextmanager
@@ -549,6 +555,12 @@ def output_dir(out: str | Path, *, command: str, overwrite: bool = False,
             _write_marker(tmp, command, "complete")
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private
             _swap_in(tmp, target, before, out, what)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno in _NO_ROOM:
+                raise _no_room(err, out, what, f"nothing was changed: free some space (or "
+                               f"pass another {flag}) and run again") from err
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -579,6 +591,12 @@ def output_file(path: str | Path, *, overwrite: bool = False, inputs: Inputs = N
             yield tmp
             tmp.chmod(0o666 & ~_umask())
             _swap_in(tmp, target, before, path, what)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno in _NO_ROOM:
+                raise _no_room(err, path, what, f"nothing was changed: free some space (or "
+                               f"pass another {flag}) and run again") from err
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -612,6 +630,11 @@ def run_folder(out: str | Path, *, command: str, inputs: Inputs = None, flag: st
         clean_leftovers(target)
         try:
             yield target
+        except OSError as err:
+            if err.errno in _NO_ROOM:
+                raise _no_room(err, out, what, "the records written so far are kept: free "
+                               "some space and run the same command to resume") from err
+            raise
         finally:
             if created and [p.name for p in target.iterdir()] == [MARKER]:
                 (target / MARKER).unlink()

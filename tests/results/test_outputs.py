@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -149,3 +150,37 @@ def test_the_marker_is_json_naming_the_command(tmp_path):
         pass
     doc = json.loads((tmp_path / "o" / MARKER).read_text())
     assert doc["command"] == "effects" and doc["state"] == "complete" and doc["stepsal"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs; needs root, as in CI), unmounted afterwards."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(small_disk, capsys):
+    from stepsal_lens.apps.cli import main
+
+    trace = Path(__file__).parents[2] / "examples" / "trace.json"
+    (small_disk / "filler").write_bytes(b"x" * (240 << 10))  # 16 KiB left
+    rc = main(["analyze", "--model", "tiny-lrm", "--trace", str(trace), "--out",
+               str(small_disk / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert re.search(r"stepsal: error: no space left to write output folder '.*out' \(No space "
+                     r"left on device\); nothing was changed: free some space", err), err
+    assert _names(small_disk) == ["filler"]  # no partial folder, no lock
+    # with no room even for the lock's contents
+    (small_disk / "filler").write_bytes(b"x" * (256 << 10))
+    graded = small_disk.parent / "in.jsonl"
+    graded.write_text(json.dumps({"output": "\\boxed{2}", "answer": "2"}) + "\n")
+    assert main(["grade", str(graded), "--out", str(small_disk / "g.jsonl")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert _names(small_disk) == ["filler"]
