@@ -132,8 +132,11 @@ def _update_with_file(h: "hashlib._Hash", path: Path) -> None:
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """``"sha256:<hex>"`` of a file's content, or of a folder's files (names and content,
-    hidden files and ``__pycache__`` left out), symlinks followed.
+    """``"sha256:<hex>"`` of a file's content, or of the files directly in a folder
+    (names and content; hidden files left out), symlinks followed.
+
+    A checkpoint is the files at its top level (what ``from_pretrained`` reads), so a run
+    folder someone keeps inside the checkpoint folder does not change its fingerprint.
 
     Parameters
     ----------
@@ -150,11 +153,9 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     try:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") or part == "__pycache__"
-                for part in p.relative_to(path).parts))
-            for p in files:
-                h.update(p.relative_to(path).as_posix().encode() + b"\0")
+            for p in sorted(p for p in path.iterdir()
+                            if p.is_file() and not p.name.startswith(".")):
+                h.update(p.name.encode() + b"\0")
                 _update_with_file(h, p)
         else:
             _update_with_file(h, path)
