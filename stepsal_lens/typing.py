@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["Pattern", "PatternGrad", "StepMap", "LayerStepMap", "TokenIds", "KeyMask", "Resid"]
+__all__ = ["Pattern", "PatternGrad", "StepMap", "LayerStepMap", "TokenIds", "KeyMask", "Resid", "Model"]
 
 #: Post-softmax attention pattern, query heads (GQA key/value heads expanded).
 Pattern = Float[Tensor, "batch head query key"]
@@ -21,3 +23,8 @@ TokenIds = Int[Tensor, " token"]
 KeyMask = Bool[Tensor, "..."]
 #: Residual stream activations.
 Resid = Float[Tensor, "batch pos d_model"]
+
+#: A model the lens runs: a TransformerLens ``TransformerBridge`` from
+#: :func:`~stepsal_lens.load_lrm` (the bridge types are not importable without
+#: TransformerLens, so this names the role rather than the class).
+Model = Any

@@ -33,10 +33,10 @@ from torch import Tensor
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.typing import KeyMask, Pattern
 
-__all__ = ["odds_equal_bridge", "step_momentum"]
+__all__ = ["OEBGroups", "apply_oeb", "odds_equal_bridge", "oeb_groups", "step_momentum"]
 
 
-class _Groups(NamedTuple):
+class OEBGroups(NamedTuple):
     """OEB's key groups, prepared once for every layer that shares them. Masks that vary
     with the query (``[batch, 1, query, key]``) stay float masks ``same`` and ``bridge``;
     masks shared by all queries (``[key]``, or one query row) become ``keys``
@@ -51,8 +51,15 @@ class _Groups(NamedTuple):
     nonempty: Tensor
 
 
-def _groups(same: Tensor, bridge: Tensor, tau_max: float) -> _Groups:
-    """Prepare disjoint boolean key masks (checked by :func:`odds_equal_bridge`)."""
+def oeb_groups(same: KeyMask, bridge: KeyMask, tau_max: float) -> OEBGroups:
+    """OEB's groups from disjoint boolean key masks, prepared once for every layer that
+    shares them (the engines call this, then :func:`apply_oeb` per pattern).
+
+    ``tau_max`` is checked here, the one place every OEB edit passes through; the masks'
+    disjointness is checked by :func:`odds_equal_bridge` (the engines build them disjoint).
+    """
+    if not 0 <= tau_max <= 1:
+        raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
     if same.dim() > 1 and same.shape[-2] != 1:  # one mask per query row
         same_f, bridge_f = same.float(), bridge.float()
         n_s, n_b, keys = same_f.sum(-1), bridge_f.sum(-1), None
@@ -65,10 +72,10 @@ def _groups(same: Tensor, bridge: Tensor, tau_max: float) -> _Groups:
         if keys.dim() > 2:
             keys = keys.squeeze(-3)  # [..., key, 3]: the query dimension comes from A
     tau_b = torch.sqrt(n_b / (n_b + n_s).clamp_min(1)).clamp(max=tau_max)
-    return _Groups(same_f, bridge_f, keys, tau_b, torch.minimum(n_s, n_b) > 0)
+    return OEBGroups(same_f, bridge_f, keys, tau_b, torch.minimum(n_s, n_b) > 0)
 
 
-def _oeb(pattern: Tensor, g: _Groups) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def apply_oeb(pattern: Pattern, g: OEBGroups) -> tuple[Pattern, Tensor, Tensor, Tensor]:
     """OEB plus what it needs for the statistics: (new pattern, triggered rows, row sums,
     bridge mass).
 
@@ -134,7 +141,7 @@ def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
         raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
     if (same & bridge).any():
         raise StepSalError("the same and bridge key masks overlap; a key belongs to one group")
-    return _oeb(pattern, _groups(same, bridge, tau_max))[0]
+    return apply_oeb(pattern, oeb_groups(same, bridge, tau_max))[0]
 
 
 def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],

@@ -61,6 +61,8 @@ from torch import Tensor
 
 from stepsal_lens.core.pooling import pool_block, step_bounds
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.lens.bridge_mode import attention_hooks_in_use, attention_slots
+from stepsal_lens.typing import Model
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -358,40 +360,8 @@ def _register() -> None:
         AttentionInterface.register(ATTN_IMPLEMENTATION, _fused_attention_forward)
 
 
-def _attention_slots(model) -> list[tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]]:
-    """(Hugging Face decoder layer, its AttentionBridge, the Hugging Face attention) per
-    layer."""
-    slots = []
-    for layer, block in enumerate(model.blocks):
-        hf_layer = getattr(block, "original_component", None)
-        bridge_attn = getattr(hf_layer, "self_attn", None)
-        hf_attn = getattr(bridge_attn, "original_component", None)
-        if hf_attn is None or getattr(hf_attn, "layer_idx", layer) != layer:
-            raise StepSalError(f"the fused engine cannot find layer {layer}'s Hugging Face "
-                               f"attention in this bridge; use engine='hook_pattern'")
-        slots.append((hf_layer, bridge_attn, hf_attn))
-    return slots
-
-
-def attention_hooks_in_use(model) -> list[str]:
-    """Names of the bridge's hook points and modules with hooks attached (the fused engine
-    does not run ``hook_pattern`` and friends, so it refuses a hooked model)."""
-    from transformer_lens.hook_points import HookPoint
-
-    names = [name for name, hp in model.hook_dict.items()
-             if isinstance(hp, HookPoint) and (hp.fwd_hooks or hp.bwd_hooks
-                                               or hp._forward_hooks or hp._backward_hooks)]
-    if model._forward_pre_hooks or model._forward_hooks:
-        names.append("<model forward hooks>")
-    from stepsal_lens.lens.fused_stepflow import RUNNING_MARK, is_running
-
-    if is_running(model):  # the bridge's components are swapped out (fused StepFlow)
-        names.append(RUNNING_MARK)
-    return sorted(set(names))
-
-
 @contextmanager
-def fused_attention(model, spans: Sequence[tuple[int, int]], layers: Sequence[int], *,
+def fused_attention(model: Model, spans: Sequence[tuple[int, int]], layers: Sequence[int], *,
                     chunk: int | None = None, budget: int | None = None,
                     on_layer_done: Callable[[int], None] | None = None
                     ) -> Iterator[EngineState]:
@@ -430,7 +400,7 @@ def fused_attention(model, spans: Sequence[tuple[int, int]], layers: Sequence[in
     state = EngineState(starts, ends, plans,
                         budget if budget is not None else default_budget(device),
                         on_layer_done)
-    slots = _attention_slots(model)
+    slots = attention_slots(model)
     _register()
     old_impl = hf.config._attn_implementation
     swapped: list[tuple[torch.nn.Module, torch.nn.Module]] = []
@@ -464,7 +434,7 @@ def _grad_from_here(module, args, kwargs):
     return args, kwargs
 
 
-def final_hidden(model, tokens: Int[Tensor, "1 token"]) -> Float[Tensor, "1 token d_model"]:
+def final_hidden(model: Model, tokens: Int[Tensor, "1 token"]) -> Float[Tensor, "1 token d_model"]:
     """The last hidden state (after the final norm) of ``model.original_model``.
 
     Inside :func:`fused_attention` it has a gradient path from the lowest measured layer

@@ -18,7 +18,7 @@ same results from the Hugging Face model inside the bridge, at about Hugging Fac
   or summary query) run Hugging Face's sdpa. The other rows get the pattern written out
   explicitly, ``A = softmax(q k^T * scale + mask)`` (GPT-OSS's sinks join the normaliser,
   sliding-window layers get Hugging Face's sliding mask), in blocks of query rows; the
-  pure core :func:`~stepsal_lens.lens.stepflow.odds_equal_bridge` edits ``A`` with the same
+  pure core :func:`~stepsal_lens.core.interventions.apply_oeb` edits ``A`` with the same
   and bridge masks the ``hook_pattern`` engine builds from the tracker's labels, and the
   output is ``A v``. GPT-OSS has no sdpa in Hugging Face (its sinks): its layers all take
   the explicit path, which is Hugging Face's eager attention.
@@ -26,10 +26,10 @@ same results from the Hugging Face model inside the bridge, at about Hugging Fac
   decoder layer (its output is ``hook_resid_post``), or, for ``smi_variant="paper_code"``,
   a forward hook on ``v_proj`` (``hook_v``) and a forward pre-hook on ``o_proj`` (its
   input, split per head, is ``hook_z``). The update itself is
-  :func:`~stepsal_lens.lens.stepflow.step_momentum`, with the same windows and state as the
-  other engine (one :class:`~stepsal_lens.lens.stepflow.StepFlow` object serves both).
+  :func:`~stepsal_lens.core.interventions.step_momentum`, with the same windows and state as the
+  other engine (one :class:`~stepsal_lens.lens.flow_state.StepFlowState` serves both).
 * **Following the passes.** A forward pre-hook on the Hugging Face model feeds each pass's
-  token ids to the :class:`~stepsal_lens.lens.stepflow.SegmentTracker`: a pass without a
+  token ids to the :class:`~stepsal_lens.SegmentTracker`: a pass without a
   cache, or with an empty one (Hugging Face's ``generate`` passes one), starts over; a
   KV-cached step appends.
 * **Generation.** :func:`generate_tokens` is a KV-cached loop on the Hugging Face model
@@ -70,21 +70,25 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
+from transformer_lens import utilities as tl_utils
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from stepsal_lens.errors import StepSalError
-
-if TYPE_CHECKING:
-    from stepsal_lens.lens.stepflow import StepFlow
+from stepsal_lens.lens.bridge_mode import (MODEL_HOOKS, RUNNING_MARK, attention_hooks_in_use,
+                                           is_running, running)
+from stepsal_lens.lens.flow_state import StepFlowState
+from stepsal_lens.typing import Model
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
-    "ENGINES",
-    "choose_engine",
+    "fused_hooks",
     "generate_tokens",
     "hugging_face_mode",
     "stepflow_attention",
@@ -93,98 +97,12 @@ __all__ = [
 #: Name under which the engine's attention function is registered with transformers.
 ATTN_IMPLEMENTATION = "stepsal_stepflow"
 
-#: StepFlow engines: ``fused`` (this module), ``hook_pattern`` (hooks on the bridge's
-#: eager attention) and ``auto`` (:func:`choose_engine`).
-ENGINES = ("auto", "fused", "hook_pattern")
-
 #: Bytes of float32 ``[batch, head, row, key]`` blocks the explicit attention keeps alive.
 _BLOCK_BUDGET = 64 * 2**20
 
-_THINKING, _SUMMARY = 1, 2  # stepflow.SEGMENT_CODES
-
-# Hugging Face attention module -> the StepFlow whose OEB it runs (absent: plain attention)
-_OWNERS: weakref.WeakKeyDictionary[nn.Module, StepFlow] = weakref.WeakKeyDictionary()
-# Hugging Face models currently running without the bridge's components
-_RUNNING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-#: How :func:`stepsal_lens.lens.fused.attention_hooks_in_use` names a model inside
-#: :func:`hugging_face_mode` (so that the fused saliency engine stays out).
-RUNNING_MARK = "<Hugging Face mode (fused StepFlow)>"
-_MODEL_HOOKS = "<model forward hooks>"  # attention_hooks_in_use's name for bridge-level hooks
-
-
-def is_running(model: Any) -> bool:
-    """Whether ``model`` runs in :func:`hugging_face_mode` now (e.g. inside a fused
-    StepFlow block)."""
-    return getattr(model, "original_model", None) in _RUNNING
-
-
-# ---- choosing an engine -------------------------------------------------------------------
-
-
-def choose_engine(model: Any, engine: str = "auto", *, block: bool = False
-                  ) -> tuple[str, str]:
-    """The StepFlow engine to run and why.
-
-    Parameters
-    ----------
-    model
-        A model from :func:`~stepsal_lens.load_lrm`.
-    engine
-        ``"auto"``, ``"fused"`` or ``"hook_pattern"``.
-    block
-        True for a ``stepflow`` block (code inside it may use the bridge's hooks, so
-        ``"auto"`` means ``"hook_pattern"`` there), False for a whole generation run.
-
-    Returns
-    -------
-    tuple[str, str]
-        The engine (``"fused"`` or ``"hook_pattern"``) and the reason.
-
-    Examples
-    --------
-    >>> from stepsal_lens import load_lrm
-    >>> model = load_lrm("tiny-lrm")
-    >>> choose_engine(model)
-    ('fused', 'default')
-    >>> choose_engine(model, block=True)[0]
-    'hook_pattern'
-
-    Notes
-    -----
-    ``"auto"`` runs ``hook_pattern`` when hooks are attached to the bridge (the fused
-    engine would not run them) and for low-precision models with attention sinks (the
-    same choice as :func:`~stepsal_lens.step_saliency`'s engine); ``"fused"`` refuses a
-    hooked model, naming the hooks.
-    """
-    from stepsal_lens.lens.fused import _attention_slots, attention_hooks_in_use
-    from stepsal_lens.lens.knockout import has_sinks
-
-    if engine not in ENGINES:
-        raise StepSalError(f"unknown StepFlow engine {engine!r}; choose one of {list(ENGINES)}")
-    if engine == "hook_pattern":
-        return engine, "requested"
-    if engine == "auto" and block:
-        return "hook_pattern", ("a stepflow block may use the bridge's hooks (run_with_cache, "
-                                "step_saliency); pass engine='fused' for forward passes and "
-                                "generation only")
-    hooked = [h for h in attention_hooks_in_use(model) if h != RUNNING_MARK]
-    if hooked:
-        if engine == "fused":
-            raise StepSalError(
-                f"the fused StepFlow engine runs the Hugging Face model without the bridge's "
-                f"hook points, and hooks are attached to {hooked[:4]}"
-                f"{' ...' if len(hooked) > 4 else ''}; use engine='hook_pattern' (or "
-                f"'auto'), or remove the hooks (model.reset_hooks())")
-        return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
-    try:
-        _attention_slots(model)
-    except StepSalError as err:
-        if engine == "fused":
-            raise
-        return "hook_pattern", str(err)
-    if engine == "auto" and has_sinks(model) and next(model.parameters()).dtype != torch.float32:
-        return "hook_pattern", "attention sinks in a low-precision model"
-    return "fused", "requested" if engine == "fused" else "default"
+# Hugging Face attention module -> the StepFlow state whose OEB it runs (absent: plain
+# attention)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, StepFlowState] = weakref.WeakKeyDictionary()
 
 
 # ---- the Hugging Face model without the bridge's components --------------------------------
@@ -209,12 +127,12 @@ def _unwrap(root: nn.Module, swaps: list[tuple[nn.Module, str, nn.Module]]) -> N
 
 
 @contextmanager
-def hugging_face_mode(model: Any) -> Iterator[nn.Module]:
+def hugging_face_mode(model: Model) -> Iterator[nn.Module]:
     """Run ``model.original_model`` as the plain Hugging Face model for the block.
 
     Every bridge component inside it is replaced by the Hugging Face module it wraps, and
     the attention implementation is :data:`ATTN_IMPLEMENTATION` (Hugging Face's sdpa,
-    except where a :class:`~stepsal_lens.lens.stepflow.StepFlow` of the fused engine owns the
+    except where a :class:`~stepsal_lens.lens.flow_state.StepFlowState` of the fused engine owns the
     layer, and except attention with sinks, which runs eagerly). Both are restored on
     exit, also after an exception. Re-entrant. The config's ``output_attentions`` (which
     the bridge turns on) is off meanwhile: no attention weights are returned.
@@ -240,7 +158,7 @@ def hugging_face_mode(model: Any) -> Iterator[nn.Module]:
     True
     """
     hf = model.original_model
-    if hf in _RUNNING:
+    if is_running(model):
         yield hf
         return
     _register()
@@ -252,10 +170,9 @@ def hugging_face_mode(model: Any) -> Iterator[nn.Module]:
         # the bridge asks for attention weights by default; nothing here returns them, and
         # collecting them costs a tenth of a generation step
         hf.config.output_attentions = False
-        _RUNNING.add(hf)
-        yield hf
+        with running(hf):
+            yield hf
     finally:
-        _RUNNING.discard(hf)
         hf.config._attn_implementation = old_impl
         hf.config.output_attentions = old_weights
         for parent, name, component in reversed(swaps):
@@ -263,9 +180,6 @@ def hugging_face_mode(model: Any) -> Iterator[nn.Module]:
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTN_IMPLEMENTATION, stepflow_attention)
     if ATTN_IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
@@ -282,18 +196,6 @@ def _decoder_layers(hf: nn.Module) -> nn.ModuleList:
 
 
 # ---- the attention function ----------------------------------------------------------------
-
-
-def _first_target_row(sf: StepFlow, query: Tensor) -> int:
-    """First query row that is a thinking or summary query in some batch row (the number
-    of rows when none is: OEB leaves the whole pass alone); once per pass."""
-    n_q = query.shape[2]
-    key = ("first row", n_q)
-    if key not in sf._per_pass:
-        seg = sf._check_batch(query)["segment"][:, -n_q:]
-        rows = ((seg == _THINKING) | (seg == _SUMMARY)).any(0).nonzero()
-        sf._per_pass[key] = int(rows[0]) if len(rows) else n_q
-    return sf._per_pass[key]
 
 
 def _row_mask(mask: Tensor | None, a: int, b: int, n_q: int, n_k: int, device
@@ -356,24 +258,21 @@ def stepflow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     In an OEB layer of a fused StepFlow the rows from the first thinking or summary query
     on are computed explicitly and edited by
-    :func:`~stepsal_lens.lens.stepflow.odds_equal_bridge`; rows in front of it and other
+    :func:`~stepsal_lens.core.interventions.apply_oeb`; rows in front of it and other
     layers run sdpa. Attention with sinks is computed explicitly everywhere (Hugging Face
     has no sdpa for it).
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     sf = _OWNERS.get(module)
     layer = module.layer_idx
-    oeb = sf is not None and sf.tau_max > 0 and layer in sf._oeb_set
+    oeb = sf is not None and sf.edits_oeb(layer)
     n_q, n_k = query.shape[2], key.shape[2]
     r0 = 0 if s_aux is not None else n_q
     if oeb and n_q == 1:  # a generation step: explicit when it has groups to edit
-        if "checked" not in sf._per_pass:
-            sf._per_pass["checked"] = sf._check_batch(query)
-        if sf._oeb_groups(sf._labels, layer, 1, n_k) is not None:
+        sf.once_per_pass("checked", lambda: sf.check_batch(query))
+        if sf.oeb_groups(layer, 1, n_k) is not None:
             r0 = 0
     elif oeb:
-        r0 = min(r0, _first_target_row(sf, query))
+        r0 = min(r0, sf.first_edited_row(query, n_q))
         # sdpa serves a block of leading rows on its own only without a cache offset
         if 0 < r0 < n_q and attention_mask is None and n_q != n_k:
             r0 = 0
@@ -395,16 +294,16 @@ def stepflow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
                                             attention_mask[:, :, :r0], dropout=0.0,
                                             scaling=scaling, **kwargs)
         parts.append(out)
-    count = oeb and sf._count(layer, "oeb")
+    count = oeb and sf.count(layer, "oeb")
     batch, heads = query.shape[:2]
     chunk = max(1, _BLOCK_BUDGET // (3 * 4 * batch * heads * n_k))
     for a in range(r0, n_q, chunk):
         b = min(a + chunk, n_q)
         mask = _row_mask(attention_mask, a, b, n_q, n_k, query.device)
         pattern = _explicit_rows(query[:, :, a:b], key, mask, scale, s_aux)
-        groups = sf._oeb_groups(sf._labels, layer, n_q, n_k, rows=(a, b)) if oeb else None
+        groups = sf.oeb_groups(layer, n_q, n_k, rows=(a, b)) if oeb else None
         if groups is not None:
-            pattern = sf._oeb_apply(pattern, groups, layer, count)
+            pattern = sf.oeb_apply(pattern, groups, layer, count)
         parts.append(_times_values(pattern, value))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out.contiguous(), None
@@ -413,7 +312,7 @@ def stepflow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 # ---- StepFlow's hooks on the Hugging Face model ---------------------------------------------
 
 
-def _follow_pass(sf: StepFlow, module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _follow_pass(sf: StepFlowState, module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook on the Hugging Face model: feed the tracker. A fresh pass with
     hooks on the bridge's hook points (``run_with_cache``, ``model.hooks``,
     :func:`~stepsal_lens.step_saliency`) raises: they would silently not run."""
@@ -431,54 +330,52 @@ def _follow_pass(sf: StepFlow, module: nn.Module, args: tuple, kwargs: dict) -> 
                 f"this stepflow block runs the fused engine, which does not run the bridge's "
                 f"hook points (run_with_cache, model.hooks and step_saliency need them); open "
                 f"the block with engine='hook_pattern' (the default)")
-    sf._follow(ids, kwargs.get("attention_mask"), fresh)
+    sf.follow(ids, kwargs.get("attention_mask"), fresh)
 
 
-def _bridge_hooks(model: Any) -> list[str]:
+def _bridge_hooks(model: Model) -> list[str]:
     """Hook points of the bridge with hooks attached (forward hooks on the bridge module
     itself still run under the fused engine, and so does the engine itself)."""
-    from stepsal_lens.lens.fused import attention_hooks_in_use
-
-    return [h for h in attention_hooks_in_use(model) if h not in (_MODEL_HOOKS, RUNNING_MARK)]
+    return [h for h in attention_hooks_in_use(model) if h not in (MODEL_HOOKS, RUNNING_MARK)]
 
 
-def _smi_resid_post(sf: StepFlow, layer: int, module: nn.Module, args: tuple, output: Any):
+def _smi_resid_post(sf: StepFlowState, layer: int, module: nn.Module, args: tuple,
+                    output: Any):
     """Forward hook on a decoder layer: its output is ``hook_resid_post``."""
     if isinstance(output, tuple):
-        return (sf._smi(output[0], layer), *output[1:])
-    return sf._smi(output, layer)
+        return (sf.smi(output[0], layer), *output[1:])
+    return sf.smi(output, layer)
 
 
-def _keep_values(sf: StepFlow, layer: int, head_dim: int, module: nn.Module, args: tuple,
+def _keep_values(sf: StepFlowState, layer: int, head_dim: int, module: nn.Module, args: tuple,
                  output: Tensor) -> None:
     """Forward hook on ``v_proj``: its output, split per key/value head, is ``hook_v``."""
-    sf._keep_v(output.view(*output.shape[:-1], -1, head_dim), layer)
+    sf.keep_values(output.view(*output.shape[:-1], -1, head_dim), layer)
 
 
-def _smi_z(sf: StepFlow, layer: int, head_dim: int, module: nn.Module, args: tuple):
+def _smi_z(sf: StepFlowState, layer: int, head_dim: int, module: nn.Module, args: tuple):
     """Forward pre-hook on ``o_proj``: its input, split per head, is ``hook_z``."""
     x = args[0]
-    z = sf._smi(x.view(*x.shape[:-1], -1, head_dim), layer)
+    z = sf.smi(x.view(*x.shape[:-1], -1, head_dim), layer)
     return (z.reshape(x.shape), *args[1:])
 
 
 @contextmanager
-def fused_hooks(sf: StepFlow) -> Iterator[StepFlow]:
-    """Turn ``sf`` on through the fused engine for the block (used by
-    :meth:`StepFlow.active <stepsal_lens.lens.stepflow.StepFlow.active>`); everything is undone
+def fused_hooks(sf: StepFlowState) -> Iterator[StepFlowState]:
+    """Turn ``sf`` on through the fused engine for the block (the fused engine's
+    :meth:`~stepsal_lens.lens.engines.FusedEngine.attach_stepflow`); everything is undone
     on exit, also after an exception."""
     model = sf.model
     with ExitStack() as stack:
         hf = stack.enter_context(hugging_face_mode(model))
         layers = _decoder_layers(hf)
-        sf._oeb_set = set(sf.oeb_layers)
         for layer in layers:
             _OWNERS[layer.self_attn] = sf
             stack.callback(_OWNERS.pop, layer.self_attn, None)
         hooks = [hf.register_forward_pre_hook(partial(_follow_pass, sf), with_kwargs=True)]
-        if sf.alpha != 0:
-            for l in sf.smi_layers:
-                if sf.smi_variant == "resid_post":
+        if sf.smi_on:
+            for l in sf.config.smi_layers:
+                if sf.variant.site == "resid_post":
                     hooks.append(layers[l].register_forward_hook(partial(_smi_resid_post, sf, l)))
                     continue
                 attn = layers[l].self_attn
@@ -494,7 +391,7 @@ def fused_hooks(sf: StepFlow) -> Iterator[StepFlow]:
 
 
 @torch.no_grad()
-def generate_tokens(model: Any, tokens: Int[Tensor, "batch pos"],
+def generate_tokens(model: Model, tokens: Int[Tensor, "batch pos"],
                     attention_mask: Int[Tensor, "batch pos"], *, max_new_tokens: int,
                     temperature: float = 0.0, stop_tokens: Sequence[int] = (),
                     pad_token: int | None = None) -> Int[Tensor, "batch total"]:
@@ -538,8 +435,6 @@ def generate_tokens(model: Any, tokens: Int[Tensor, "batch pos"],
     >>> torch.equal(fast, slow)
     True
     """
-    from transformer_lens import utilities as utils
-
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
     pad = pad_token if pad_token is not None else (int(stops[0]) if len(stops) else 0)
     mask = attention_mask.to(tokens.device).long()
@@ -552,7 +447,7 @@ def generate_tokens(model: Any, tokens: Int[Tensor, "batch pos"],
                  position_ids=positions, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
             logits = out.logits[:, -1, :]
-            new = utils.sample_logits(logits, temperature=float(temperature)).to(tokens.device)
+            new = tl_utils.sample_logits(logits, temperature=float(temperature)).to(tokens.device)
             if len(stops):
                 new[finished] = pad
                 finished |= torch.isin(new, stops)

@@ -33,20 +33,23 @@ from typing import Any
 
 import torch
 
+from tqdm.auto import tqdm
+
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.lens.engines import Engine, choose
 from stepsal_lens.lens.stepflow import stepflow as stepflow_on
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.results.generation import Generation
 from stepsal_lens.segments.association import info_of
+from stepsal_lens.segments.trace import template_bos
+from stepsal_lens.typing import Model
 
 __all__ = ["generate", "prompt_ids", "stop_ids"]
 
 
-def prompt_ids(model: Any, prompt: str) -> list[int]:
+def prompt_ids(model: Model, prompt: str) -> list[int]:
     """Token ids of a prompt exactly as :class:`~stepsal_lens.Trace` would cut them: the
     text as is, plus the template's BOS where the text lacks it."""
-    from stepsal_lens.segments.trace import template_bos
-
     tok = model.tokenizer
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
     bos = template_bos(tok, info_of(model).format)
@@ -55,7 +58,7 @@ def prompt_ids(model: Any, prompt: str) -> list[int]:
     return ids
 
 
-def stop_ids(model: Any) -> list[int]:
+def stop_ids(model: Model) -> list[int]:
     """Token ids that end a completion: the tokenizer's EOS and the format's
     :attr:`~stepsal_lens.segments.formats.ReasoningFormat.stop_markers` (its first end marker;
     gpt-oss: ``<|return|>`` and ``<|call|>`` - its ``<|end|>`` closes an analysis
@@ -72,10 +75,10 @@ def stop_ids(model: Any) -> list[int]:
     return out
 
 
-def generate(model: Any, questions: Sequence[str] | None = None, *,
+def generate(model: Model, questions: Sequence[str] | None = None, *,
              prompts: Sequence[str] | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, seed: int | None = None, batch_size: int = 8,
-             stepflow: StepFlowConfig | None = None, engine: str = "auto",
+             stepflow: StepFlowConfig | None = None, engine: str | Engine = "auto",
              system: str | None = None, reasoning_effort: str | None = None,
              progress: bool = True) -> list[Generation]:
     """Generate one trace per question (or raw prompt), KV-cached and batched.
@@ -107,8 +110,8 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
         Face's speed. ``"hook_pattern"``: the bridge's ``generate`` (StepFlow as hooks on
         its hook points; hooks attached to the bridge take effect). ``"auto"`` (default):
         ``"fused"``, unless hooks are attached to the bridge or the model has attention
-        sinks in low precision (:func:`~stepsal_lens.lens.fused_stepflow.choose_engine`). The
-        tokens are the same either way; ``Generation.engine`` records which ran.
+        sinks in low precision (:func:`~stepsal_lens.lens.engines.choose`, called once per
+        call). The tokens are the same either way; ``Generation.engine`` records which ran.
     system
         A system message before each question (gpt-oss: its developer message).
     reasoning_effort
@@ -121,8 +124,6 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     list[Generation]
         In input order.
     """
-    from tqdm.auto import tqdm
-
     if (questions is None) == (prompts is None):
         raise StepSalError("pass either questions=[...] or prompts=[...] (exactly one)")
     if isinstance(questions, str) or isinstance(prompts, str):
@@ -145,9 +146,7 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
             and temperature >= 0):
         raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
                            f"{temperature!r}")
-    from stepsal_lens.lens.fused_stepflow import choose_engine, generate_tokens
-
-    used, _ = choose_engine(model, engine)
+    runner = choose(model, engine, purpose="stepflow")
     stops = stop_ids(model)
     # what the bridge's generate writes into finished rows
     done_pad = model.tokenizer.eos_token_id
@@ -171,24 +170,17 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
                                f"to at most {n_ctx - width}")
         tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        ctx = (stepflow_on(model, stepflow, engine=used) if stepflow is not None
+        ctx = (stepflow_on(model, stepflow, engine=runner) if stepflow is not None
                else nullcontext())
         # model.generate samples from the global RNG: seed it inside a fork, so the
         # caller's random stream is the same afterwards
         with torch.random.fork_rng(devices=[]), ctx as sf:
             if temperature > 0 and seed is not None:
                 torch.manual_seed(seed + i)
-            if used == "fused":
-                gen = generate_tokens(
-                    model, tokens.to(model.cfg.device), mask.to(model.cfg.device),
-                    max_new_tokens=max_new_tokens, temperature=temperature,
-                    stop_tokens=stops, pad_token=done_pad)
-            else:
-                gen = model.generate(
-                    tokens.to(model.cfg.device), attention_mask=mask.to(model.cfg.device),
-                    max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                    temperature=temperature if temperature > 0 else 1.0, stop_at_eos=True,
-                    eos_token_id=stops, verbose=False, return_type="tokens")
+            gen = runner.generate_tokens(
+                model, tokens.to(model.cfg.device), mask.to(model.cfg.device),
+                max_new_tokens=max_new_tokens, temperature=temperature, stop_tokens=stops,
+                pad_token=done_pad)
         rows_stats = sf.stats.per_row() if sf is not None else [_empty_stats()] * len(batch)
         for prompt, p_ids, row, st in zip(batch, ids, gen[:, width:].tolist(), rows_stats):
             cut = next((j for j, t in enumerate(row) if t in stops), None)
@@ -197,7 +189,8 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
             text = model.tokenizer.decode(all_ids, skip_special_tokens=False,
                                           clean_up_tokenization_spaces=False)
             out.append(Generation(prompt, text, all_ids, len(p_ids), cut is not None,
-                                  fmt.name, st, sf.config.to_dict() if sf else None, used))
+                                  fmt.name, st, sf.config.to_dict() if sf else None,
+                                  runner.name))
     return out
 
 

@@ -20,58 +20,90 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.segments.answers import find_answer
 from stepsal_lens.segments.trace import Trace
 
 __all__ = [
     "LEAN_TARGETS",
     "Target",
+    "TargetFn",
     "answer_token_positions",
     "get_lean_target",
     "get_target",
     "list_targets",
     "logit_position",
     "register_target",
+    "resolve_target",
 ]
 
-#: A target maps float32 logits ``[1, token, vocab]`` and the trace to a scalar.
-Target = Callable[..., Tensor]
+#: A target function maps float32 logits ``[1, token, vocab]`` and the trace to a scalar.
+TargetFn = Callable[..., Tensor]
+#: A lean form, ``lean(hidden, unembed, trace, **kwargs) -> scalar``: from the final hidden
+#: states ``[1, token, d_model]`` and the unembedding, so the fused engine never holds all
+#: ``[token, vocab]`` logits (see :mod:`stepsal_lens.lens.fused`).
+LeanFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A saliency target, resolved: its name, function, lean form and keyword arguments.
+
+    Made once per call by :func:`resolve_target` (keywords checked against the function)
+    and passed whole to the engine; :attr:`name` is what results record.
+
+    Examples
+    --------
+    >>> t = resolve_target("logit", {"position": 3})
+    >>> t.name, t.kwargs, t.lean is not None
+    ('logit', {'position': 3}, True)
+    """
+
+    name: str
+    fn: TargetFn
+    lean: LeanFn | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def loss(self, logits: Tensor, trace: Trace) -> Tensor:
+        """The scalar from float32 logits ``[1, token, vocab]``."""
+        return self.fn(logits, trace, **self.kwargs)
+
+    def lean_loss(self, hidden: Tensor, unembed: Callable[[Tensor], Tensor],
+                  trace: Trace) -> Tensor:
+        """The same scalar from the final hidden states (only when :attr:`lean` is set)."""
+        return self.lean(hidden, unembed, trace, **self.kwargs)
+
+
+#: The one registry: name -> :class:`Target` (no keyword arguments).
 _TARGETS: Registry[Target] = Registry("saliency target", "register_target(name, fn)")
 
 
-#: Memory-lean forms of targets, ``lean(hidden, unembed, trace, **kwargs) -> scalar``: from
-#: the final hidden states ``[1, token, d_model]`` and the unembedding, so the fused engine
-#: never holds all ``[token, vocab]`` logits (see :mod:`stepsal_lens.lens.fused`).
-_LEAN: dict[str, Callable[..., Tensor]] = {}
-
-
-def register_target(name: str, fn: Target, *, overwrite: bool = False,
-                    lean: Callable[..., Tensor] | None = None) -> None:
+def register_target(name: str, fn: TargetFn, *, overwrite: bool = False,
+                    lean: LeanFn | None = None) -> None:
     """Add a saliency target ``fn(logits, trace, **kwargs) -> scalar``.
 
     ``lean(hidden, unembed, trace, **kwargs)``, optional, computes the same scalar from
     the final hidden states and the unembedding (e.g. in chunks of positions); the fused
     engine uses it instead of materialising all logits.
     """
-    _TARGETS.register(name, fn, overwrite=overwrite)
-    if lean is not None:
-        _LEAN[name] = lean
-    else:
-        _LEAN.pop(name, None)
+    _TARGETS.register(name, Target(name, fn, lean), overwrite=overwrite)
 
 
-def get_lean_target(name: str | Target) -> Callable[..., Tensor] | None:
+def get_lean_target(name: str | TargetFn) -> LeanFn | None:
     """The memory-lean form of a registered target (None if it has none)."""
-    return _LEAN.get(name) if isinstance(name, str) else None
+    return _TARGETS.get(name).lean if isinstance(name, str) and name in _TARGETS else None
 
 
 def list_targets() -> list[str]:
@@ -79,27 +111,41 @@ def list_targets() -> list[str]:
     return _TARGETS.names()
 
 
-def get_target(name: str | Target) -> Target:
-    """A target by name (a callable passes through)."""
-    return name if callable(name) else _TARGETS.get(name)
+def get_target(name: str | TargetFn) -> TargetFn:
+    """A target function by name (a callable passes through)."""
+    return name if callable(name) else _TARGETS.get(name).fn
 
 
-def _check_target_kwargs(fn: Target, target: Any, kwargs: dict[str, Any]) -> None:
+def resolve_target(target: str | TargetFn | Target, kwargs: Mapping[str, Any] | None = None
+                   ) -> Target:
+    """The :class:`Target` for a name (registered), a function (no lean form) or a
+    :class:`Target` (its keywords updated), with ``kwargs`` checked against the function
+    before any forward pass."""
+    kwargs = dict(kwargs or {})
+    if isinstance(target, Target):
+        resolved = replace(target, kwargs={**target.kwargs, **kwargs})
+    elif callable(target):
+        resolved = Target(getattr(target, "__name__", "custom"), target, None, kwargs)
+    else:
+        resolved = replace(_TARGETS.get(target), kwargs=kwargs)
+    _check_kwargs(resolved)
+    return resolved
+
+
+def _check_kwargs(target: Target) -> None:
     """Refuse keywords the target does not take, before the forward pass."""
-    import inspect
-
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(target.fn)
     except (TypeError, ValueError):  # a builtin without a signature: cannot tell
         return
     try:
-        sig.bind(None, None, **kwargs)
+        sig.bind(None, None, **target.kwargs)
     except TypeError:
-        name = target if isinstance(target, str) else getattr(target, "__name__", "custom")
         params = [p.name for p in list(sig.parameters.values())[2:]
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        raise StepSalError(f"target {name!r} does not take {sorted(kwargs)}; its options are "
-                           f"{params or 'none'} (targets: {list_targets()})") from None
+        raise StepSalError(f"target {target.name!r} does not take {sorted(target.kwargs)}; its "
+                           f"options are {params or 'none'} (targets: {list_targets()})"
+                           ) from None
 
 
 def _lm_target(logits: Tensor, trace: Trace) -> Tensor:
@@ -129,8 +175,6 @@ def answer_token_positions(trace: Trace, answer: str | None = None) -> Tensor:
     reads it (the last ``\\boxed{...}`` with balanced braces, so all of ``\\frac{1}{2}``,
     else "the answer is ..."), located by its character span.
     """
-    from stepsal_lens.segments.answers import find_answer
-
     a, b = trace.segment_char_span("summary")
     summary = trace.text[a:b]
     if answer is None:
@@ -206,8 +250,6 @@ def chunked_cross_entropy(hidden: Float[Tensor, "pos d_model"], unembed: Callabl
     >>> bool(torch.isclose(lean, F.cross_entropy(h @ w.T, y)))
     True
     """
-    from torch.utils.checkpoint import checkpoint
-
     n = hidden.shape[0]
     if n == 0:
         raise StepSalError("no positions to compute the loss on")
@@ -237,8 +279,6 @@ def lean_lm(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace, *,
 def lean_summary(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace, *,
                  chunk: int | None = None) -> Tensor:
     """Target ``summary`` from final hidden states."""
-    from stepsal_lens.lens.targets import _summary_positions
-
     pos = _summary_positions(trace).to(hidden.device)
     ids = trace.token_ids.to(hidden.device)
     return chunked_cross_entropy(hidden[0, pos - 1], unembed, ids[pos], chunk=chunk)
@@ -247,8 +287,6 @@ def lean_summary(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace, *,
 def lean_answer(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace,
                 answer: str | None = None) -> Tensor:
     """Target ``answer`` from final hidden states (logits at the answer's tokens only)."""
-    from stepsal_lens.lens.targets import answer_token_positions
-
     pos = answer_token_positions(trace, answer).to(hidden.device)
     ids = trace.token_ids.to(hidden.device)
     logits = unembed(hidden[0, pos - 1]).float()
@@ -258,8 +296,6 @@ def lean_answer(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace,
 def lean_logit(hidden: Tensor, unembed: Callable[[Tensor], Tensor], trace,
                position: int = -2, token: int | str | None = None) -> Tensor:
     """Target ``logit`` from final hidden states (one row of logits)."""
-    from stepsal_lens.lens.targets import logit_position
-
     pos, token = logit_position(trace, hidden.shape[1], position, token)
     return unembed(hidden[0, pos:pos + 1]).float()[0, token]
 

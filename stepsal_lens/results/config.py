@@ -24,16 +24,73 @@ from typing import Any
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["SMI_VARIANTS", "StepFlowConfig", "default_layer_split"]
+__all__ = ["SMI_VARIANTS", "SMIVariant", "StepFlowConfig", "default_layer_split",
+           "list_smi_variants", "register_smi_variant"]
 
-#: SMI variant -> one line on what it adds where (docs/stepflow.md has the table).
-SMI_VARIANTS = {
-    "resid_post": "alpha * mean(hook_resid_post over the last `window` non-space tokens of "
+
+@dataclass(frozen=True)
+class SMIVariant:
+    """One way of doing Step Momentum Injection: where the update is added and what the
+    window holds. Registered by name (:func:`register_smi_variant`); both StepFlow engines
+    read these fields, never the name.
+
+    Parameters
+    ----------
+    name
+        The ``smi_variant`` value that selects it.
+    description
+        One line on what it adds where (docs/stepflow.md has the table).
+    site
+        ``"resid_post"``: the window's mean ``hook_resid_post`` is added to
+        ``hook_resid_post``; ``"z"``: the window's mean attention values (``hook_v``, GQA
+        heads expanded) are added to each head's ``hook_z``.
+    skip_spaces
+        The window holds the previous step's last non-space tokens (False: its last
+        tokens, spaces included).
+    first_layer_only
+        Only the first SMI layer is used (the paper's ``min_layer``).
+    """
+
+    name: str
+    description: str
+    site: str
+    skip_spaces: bool
+    first_layer_only: bool
+
+    def __post_init__(self) -> None:
+        if self.site not in ("resid_post", "z"):
+            raise StepSalError(f"an SMI variant's site is 'resid_post' or 'z' (the two the "
+                               f"engines hook); got {self.site!r}")
+
+
+#: The registered SMI variants by name (the one registry; :func:`register_smi_variant`).
+SMI_VARIANTS: dict[str, SMIVariant] = {}
+
+
+def register_smi_variant(variant: SMIVariant, *, overwrite: bool = False) -> SMIVariant:
+    """Add an SMI variant; ``StepFlowConfig(smi_variant=variant.name)`` then selects it and
+    the CLI's ``--smi-variant`` offers it."""
+    if variant.name in SMI_VARIANTS and not overwrite:
+        raise StepSalError(f"SMI variant {variant.name!r} is already registered; pass "
+                           f"overwrite=True")
+    SMI_VARIANTS[variant.name] = variant
+    return variant
+
+
+def list_smi_variants() -> list[str]:
+    """Names of the registered SMI variants."""
+    return sorted(SMI_VARIANTS)
+
+
+register_smi_variant(SMIVariant(
+    "resid_post", "alpha * mean(hook_resid_post over the last `window` non-space tokens of "
                   "the previous step) added to hook_resid_post, in every SMI layer (the "
                   "definition in docs/concepts.md)",
-    "paper_code": "alpha * mean(hook_v over the last `window` tokens of the previous step, "
+    site="resid_post", skip_spaces=True, first_layer_only=False))
+register_smi_variant(SMIVariant(
+    "paper_code", "alpha * mean(hook_v over the last `window` tokens of the previous step, "
                   "per head) added to hook_z, in the first SMI layer only (the paper's code)",
-}
+    site="z", skip_spaces=False, first_layer_only=True))
 
 
 def default_layer_split(n_layers: int) -> dict[str, list[int]]:
@@ -120,7 +177,8 @@ class StepFlowConfig:
 
     def resolve(self, n_layers: int) -> StepFlowConfig:
         """The same settings with explicit layers for a model of ``n_layers`` layers
-        (the defaults filled in, ranges checked; ``paper_code`` keeps its first SMI layer)."""
+        (the defaults filled in, ranges checked; a variant with ``first_layer_only``, like
+        ``paper_code``, keeps its first SMI layer)."""
         split = default_layer_split(n_layers)
         oeb = self.oeb_layers if self.oeb_layers is not None else tuple(split["oeb"])
         smi = self.smi_layers if self.smi_layers is not None else tuple(split["smi"])
@@ -129,7 +187,7 @@ class StepFlowConfig:
             if bad:
                 raise StepSalError(f"{what} {bad} out of range: the model has layers "
                                    f"0..{n_layers - 1}")
-        if self.smi_variant == "paper_code":  # the paper's min_layer: one layer only
+        if SMI_VARIANTS[self.smi_variant].first_layer_only:  # the paper's min_layer
             smi = smi[:1]
         return replace(self, oeb_layers=oeb, smi_layers=smi)
 

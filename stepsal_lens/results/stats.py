@@ -118,7 +118,8 @@ class StepFlowStats:
         """One summary per row of the last batch of sequences."""
         return [self._summary(b) for b in range(self.batch)]
 
-    def _archive_batch(self) -> None:
+    def archive_batch(self) -> None:
+        """Keep the current batch's totals (a new batch of sequences starts)."""
         if self.batch:
             self.archive.append(self._summary(slice(None)))
 

@@ -225,41 +225,42 @@ class SegmentTracker:
             i -= 1
 
     # ---- views -----------------------------------------------------------------------------
-    _FIELDS = (("segment", "segment", torch.long), ("step", "step", torch.long),
-               ("step_start", "start", torch.bool), ("anchored", "anchored", torch.bool),
-               ("valid", "valid", torch.bool))
+    #: The label tensors: (name, row attribute, dtype).
+    FIELDS = (("segment", "segment", torch.long), ("step", "step", torch.long),
+              ("step_start", "start", torch.bool), ("anchored", "anchored", torch.bool),
+              ("valid", "valid", torch.bool))
 
     def _build(self, cut=lambda values: values) -> Tensor:
         return torch.tensor([[cut(getattr(r, attr)) for r in self.rows]
-                             for _, attr, _ in self._FIELDS], dtype=torch.long)
+                             for _, attr, _ in self.FIELDS], dtype=torch.long)
 
-    def _tensors(self) -> dict[str, Tensor]:
+    def tensors(self) -> dict[str, Tensor]:
         """The label tensors by field name, each converted on first use."""
         if self._typed is None:
             if self._cache is None:
                 self._cache = self._build()
-            self._typed = _Labels(self._cache, self._FIELDS)
+            self._typed = _Labels(self._cache, self.FIELDS)
         return self._typed
 
     @property
     def segment(self) -> Tensor:
-        return self._tensors()["segment"]
+        return self.tensors()["segment"]
 
     @property
     def step(self) -> Tensor:
-        return self._tensors()["step"]
+        return self.tensors()["step"]
 
     @property
     def step_start(self) -> Tensor:
-        return self._tensors()["step_start"]
+        return self.tensors()["step_start"]
 
     @property
     def anchored(self) -> Tensor:
-        return self._tensors()["anchored"]
+        return self.tensors()["anchored"]
 
     @property
     def valid(self) -> Tensor:
-        return self._tensors()["valid"]
+        return self.tensors()["valid"]
 
     def text(self, row: int = 0) -> str:
         """The decoded text of one row so far (padding left out)."""

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from stepsal_lens import StepFlowConfig, StepSalError, get_format, load_lrm, step_saliency, stepflow
-from stepsal_lens.lens import fused, fused_stepflow
-from stepsal_lens.lens.fused_stepflow import choose_engine, generate_tokens
+from stepsal_lens.lens import bridge_mode, fused, fused_stepflow
+from stepsal_lens.lens.engines import choose
+from stepsal_lens.lens.fused_stepflow import generate_tokens
 from stepsal_lens.lens.generation import generate, prompt_ids
 from stepsal_lens.segments.association import info_of
 from stepsal_lens.zoo.tiny_random import make_random_checkpoint
@@ -25,6 +26,12 @@ S = "The result is twenty four.\n\nSo the answer is 24."
 # SMI on 1 and 2 (paper_code: 1 only); layer 2's attention runs plain sdpa
 CFG = {"tau_max": 0.5, "alpha": 2.0, "oeb_layers": [0, 1], "smi_layers": [1, 2]}
 TOL = 1e-5
+
+
+def choose_engine(model, engine="auto", *, block=False):
+    """(name, reason) of the StepFlow engine choice, as the former chooser returned it."""
+    chosen = choose(model, engine, needs_hooks=block, purpose="stepflow")
+    return chosen.name, chosen.reason
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +194,7 @@ def test_everything_restored_after_an_error(bridges):
                     fused_stepflow.ATTN_IMPLEMENTATION
                 raise RuntimeError("boom")
         assert _state(model) == before
-        assert not fused_stepflow._OWNERS and not list(fused_stepflow._RUNNING)
+        assert not fused_stepflow._OWNERS and not list(bridge_mode._RUNNING)
     # the bridge and users' hooks work as before
     torch.testing.assert_close(model(tokens), logits, rtol=0, atol=0)
     _, again = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
