@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens.apps.cli_common import check_trace_doc, load_model, pool_from_args, read_trace
 from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
 
@@ -161,9 +162,7 @@ def analysis_files(model: Any, doc: dict[str, Any], *, model_name: str, format: 
                    effects: bool) -> dict[str, Any]:
     """The unit of work of :func:`analyze_traces`: one trace document's files as bytes
     (computed in a private temporary folder; the caller writes them) and facts about it."""
-    from stepsal_lens.apps.cli import _read_trace
-
-    trace = _read_trace(Path("-"), model, format, doc)
+    trace = read_trace(Path("-"), model, format, doc)
     with tempfile.TemporaryDirectory(prefix="stepsal-trace-") as tmp:
         sal = write_analysis(model, trace, tmp, model_name=model_name, target=target,
                              engine=engine, low_memory=low_memory)
@@ -204,7 +203,6 @@ def read_traces(path: str | Path) -> list[TraceLine]:
     >>> [(t.name, t.line, t.correct) for t in read_traces(f)]
     [('test_1', 1, True), ('line-2', 2, None)]
     """
-    from stepsal_lens.apps.cli import _check_trace_doc
     from stepsal_lens.eval.problems import MAX_ID_CHARS
     from stepsal_lens.results.jsonl import read_jsonl
 
@@ -215,7 +213,7 @@ def read_traces(path: str | Path) -> list[TraceLine]:
     out, seen = [], {}
     for where, row in read_jsonl(path, what="traces file", fix=_FIX):
         line = int(where.rsplit(":", 1)[1])
-        _check_trace_doc(row, where)
+        check_trace_doc(row, where)
         tid = row.get("id")
         if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (str, int))):
             raise StepSalError(f"{where}: 'id' must be a string or a whole number, not "
@@ -499,9 +497,7 @@ def _print_summary(result: BatchAnalysis) -> None:
 
 def batch_cmd(args: Any) -> int:
     """``stepsal analyze --traces FILE.jsonl --out DIR [--effects] [--ray ...]``."""
-    from stepsal_lens.apps.cli import _load_model
     from stepsal_lens.results.outputs import run_folder
-    from stepsal_lens.apps.cli import pool_from_args
     from stepsal_lens.eval.scale import check_ray_options
     from stepsal_lens.lens.models import model_fingerprint
 
@@ -526,7 +522,7 @@ def batch_cmd(args: Any) -> int:
                 result = analyze_traces(pool, lines, args.out, **options)
         else:
             print(f"loading {args.model} ...", file=sys.stderr)
-            model = _load_model(args.model, device=args.device, dtype=args.dtype,
+            model = load_model(args.model, device=args.device, dtype=args.dtype,
                                 format=args.format)
             result = analyze_traces(model, lines, args.out, **options)
     _print_summary(result)

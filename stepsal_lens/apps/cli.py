@@ -36,11 +36,16 @@ import argparse
 import json
 import math
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from stepsal_lens.apps.cli_common import (add_stepflow_options, load_model as _load_model,
+                                          parse_layers as _layers, pool_from_args,
+                                          read_trace as _read_trace,
+                                          read_trace_doc as _read_trace_doc,
+                                          stepflow_settings as _stepflow_settings)
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.lens.engines import list_engines
+from stepsal_lens.lens.targets import list_targets
 from stepsal_lens.results.jsonl import dumps_line, read_jsonl, read_text
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.eval.scale import add_ray_options, check_ray_options
@@ -48,35 +53,13 @@ from stepsal_lens.eval.scale import add_ray_options, check_ray_options
 __all__ = ["main"]
 
 
-@contextmanager
-def _random_checkpoint(spec: str):
-    """``random:ARCH``: a tiny random checkpoint in a temporary folder, removed afterwards."""
-    from stepsal_lens.zoo.tiny_random import ARCHITECTURES, make_random_checkpoint
-
-    arch = spec.split(":", 1)[1]
-    if arch not in ARCHITECTURES:
-        raise StepSalError(f"--model {spec!r}: unknown architecture {arch!r}; use "
-                           f"random:ARCH with ARCH one of {sorted(ARCHITECTURES)}")
-    with tempfile.TemporaryDirectory(prefix="stepsal-random-") as folder:
-        yield make_random_checkpoint(arch, Path(folder), n_layers=4)
-
-
-def _load_model(spec: str, *, device: str | None, dtype: str | None, format: str | None):
-    from stepsal_lens.lens.models import load_lrm
-
-    if spec.startswith("random:"):
-        with _random_checkpoint(spec) as folder:
-            return load_lrm(folder, device=device, dtype=dtype, format=format or "think-tags")
-    return load_lrm(spec, device=device, dtype=dtype, format=format)
-
-
 def _check_common(args: argparse.Namespace) -> None:
     """Cheap checks of the options the model commands share (before loading anything)."""
-    from stepsal_lens.lens.models import _dtype, check_device
+    from stepsal_lens.lens.models import check_device, parse_dtype
 
     check_device(args.device)
     if getattr(args, "dtype", None) is not None:
-        _dtype(args.dtype)
+        parse_dtype(args.dtype)
     if getattr(args, "format", None) is not None:
         from stepsal_lens.segments.formats import get_format
 
@@ -89,44 +72,6 @@ def _check_common(args: argparse.Namespace) -> None:
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise StepSalError(f"--temperature must be a finite number >= 0 (0 = greedy); got "
                            f"{temperature}")
-
-
-def _read_trace_doc(path: Path) -> dict:
-    """The trace file's JSON object, checked before the model is loaded."""
-    if not path.is_file():
-        raise StepSalError(f"trace file {str(path)!r} does not exist")
-    try:
-        doc = json.loads(read_text(path, what="trace file"))
-    except json.JSONDecodeError as err:
-        raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
-    return _check_trace_doc(doc, f"trace file {str(path)!r}")
-
-
-def _check_trace_doc(doc, where: str) -> dict:
-    """A trace document (``{"question", "thinking", "summary"}`` or ``{"text"}``),
-    checked; ``where`` names it in messages (a file, or a line of a JSONL file)."""
-    if not isinstance(doc, dict):
-        raise StepSalError(f"{where} must hold a JSON object")
-    if "text" not in doc:
-        missing = [k for k in ("question", "thinking", "summary") if k not in doc]
-        if missing:
-            raise StepSalError(f"{where} needs {{'question', 'thinking', "
-                               f"'summary'}} or {{'text'}}; missing {missing}")
-    keys = ["text"] if "text" in doc else ["question", "thinking", "summary"]
-    bad = [k for k in keys if not isinstance(doc[k], str)]
-    if bad:
-        raise StepSalError(f"{where}: {bad} must be strings")
-    return doc
-
-
-def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
-    from stepsal_lens.segments.trace import Trace
-
-    doc = _read_trace_doc(path) if doc is None else doc
-    if "text" in doc:
-        return Trace.from_text(doc["text"], model, format=format)
-    return Trace.from_segments(doc["question"], doc["thinking"], doc["summary"], model,
-                               format=format)
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -208,28 +153,6 @@ def demo(args: argparse.Namespace) -> int:
     print(f"accuracy {100 * result.accuracy:.1f}% on {len(result.records)} problems; "
           f"wrote {result.out}/report.html", file=sys.stderr)
     return 0
-
-
-def _layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise StepSalError(f"layers must be comma-separated integers like 0,1,2; got {text!r}") from None
-
-
-def _stepflow_settings(args: argparse.Namespace) -> StepFlowConfig | None:
-    given = {k: getattr(args, k) for k in ("tau_max", "alpha", "oeb_layers", "smi_layers",
-                                          "window", "smi_variant") if getattr(args, k) is not None}
-    if not args.stepflow:
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise StepSalError(f"{flags} set StepFlow options but StepFlow is off; add --stepflow")
-        return None
-    given["oeb_layers"] = _layers(given.get("oeb_layers"))
-    given["smi_layers"] = _layers(given.get("smi_layers"))
-    return StepFlowConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
@@ -400,28 +323,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None)
-    g = p.add_argument_group("StepFlow (paper defaults unless set)")
-    g.add_argument("--stepflow", action="store_true", help="turn StepFlow on")
-    g.add_argument("--tau-max", type=float, default=None, help="OEB bridge cap (0.15)")
-    g.add_argument("--alpha", type=float, default=None, help="SMI strength (0.06)")
-    g.add_argument("--oeb-layers", default=None, help="e.g. 0,1,2 (default: bottom quarter)")
-    g.add_argument("--smi-layers", default=None, help="e.g. 25,26,27 (default: top quarter)")
-    g.add_argument("--window", type=int, default=None, help="SMI window in tokens (4)")
-    g.add_argument("--smi-variant", default=None, choices=["resid_post", "paper_code"],
-                   help="resid_post (default): mean resid_post added in every SMI layer; "
-                        "paper_code: mean values added to hook_z in the first SMI layer")
-
-
-def pool_from_args(args: argparse.Namespace, n_units: int):
-    """The CLI's pool: no more workers than units of work (when ``--workers`` is not
-    given)."""
-    from stepsal_lens.eval.scale import RayPool
-
-    pool = RayPool(args.model, workers=args.workers, address=args.ray_address,
-                   device=args.device, dtype=getattr(args, "dtype", None), format=args.format,
-                   loader=_load_model)
-    pool._default_cap = n_units
-    return pool
+    add_stepflow_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder as a whole")
     p.add_argument("--format", default=None, help="reasoning format (default: the model's)")
-    p.add_argument("--target", default="lm", choices=["lm", "summary", "answer"])
+    p.add_argument("--target", default="lm", choices=list_targets())
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None,
                    help="float32 (default) or bfloat16; float16 is refused (its attention "
                         "gradients underflow)")
-    p.add_argument("--engine", choices=["auto", "fused", "hook_pattern"], default="auto",
+    p.add_argument("--engine", choices=list_engines(), default="auto",
                    help="saliency engine (default auto: fused unless hooks or a "
                         "low-precision model with sinks need the hook_pattern reference)")
     p.add_argument("--low-memory", action="store_true",
@@ -469,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", nargs="?", const="all", default=None,
                    help="also the effects with the cut in one layer at a time: every layer, "
                         "or e.g. --layers 0,2")
-    f.add_argument("--target", default="lm", choices=["lm", "summary", "answer"],
+    f.add_argument("--target", default="lm", choices=list_targets(),
                    help="Step-Saliency target the effects are correlated with (default lm)")
     f.add_argument("--batch-size", type=int, default=8, help="cuts per forward pass")
     f.add_argument("--device", default=None)

@@ -207,7 +207,7 @@ class RayPool:
         self._started_ray = False
         self._reaper: subprocess.Popen | None = None
         self._options: dict[str, Any] = {}
-        self._default_cap: int | None = None  # the CLI: no more actors than units of work
+        self.default_cap: int | None = None  # the CLI: no more actors than units of work
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ class RayPool:
                                f"cluster has {cpus}; pass cpus_per_worker <= {cpus} or add "
                                f"machines to the cluster")
         if self.workers is None:
-            self.workers = max(1, min(capacity, self._default_cap or capacity))
+            self.workers = max(1, min(capacity, self.default_cap or capacity))
         if self.workers > capacity:
             need = self.workers * (1 if what == "GPU" else self.cpus_per_worker)
             raise StepSalError(f"--workers {self.workers} needs {need} {what}s but the Ray "

@@ -41,6 +41,7 @@ __all__ = [
     "detect_format",
     "list_models",
     "load_lrm",
+    "parse_dtype",
     "model_fingerprint",
     "register_model",
 ]
@@ -144,7 +145,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A dtype name (``float32``, ``bfloat16``, ...) or dtype -> the torch dtype (None:
+    float32); unknown names are refused with the options."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -394,7 +397,7 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
 
     name = os.fspath(name_or_path)
     check_device(device)
-    torch_dtype = _dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     spec = _MODELS.get(name) if name in _MODELS else None
     local = BUNDLED.get(name, Path(name).expanduser())
     if name in BUNDLED and not (local / "config.json").exists():

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.segments.splitters import list_splitters
 
 __all__ = ["SMI_VARIANTS", "SMIVariant", "StepFlowConfig", "default_layer_split",
            "list_smi_variants", "register_smi_variant"]
@@ -138,14 +139,23 @@ class StepFlowConfig:
         :class:`~stepsal_lens.Trace` uses too; default the paper's).
     """
 
-    tau_max: float = 0.15
-    alpha: float = 0.06
+    # Each field's metadata is what the command line shows (apps/cli_common.py builds the
+    # flags from these fields): "help", and "choices" (a function listing a registry).
+    tau_max: float = field(default=0.15, metadata={"help": "OEB bridge cap"})
+    alpha: float = field(default=0.06, metadata={"help": "SMI strength"})
     # Any sequence is accepted and stored as a sorted tuple.
-    oeb_layers: Sequence[int] | None = None
-    smi_layers: Sequence[int] | None = None
-    window: int = 4
-    smi_variant: str = "resid_post"
-    splitter: str = "paper"
+    oeb_layers: Sequence[int] | None = field(
+        default=None, metadata={"help": "e.g. 0,1,2 (default: bottom quarter)"})
+    smi_layers: Sequence[int] | None = field(
+        default=None, metadata={"help": "e.g. 25,26,27 (default: top quarter)"})
+    window: int = field(default=4, metadata={"help": "SMI window in tokens"})
+    smi_variant: str = field(default="resid_post", metadata={
+        "help": "resid_post: mean resid_post added in every SMI layer; paper_code: mean "
+                "values added to hook_z in the first SMI layer",
+        "choices": lambda: list_smi_variants()})
+    splitter: str = field(default="paper", metadata={
+        "help": "the registered step splitter that decides where steps start",
+        "choices": lambda: list_splitters()})
 
     def __post_init__(self) -> None:
         for name in ("tau_max", "alpha"):
@@ -161,8 +171,6 @@ class StepFlowConfig:
         if self.smi_variant not in SMI_VARIANTS:
             raise StepSalError(f"smi_variant must be one of {sorted(SMI_VARIANTS)}; got "
                                f"{self.smi_variant!r}")
-        from stepsal_lens.segments.splitters import list_splitters
-
         if self.splitter not in list_splitters():
             raise StepSalError(f"splitter must be a registered step splitter, one of "
                                f"{list_splitters()}; got {self.splitter!r} (register yours "

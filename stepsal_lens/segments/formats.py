@@ -28,7 +28,9 @@ __all__ = [
     "ParsedText",
     "get_format",
     "list_formats",
+    "lstrip_span",
     "register_format",
+    "strip_span",
 ]
 
 Span = tuple[int, int]
@@ -91,7 +93,7 @@ class ParsedText:
         return self.text[slice(*self.summary_span)]
 
 
-def _strip_span(text: str, start: int, end: int) -> Span:
+def strip_span(text: str, start: int, end: int) -> Span:
     while start < end and text[start].isspace():
         start += 1
     while end > start and text[end - 1].isspace():
@@ -99,7 +101,7 @@ def _strip_span(text: str, start: int, end: int) -> Span:
     return start, end
 
 
-def _lstrip_span(text: str, start: int, end: int) -> Span:
+def lstrip_span(text: str, start: int, end: int) -> Span:
     while start < end and text[start].isspace():
         start += 1
     return start, end
@@ -274,14 +276,14 @@ class ReasoningFormat:
                 opened = text.find(self.summary_open, s_start)
                 if opened >= 0:
                     s_start = opened + len(self.summary_open)
-            s_span = _strip_span(text, s_start, self._eos_position(text, s_start))
-        t_span = _strip_span(text, t_start, t_end)
+            s_span = strip_span(text, s_start, self._eos_position(text, s_start))
+        t_span = strip_span(text, t_start, t_end)
         if t_span[0] == t_span[1]:
             raise StepSalError(
                 f"the thinking segment is empty in a {self.name!r} text; a trace needs at "
                 f"least one thinking step (text starts {text[:80]!r})"
             )
-        q_span = _strip_span(text, q_start, q_end)
+        q_span = strip_span(text, q_start, q_end)
         if q_span[0] == q_span[1]:
             raise StepSalError(f"the question is empty in a {self.name!r} text (text starts {text[:80]!r})")
         return ParsedText(text, q_span, t_span, s_span, truncated)
@@ -309,24 +311,24 @@ class ReasoningFormat:
         stop = t_open if t_open >= 0 else (text.find(self.assistant_open, q_start)
                                            if self.assistant_open else -1)
         q_end = text.rfind(self.user_close, q_start, stop if stop >= 0 else n)
-        question = _strip_span(text, q_start, q_end if q_end >= 0 else n)
+        question = strip_span(text, q_start, q_end if q_end >= 0 else n)
         if t_open < 0:
             return {"question": question, "thinking": closed, "summary": closed}
         t_start = t_open + len(think_open)
         t_close = text.find(think_close, t_start)
         if t_close < 0:
             return {"question": question,
-                    "thinking": _lstrip_span(text, t_start, self._eos_position(text, t_start)),
+                    "thinking": lstrip_span(text, t_start, self._eos_position(text, t_start)),
                     "summary": closed}
         s_start = t_close + len(think_close)
         if self.summary_open.strip():
             opened = text.find(self.summary_open, s_start)
             if opened < 0:
-                return {"question": question, "thinking": _lstrip_span(text, t_start, t_close),
+                return {"question": question, "thinking": lstrip_span(text, t_start, t_close),
                         "summary": closed}
             s_start = opened + len(self.summary_open)
-        return {"question": question, "thinking": _lstrip_span(text, t_start, t_close),
-                "summary": _lstrip_span(text, s_start, self._eos_position(text, s_start))}
+        return {"question": question, "thinking": lstrip_span(text, t_start, t_close),
+                "summary": lstrip_span(text, s_start, self._eos_position(text, s_start))}
 
     def segment_regions(self, text: str) -> list[tuple[str, Span]]:
         """:meth:`regions` as a list of ``(segment, span)`` pairs, in text order.
@@ -414,7 +416,5 @@ register_format(ReasoningFormat(
 ))
 
 # gpt-oss's harmony format has its own module (several analysis messages, tool calls,
-# system/developer messages); it builds on the classes above.
-from stepsal_lens.segments.harmony import HarmonyFormat  # noqa: E402
-
-register_format(HarmonyFormat())
+# system/developer messages); it builds on the classes above and registers itself
+# (stepsal_lens/segments/__init__.py imports it, so it is there whenever this module is).

@@ -56,7 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.segments.formats import ParsedText, ReasoningFormat, _lstrip_span, _strip_span
+from stepsal_lens.segments.formats import (ParsedText, ReasoningFormat, lstrip_span,
+                                           register_format, strip_span)
 
 __all__ = [
     "DEFAULT_MODEL_IDENTITY",
@@ -346,7 +347,7 @@ class HarmonyFormat(ReasoningFormat):
             raise StepSalError(
                 f"no user message ({self.user_open!r}) in the text for format {self.name!r} "
                 f"(text starts {text[:80]!r}); pass the full decoded text including the prompt")
-        q_span = _strip_span(text, *turn.question.content)
+        q_span = strip_span(text, *turn.question.content)
         if q_span[0] == q_span[1]:
             raise StepSalError(f"the question is empty in a {self.name!r} text (text starts "
                                f"{text[:80]!r})")
@@ -356,10 +357,10 @@ class HarmonyFormat(ReasoningFormat):
             raise StepSalError(
                 f"no assistant message after the question in a {self.name!r} text (it ends "
                 f"{text[-80:]!r}); pass the prompt together with the model's completion")
-        thinking = tuple(s for s in (_strip_span(text, *m.content) for m in turn.thinking)
+        thinking = tuple(s for s in (strip_span(text, *m.content) for m in turn.thinking)
                          if s[0] < s[1])
         if turn.final is not None:
-            s_span = _strip_span(text, *turn.final.content)
+            s_span = strip_span(text, *turn.final.content)
             truncated = False
         else:
             s_span = (n, n)
@@ -387,10 +388,10 @@ class HarmonyFormat(ReasoningFormat):
         turn = _turn(text)
         if turn.question is None:
             return [("question", (n, n))]
-        out = [("question", _strip_span(text, *turn.question.content))]
-        out += [("thinking", _lstrip_span(text, *m.content)) for m in turn.thinking]
+        out = [("question", strip_span(text, *turn.question.content))]
+        out += [("thinking", lstrip_span(text, *m.content)) for m in turn.thinking]
         if turn.final is not None:
-            out.append(("summary", _lstrip_span(text, *turn.final.content)))
+            out.append(("summary", lstrip_span(text, *turn.final.content)))
         return out
 
     def regions(self, text: str) -> dict[str, Span]:
@@ -472,3 +473,6 @@ def _load_encoding(folder: str):
             del os.environ[_VOCAB_ENV]
         else:
             os.environ[_VOCAB_ENV] = before
+
+
+register_format(HarmonyFormat())
