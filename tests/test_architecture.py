@@ -1,6 +1,7 @@
 """The layers of docs/architecture.md: every import points to its own layer or below."""
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import stepsal_lens
@@ -10,10 +11,10 @@ RANK = {"_version": 0, "errors": 0, "typing": 0.5, "_registry": 0.5, "fingerprin
         "lens": 3, "eval": 4, "apps": 5, "zoo": 6}
 # Deliberate upward imports, all inside a function (docs/architecture.md says why).
 ALLOWED = {
-    ("results/effects.py", "stepsal_lens.apps.circuits"),
+    ("results/effects.py", "stepsal_lens.apps.effect_plots"),
     ("results/effects.py", "stepsal_lens.apps.plots"),
     ("segments/harmony.py", "stepsal_lens.zoo.real_tokenizers"),
-    ("apps/cli.py", "stepsal_lens.zoo.tiny_random"),
+    ("apps/cli_common.py", "stepsal_lens.zoo.tiny_random"),
     ("apps/demo.py", "stepsal_lens.zoo.task"),
 }
 
@@ -62,3 +63,62 @@ def test_every_subpackage_is_a_real_package():
     # without __init__.py a folder is a namespace package and is left out of the wheel
     for folder in ("segments", "core", "lens", "results", "eval", "apps", "zoo"):
         assert (PACKAGE / folder / "__init__.py").is_file(), folder
+
+
+def _metrics():
+    """benchmarks/architecture_metrics.py: the walks that measure the package (one code
+    path for the numbers in docs/architecture.md and for these checks)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "architecture_metrics.py"
+    spec = importlib.util.spec_from_file_location("architecture_metrics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.ROOT = PACKAGE
+    return module
+
+
+def test_no_import_circles():
+    """No two package modules import each other, directly or through others, counting
+    imports inside functions too (only ``if TYPE_CHECKING`` imports, which never run,
+    are left out)."""
+    m = _metrics()
+    circles = m.circles(m.modules())
+    assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_circle_walk_sees_function_level_imports(tmp_path):
+    """The walk itself: a circle closed by an import inside a function is found."""
+    m = _metrics()
+    pkg = tmp_path / "stepsal_lens"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from stepsal_lens.b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from stepsal_lens.a import x\n")
+    m.ROOT = pkg
+    assert m.circles(m.modules()) == [["stepsal_lens.a", "stepsal_lens.b"]]
+
+
+def test_no_private_access_across_modules():
+    """No module reads or sets another module's private members: ``from m import _x``,
+    ``m._x`` on an imported package module, and ``obj._x`` where ``_x`` belongs to an
+    object defined in another module (e.g. ``sf._oeb_set`` outside the StepFlow state)."""
+    m = _metrics()
+    found = [f for f in m.private_accesses(m.modules())
+             if not f.startswith("eval/scale.py:")]  # until eval/runs.py's helpers are public
+    assert not found, "private members used across modules:\n" + "\n".join(found)
+
+
+def test_private_access_walk_finds_the_kinds(tmp_path):
+    m = _metrics()
+    pkg = tmp_path / "stepsal_lens"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("class A:\n    def __init__(self):\n        self._x = 1\n"
+                              "    def _f(self):\n        return self._x\n\n"
+                              "def _helper():\n    return 1\n")
+    (pkg / "b.py").write_text("from stepsal_lens import a\nfrom stepsal_lens.a import _helper\n\n"
+                              "def use(obj):\n    obj._oeb_set = {1}\n    a._helper()\n"
+                              "    return obj._f(), obj._x\n")
+    m.ROOT = pkg
+    kinds = sorted(line.split(" ", 1)[1] for line in m.private_accesses(m.modules()))
+    assert kinds == sorted(["from stepsal_lens.a import _helper", "a._helper", "._oeb_set",
+                            "._f", "._x"]), kinds

@@ -59,8 +59,10 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.segments.answers import (KINDS, Answer, _check_kind, _closing, _split_top,
-                                           find_answer, find_boxed)
+from stepsal_lens.segments.answers import (KINDS, Answer, find_answer, find_boxed)
+from stepsal_lens.segments.answers import check_kind as _check_kind
+from stepsal_lens.segments.answers import closing_brace as _closing
+from stepsal_lens.segments.answers import split_top as _split_top
 
 __all__ = [
     "Answer",

@@ -1,7 +1,7 @@
 """Results of the causal tools: the step effect matrix and receiver-head scores.
 
 Both save to safetensors + JSON and load back with checks; ``.plot()`` is a convenience
-that calls the figure code in :mod:`stepsal_lens.apps.circuits`.
+that calls the figure code in :mod:`stepsal_lens.apps.effect_plots`.
 
 Examples
 --------
@@ -204,8 +204,8 @@ class StepEffects:
         return cls(effects, steps, ids, per_layer, layers, heads, meta)
 
     def plot(self, **kwargs: Any):
-        """:func:`~stepsal_lens.apps.circuits.plot_effects` of this result."""
-        from stepsal_lens.apps.circuits import plot_effects
+        """:func:`~stepsal_lens.apps.effect_plots.plot_effects` of this result."""
+        from stepsal_lens.apps.effect_plots import plot_effects
 
         return plot_effects(self, **kwargs)
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from stepsal_lens.errors import StepSalError
 
-__all__ = ["Answer", "KINDS", "find_answer", "find_boxed"]
+__all__ = ["Answer", "KINDS", "check_kind", "closing_brace", "find_answer", "find_boxed",
+           "split_top"]
 
 
 #: Answer kinds: free-form math, or a multiple-choice letter.
@@ -46,7 +47,7 @@ class Answer:
     style: str
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise StepSalError(f"unknown answer kind {kind!r}; use one of {list(KINDS)}")
 
@@ -54,7 +55,7 @@ def _check_kind(kind: str) -> None:
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
 
-def _closing(text: str, i: int) -> int:
+def closing_brace(text: str, i: int) -> int:
     """Index of the brace closing the ``{`` at ``i`` (-1 when it never closes)."""
     depth, j = 0, i
     while j < len(text):
@@ -98,7 +99,7 @@ def _boxes(text: str) -> list[tuple[int, int]]:
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
-            j = _closing(text, i)
+            j = closing_brace(text, i)
             if j > 0:
                 spans.append((i + 1, j))
         elif i < len(text):  # "\boxed 5"
@@ -270,7 +271,7 @@ def find_answer(text: str | None, kind: str = "math") -> Answer | None:
     >>> find_answer("The answer is A, not B.", kind="choice").text
     'A'
     """
-    _check_kind(kind)
+    check_kind(kind)
     if not text:
         return None
     if kind == "choice":
@@ -288,7 +289,7 @@ def find_answer(text: str | None, kind: str = "math") -> Answer | None:
     return None
 
 
-def _split_top(s: str, sep: str = ",") -> list[str]:
+def split_top(s: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside brackets and braces."""
     parts, depth, cur = [], 0, []
     i = 0
