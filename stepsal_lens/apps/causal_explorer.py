@@ -17,11 +17,12 @@ from stepsal_lens.apps.effect_plots import effect_map
 from stepsal_lens.apps.step_explorer import StepExplorer
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.effects import StepEffects
+from stepsal_lens.typing import Model
 
 __all__ = ["causal_explorer"]
 
 
-def causal_explorer(result: Any, effects: StepEffects, *, model: Any = None,
+def causal_explorer(result: Any, effects: StepEffects, *, model: Model = None,
                     trace: Any = None):
     """The Step-Saliency explorer with a "saliency | causal effect" toggle on the map.
 

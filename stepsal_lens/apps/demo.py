@@ -19,6 +19,18 @@ from stepsal_lens.segments.association import model_name
 from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import StepFlowConfig
+from stepsal_lens.typing import Model
+from stepsal_lens.apps.circuits import demo_causality
+from stepsal_lens.apps.report import write_demo_report
+from stepsal_lens.core.metrics import compare, layer_metrics
+from stepsal_lens.eval.grading import grade_output
+from stepsal_lens.eval.runs import EvalRun, compare_runs
+from stepsal_lens.lens.generation import generate
+from stepsal_lens.lens.models import check_device, load_lrm
+from stepsal_lens.lens.saliency import step_saliency
+from stepsal_lens.lens.stepflow import stepflow as stepflow_on
+from stepsal_lens.results.jsonl import read_jsonl, write_jsonl
+from stepsal_lens.results.outputs import output_dir
 
 __all__ = ["DemoResult", "load_questions", "run_demo"]
 
@@ -48,8 +60,6 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     An optional ``"kind"`` (``"math"``, the default, or ``"choice"``) says how the answer is
     graded (:func:`stepsal_lens.eval.grading.grade_output`).
     """
-    from stepsal_lens.results.jsonl import read_jsonl
-
     path = Path(path)
     rows = []
     fix = 'each line must be an object like {"question": "...", "answer": "..."}'
@@ -83,12 +93,6 @@ def _analyse(model, rows, *, stepflow: StepFlowConfig | None, max_new_tokens: in
     """Generate, grade and run Step-Saliency (with StepFlow on when given)."""
     import pandas as pd
     from tqdm.auto import tqdm
-
-    from stepsal_lens.lens.generation import generate
-    from stepsal_lens.core.metrics import layer_metrics
-    from stepsal_lens.lens.saliency import step_saliency
-    from stepsal_lens.lens.stepflow import stepflow as stepflow_on
-    from stepsal_lens.eval.grading import grade_output
 
     gens = generate(model, [r["question"] for r in rows], max_new_tokens=max_new_tokens,
                     stepflow=stepflow, progress=progress)
@@ -125,7 +129,7 @@ def _analyse(model, rows, *, stepflow: StepFlowConfig | None, max_new_tokens: in
     return records, metrics, saliencies
 
 
-def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
+def run_demo(model: Model | str = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
              seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
              device: str | None = None, stepflow: StepFlowConfig | None = StepFlowConfig(),
              progress: bool = True, overwrite: bool = False, causal: int = 8) -> DemoResult:
@@ -142,13 +146,6 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     temporary sibling that becomes ``out`` only when the demo has finished, so no file
     of an earlier run survives beside the new report and a failed run changes nothing.
     """
-    from stepsal_lens.eval.runs import compare_runs
-    from stepsal_lens.core.metrics import compare
-    from stepsal_lens.lens.models import check_device, load_lrm
-    from stepsal_lens.results.jsonl import write_jsonl
-    from stepsal_lens.results.outputs import output_dir
-    from stepsal_lens.apps.report import write_demo_report
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise StepSalError(f"--n must be at least 1; got {n}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
@@ -176,7 +173,6 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
         write_csv(metrics, tmp / "metrics.csv")
         if comparison is not None:
             write_csv(comparison, tmp / "compare.csv")
-        from stepsal_lens.apps.circuits import demo_causality
 
         causal_part = demo_causality(model, saliencies, limit=causal) if causal else None
         if causal_part is not None:
@@ -201,8 +197,6 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
 
 
 def _as_run(records: list[dict[str, Any]]):
-    from stepsal_lens.eval.runs import EvalRun
-
     recs = [{"id": str(r["index"]), "sample": 0, "correct": bool(r["correct"])} for r in records]
     # both passes answer the same questions, in the same order
     return EvalRun(Path("."), recs, {}, {"problems": "the demo's questions"})

@@ -20,6 +20,7 @@ from stepsal_lens.errors import StepSalError
 from stepsal_lens.apps.plots import figure_png, plot_map_pair
 from stepsal_lens.apps.report import plot_condition_curves
 from stepsal_lens.apps.step_explorer import StaticTwin, step_map, view_class
+from stepsal_lens.core.metrics import layer_metrics
 
 __all__ = ["BINS", "GroupComparison", "Panel", "binned_map", "binned_segments", "binned_ticks",
            "compare_groups", "fit_bins"]
@@ -128,8 +129,6 @@ def _check_group(results: Any, what: str) -> list[Any]:
 
 def _group_metrics(results: list[Any]):
     import pandas as pd
-
-    from stepsal_lens.core.metrics import layer_metrics
 
     return pd.concat([layer_metrics(r) for r in results], ignore_index=True)
 

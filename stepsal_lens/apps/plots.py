@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from stepsal_lens.apps.escape import esc
+from stepsal_lens.core.metrics import normalize_rows
 
 __all__ = ["SEGMENT_COLORS", "Figure", "draw_step_map", "figure_png", "img_tag",
            "map_colors", "plot_map_pair", "plot_step_maps", "segment_boundaries",
@@ -156,8 +157,6 @@ def plot_step_maps(maps: Float[Tensor, "layer step step"], segments: Sequence[st
     normalize
         Show row-normalised maps (where each step draws from).
     """
-    from stepsal_lens.core.metrics import normalize_rows
-
     n_layers = maps.shape[0]
     layers = list(range(n_layers)) if layers is None else list(layers)
     picks = sorted(set(np.linspace(0, n_layers - 1, min(n_panels, n_layers)).round().astype(int)))

@@ -14,6 +14,8 @@ import numpy as np
 
 from stepsal_lens.apps.escape import esc
 from stepsal_lens.apps.plots import figure_png, img_tag
+from stepsal_lens.apps.circuits import causality_section
+from stepsal_lens.apps.plots import new_figure, plot_step_maps
 
 __all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
 
@@ -34,8 +36,6 @@ def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_sh
     :class:`stepsal_lens.apps.plots.Figure` (no pyplot: the backend is left alone).
     """
     from scipy import stats
-
-    from stepsal_lens.apps.plots import new_figure
 
     fig = new_figure(4.6 * len(names), 3.6)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
@@ -136,8 +136,6 @@ def _length_note(records: list[dict[str, Any]]) -> str:
 
 def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     """Write the demo's PNGs and ``report.html`` into ``result.out``."""
-    from stepsal_lens.apps.plots import plot_step_maps
-
     out = Path(result.out)
     parts = [f"<h1>stepsal demo: {esc(model_name)}</h1>"]
     recs = result.records
@@ -183,8 +181,6 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     if getattr(result, "stepflow", None):
         parts.append(_stepflow_section(result, result.stepflow, out))
     if getattr(result, "causal", None):
-        from stepsal_lens.apps.circuits import causality_section
-
         parts.append(causality_section(result.causal, out))
     rows = "".join(
         f"<tr><td>{esc(r['index'])}</td><td>{esc(r['split'])}</td>"

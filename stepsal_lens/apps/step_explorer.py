@@ -48,6 +48,10 @@ from stepsal_lens.apps.plots import (
     segment_ticks,
     token_html,
 )
+from stepsal_lens.typing import Model
+from stepsal_lens.core.metrics import normalize_rows
+from stepsal_lens.lens.saliency import replay, token_saliency
+from stepsal_lens.lens.saliency import trace_tokens as model_trace_tokens
 
 __all__ = ["SCALES", "StaticTwin", "StepExplorer", "step_map", "token_values", "trace_tokens",
            "view_class"]
@@ -69,8 +73,6 @@ def step_map(result: Any, layer_index: int, head: int | None = None,
              scale: str = "row-normalised") -> np.ndarray:
     """The ``[step, step]`` map an explorer shows: one layer (index into
     ``result.layers``), one head or the head mean, on a raw / row-normalised / log scale."""
-    from stepsal_lens.core.metrics import normalize_rows
-
     if scale not in SCALES:
         raise StepSalError(f"scale must be one of {SCALES}; got {scale!r}")
     maps = result.maps[layer_index].double()
@@ -170,15 +172,13 @@ class StepExplorer(StaticTwin):
     token view of the selected step pair), ``widget`` (the whole layout).
     """
 
-    def __init__(self, result: Any, *, model: Any = None, trace: Any = None):
+    def __init__(self, result: Any, *, model: Model = None, trace: Any = None):
         import ipywidgets as w
 
         if model is not None and trace is None or trace is not None and model is None:
             raise StepSalError("pass both model= and trace= to drill down to tokens, or neither")
         if model is not None:
-            from stepsal_lens.lens.saliency import trace_tokens
-
-            trace_tokens(model, trace)  # refuses a model with another tokenizer
+            model_trace_tokens(model, trace)  # refuses a model with another tokenizer
             if result.token_ids.tolist() != trace.token_ids.tolist():
                 raise StepSalError(
                     f"the result covers {len(result.token_ids)} token ids and the trace "
@@ -290,7 +290,6 @@ class StepExplorer(StaticTwin):
             raise StepSalError("this explorer has no model; explore(result, model=..., "
                                "trace=...) to drill down to tokens")
         self._check_steps(query_step, key_step)
-        from stepsal_lens.lens.saliency import replay, token_saliency
 
         layer, head, _ = self.current()
         real_layer = self.result.layers[layer]

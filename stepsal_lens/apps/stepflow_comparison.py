@@ -19,6 +19,7 @@ from stepsal_lens.apps.plots import figure_png, plot_map_pair
 from stepsal_lens.apps.group_comparison import (Panel, binned_map, binned_segments, binned_ticks,
                                                 fit_bins)
 from stepsal_lens.apps.step_explorer import step_map
+from stepsal_lens.core.metrics import layer_metrics
 
 __all__ = ["StepFlowComparison", "compare_stepflow"]
 
@@ -34,8 +35,6 @@ class StepFlowComparison(Panel):
                  text_on: str | None = None):
         import ipywidgets as w
         import pandas as pd
-
-        from stepsal_lens.core.metrics import layer_metrics
 
         if list(off.layers) != list(on.layers):
             raise StepSalError("the two results cover different layers")

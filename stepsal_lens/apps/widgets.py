@@ -46,13 +46,14 @@ from stepsal_lens.apps.group_comparison import (BINS, GroupComparison, binned_ma
                                                 fit_bins)
 from stepsal_lens.apps.step_explorer import StepExplorer, step_map, token_values, trace_tokens
 from stepsal_lens.apps.stepflow_comparison import StepFlowComparison, compare_stepflow
+from stepsal_lens.typing import Model
 
 __all__ = ["BINS", "GroupComparison", "StepExplorer", "StepFlowComparison", "binned_map",
            "binned_segments", "binned_ticks", "compare_groups", "compare_stepflow", "explore",
            "fit_bins", "step_map", "token_values", "trace_tokens"]
 
 
-def explore(result: Any, *, model: Any = None, trace: Any = None,
+def explore(result: Any, *, model: Model = None, trace: Any = None,
             effects: Any = None) -> StepExplorer:
     """Open a :class:`~stepsal_lens.StepSaliency` in an interactive explorer.
 

@@ -56,7 +56,11 @@ from stepsal_lens.lens.saliency import check_layers, trace_tokens
 from stepsal_lens.results.effects import ReceiverHeads, StepEffects
 from stepsal_lens.segments.association import model_name
 from stepsal_lens.segments.trace import Trace
-from stepsal_lens.typing import StepMap
+from stepsal_lens.typing import Model, StepMap
+from stepsal_lens.core.pooling import pool_saliency
+from stepsal_lens.lens.saliency import step_saliency
+from stepsal_lens.lens.targets import answer_token_positions
+from stepsal_lens.results.saliency import StepSaliency
 
 __all__ = ["patch_step", "receiver_heads", "step_attention", "step_effects"]
 
@@ -71,7 +75,7 @@ class _Stop(Exception):
     """Ends a forward pass once the final residual stream is captured."""
 
 
-def _final_states(model: Any, tokens: Tensor, extra_hooks=()) -> Tensor:
+def _final_states(model: Model, tokens: Tensor, extra_hooks=()) -> Tensor:
     """The input of the unembedding ``[batch, pos, d_model]`` (the forward stops there,
     so no ``[batch, pos, vocab]`` logits are ever made)."""
     kept: dict[str, Tensor] = {}
@@ -91,7 +95,7 @@ def _final_states(model: Any, tokens: Tensor, extra_hooks=()) -> Tensor:
     return kept["x"]
 
 
-def _chunk(model: Any) -> int:
+def _chunk(model: Model) -> int:
     return max(1, _CHUNK_BYTES // (4 * model.cfg.d_vocab))
 
 
@@ -109,7 +113,7 @@ def _check_heads(heads: Sequence[int] | None, n_heads: int) -> list[int] | None:
 # ---- the causal effect matrix --------------------------------------------------------------
 
 
-def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
+def step_effects(model: Model, trace: Trace, layers: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None, *, per_layer: bool = False,
                  batch_size: int = 8, progress: bool = False) -> StepEffects:
     """The causal effect of cutting each step off the steps after it.
@@ -225,7 +229,7 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
 
 # ---- attention step maps and receiver heads ------------------------------------------------
 
-def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None):
+def step_attention(model: Model, trace: Trace, layers: Sequence[int] | None = None):
     """Step-pooled attention: ``M[l, h, i, j]`` = mean ``A[l, h, q, k]`` over the token
     pairs of steps ``i`` and ``j`` (pooled exactly like the saliency maps).
 
@@ -240,9 +244,6 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     >>> tuple(att.maps.shape)
     (4, 4, 4, 4)
     """
-    from stepsal_lens.results.saliency import StepSaliency
-    from stepsal_lens.core.pooling import pool_saliency
-
     layers = check_layers(layers, model.cfg.n_layers)
     tokens = trace_tokens(model, trace)
     step_of = trace.step_of_token.to(tokens.device)
@@ -268,7 +269,7 @@ def _restrict(maps: StepMap, segments_of: Sequence[str], keep: Sequence[str]) ->
     return maps[:, :, idx][:, :, :, idx]
 
 
-def receiver_heads(model: Any, traces: Sequence[Trace] | Trace, *, k: int = 4,
+def receiver_heads(model: Model, traces: Sequence[Trace] | Trace, *, k: int = 4,
                    segments: Sequence[str] = ("thinking",), saliency: bool = True,
                    saliencies: Sequence[Any] | None = None, target: str = "lm",
                    progress: bool = False) -> ReceiverHeads:
@@ -317,8 +318,6 @@ def receiver_heads(model: Any, traces: Sequence[Trace] | Trace, *, k: int = 4,
     ['layer', 'head', 'kurtosis_attention', 'std_attention']
     """
     from tqdm.auto import tqdm
-
-    from stepsal_lens.lens.saliency import step_saliency
 
     traces = [traces] if isinstance(traces, Trace) else list(traces)
     if not traces:
@@ -385,7 +384,7 @@ def _check_patchable(source: Trace, target: Trace, step: int) -> tuple[int, int]
     return span_t
 
 
-def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
+def patch_step(model: Model, source: Trace, target: Trace, step: int, *,
                site: str = "resid_pre", layers: Sequence[int] | None = None,
                heads: Sequence[int] | None = None, answer: str | None = None,
                batch_size: int = 8):
@@ -434,8 +433,6 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     True
     """
     import pandas as pd
-
-    from stepsal_lens.lens.targets import answer_token_positions
 
     if site not in PATCH_SITES:
         raise StepSalError(f"site must be one of {sorted(PATCH_SITES)}; got {site!r}")

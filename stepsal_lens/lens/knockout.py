@@ -53,7 +53,7 @@ from torch import Tensor
 
 from stepsal_lens.core.knockout import Span, Suppression, suppress_attention, suppression_mask
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.typing import Pattern
+from stepsal_lens.typing import Model, Pattern
 
 __all__ = ["Knockout", "has_sinks", "step_knockout"]
 
@@ -63,7 +63,7 @@ __all__ = ["Knockout", "has_sinks", "step_knockout"]
 
 # ---- the hook wrapper ----------------------------------------------------------------------
 
-def has_sinks(model: Any) -> bool:
+def has_sinks(model: Model) -> bool:
     """Whether the model's attention has sink logits (GPT-OSS)."""
     hf = getattr(model, "original_model", None)
     if hf is None:
@@ -74,7 +74,7 @@ def has_sinks(model: Any) -> bool:
 class _Positions:
     """Follows the model's forward passes: each row's token position of every column."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Model):
         self.model = model
         self.pos: Tensor | None = None  # [batch, total], -1 at padding
 
@@ -119,7 +119,7 @@ class Knockout:
         Attention rows left unchanged because every key they see was suppressed.
     """
 
-    def __init__(self, model: Any, cuts: Sequence[Suppression] = (), *,
+    def __init__(self, model: Model, cuts: Sequence[Suppression] = (), *,
                  rows: Sequence[Sequence[Suppression]] | None = None):
         if rows is not None and len(cuts):
             raise StepSalError("pass cuts (the same for every row) or rows=[...] (one list per "
@@ -208,7 +208,7 @@ def _ints(x: int | Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 @contextmanager
-def step_knockout(model: Any, trace: Any = None, keys: Any = (), *, queries: Any = None,
+def step_knockout(model: Model, trace: Any = None, keys: Any = (), *, queries: Any = None,
              layers: int | Sequence[int] | None = None,
              heads: int | Sequence[int] | None = None) -> Iterator[Knockout]:
     """Suppress attention to chosen key steps for every forward pass inside the block.

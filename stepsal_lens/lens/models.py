@@ -33,6 +33,7 @@ from stepsal_lens.results.config import default_layer_split
 from stepsal_lens.fingerprint import file_fingerprint
 from stepsal_lens.segments.association import attach
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
+from stepsal_lens.typing import Model
 
 __all__ = [
     "ModelSpec",
@@ -116,7 +117,7 @@ def list_models():
     return pd.DataFrame(rows)
 
 
-def require_hooks(model: Any, names: list[str]) -> None:
+def require_hooks(model: Model, names: list[str]) -> None:
     """Refuse hook names the model does not have (TransformerLens ignores them silently)."""
     missing = sorted({n for n in names if n not in model.hook_dict})
     if missing:
@@ -339,7 +340,7 @@ def _resolve_hub(name: str) -> str:
         return name
 
 
-def _keep_own_tokenizer(model: Any, source: str) -> None:
+def _keep_own_tokenizer(model: Model, source: str) -> None:
     """Give the bridge the checkpoint's own tokenizer, as the model's users know it.
 
     At boot TransformerLens normalises the tokenizer (gpt-oss gains ``add_bos_token``,

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.typing import Model
+from stepsal_lens.segments.formats import get_format
+from stepsal_lens.segments.trace import Trace
 
 __all__ = ["Generation"]
 
@@ -64,8 +67,6 @@ class Generation:
     def segments(self) -> dict[str, Any]:
         """Question, thinking and summary text (``truncated``: the thinking never
         closed; ``error``: the text could not be parsed)."""
-        from stepsal_lens.segments.formats import get_format
-
         try:
             p = get_format(self.format).parse(self.text)
         except StepSalError as err:
@@ -74,10 +75,8 @@ class Generation:
         return {"question": p.question, "thinking": p.thinking, "summary": p.summary,
                 "truncated": p.truncated, "error": None}
 
-    def trace(self, model: Any, **kwargs: Any):
+    def trace(self, model: Model, **kwargs: Any):
         """The :class:`~stepsal_lens.Trace` over exactly these token ids."""
-        from stepsal_lens.segments.trace import Trace
-
         return Trace.from_token_ids(self.token_ids, model, format=self.format, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

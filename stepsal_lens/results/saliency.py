@@ -30,6 +30,8 @@ from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.checks import FIX_ANALYZE, FileCheck, read_json, read_safetensors
 from stepsal_lens.segments.trace import Step
 from stepsal_lens.typing import StepMap
+from stepsal_lens.core.metrics import layer_metrics, normalize_rows
+from stepsal_lens.results.config import StepFlowConfig
 
 __all__ = ["StepSaliency"]
 
@@ -78,14 +80,10 @@ class StepSaliency:
     def row_normalized(self, head: int | None = None) -> Float[Tensor, "layer step step"]:
         """``Mn[i, j] = M[i, j] / sum_j M[i, j]`` (head-mean unless ``head`` is given):
         where each step draws its information from. All-zero rows stay zero."""
-        from stepsal_lens.core.metrics import normalize_rows
-
         return normalize_rows(self.head_mean() if head is None else self.maps[:, head])
 
     def metrics(self, k: int = 3):
         """Per-layer failure-mode metrics (:func:`stepsal_lens.core.metrics.layer_metrics`)."""
-        from stepsal_lens.core.metrics import layer_metrics
-
         return layer_metrics(self, k=k)
 
     def to_dataframe(self):
@@ -199,7 +197,6 @@ def _read_saved(files: list[Path]) -> tuple[Tensor, list[int], list[Step], Tenso
     for key in ("text", "tokenizer"):
         jcheck.string(f"meta.{key}", extra.get(key), optional=True)
     if extra.get("stepflow") is not None:  # replay() runs the model with these settings
-        from stepsal_lens.results.config import StepFlowConfig
 
         flow = jcheck.obj("meta.stepflow", extra["stepflow"])
         try:

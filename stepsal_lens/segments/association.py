@@ -27,6 +27,7 @@ from typing import Any
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
+from stepsal_lens.typing import Model
 
 __all__ = ["ModelInfo", "attach", "format_of", "info_of", "model_name"]
 
@@ -53,7 +54,7 @@ class ModelInfo:
 _ATTACHED: weakref.WeakKeyDictionary[Any, ModelInfo] = weakref.WeakKeyDictionary()
 
 
-def attach(model: Any, format: str | ReasoningFormat, *, spec: Any = None,
+def attach(model: Model, format: str | ReasoningFormat, *, spec: Any = None,
            source: str = "", fingerprint: str | None = None) -> ModelInfo:
     """Associate a reasoning format (and registry entry) with a bridge you built yourself.
 
@@ -68,7 +69,7 @@ def attach(model: Any, format: str | ReasoningFormat, *, spec: Any = None,
     return info
 
 
-def info_of(model: Any) -> ModelInfo:
+def info_of(model: Model) -> ModelInfo:
     """The :class:`ModelInfo` of a model loaded with :func:`load_lrm` (or :func:`attach`)."""
     try:
         return _ATTACHED[model]
@@ -79,7 +80,7 @@ def info_of(model: Any) -> ModelInfo:
             f"(one of {list_formats()})") from None
 
 
-def model_name(model: Any) -> str:
+def model_name(model: Model) -> str:
     """A model's registry name or source (what result files record)."""
     info = _ATTACHED.get(model) if not isinstance(model, (str, os.PathLike)) else None
     if info is not None and info.name:
@@ -87,7 +88,7 @@ def model_name(model: Any) -> str:
     return str(getattr(getattr(model, "cfg", None), "model_name", "") or model)
 
 
-def format_of(model: Any) -> ReasoningFormat | None:
+def format_of(model: Model) -> ReasoningFormat | None:
     """The reasoning format attached to a model (None if it has none)."""
     try:
         return _ATTACHED[model].format

@@ -37,6 +37,7 @@ from stepsal_lens.segments.association import format_of, info_of
 from stepsal_lens.fingerprint import tokenizer_fingerprint
 from stepsal_lens.segments.formats import ParsedText, ReasoningFormat, get_format, list_formats
 from stepsal_lens.segments.splitters import Span, Splitter, get_splitter
+from stepsal_lens.typing import Model
 
 __all__ = [
     "SEGMENTS",
@@ -606,7 +607,7 @@ def _made_with(trace: Trace, model_or_tokenizer: Any) -> Trace:
     return trace
 
 
-def _refuse_other_tokenizer(stored: str, stored_model: Any, model_or_tokenizer: Any,
+def _refuse_other_tokenizer(stored: str, stored_model: Model, model_or_tokenizer: Any,
                             tok: Any) -> None:
     theirs = tokenizer_fingerprint(tok)
     if theirs == stored:
