@@ -129,9 +129,23 @@ def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
                                format=format)
 
 
+@contextmanager
+def _one_trace(args: argparse.Namespace, command: str):
+    """A one-trace command's temporary output folder (swapped into place at the end), its
+    model and its trace; the trace file and ``--out`` are checked before the model loads."""
+    from stepsal_lens.results.outputs import output_dir
+
+    doc = _read_trace_doc(Path(args.trace))
+    with output_dir(args.out, command=command, overwrite=args.overwrite,
+                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = _load_model(args.model, device=args.device, dtype=args.dtype,
+                            format=args.format)
+        yield tmp, model, _read_trace(Path(args.trace), model, args.format, doc)
+
+
 def analyze(args: argparse.Namespace) -> int:
     from stepsal_lens.apps.batch import write_analysis
-    from stepsal_lens.results.outputs import output_dir
 
     _check_common(args)
     if args.traces is not None:  # many traces: stepsal_lens.apps.batch
@@ -144,14 +158,7 @@ def analyze(args: argparse.Namespace) -> int:
             raise StepSalError(f"{flag} is for many traces (--traces FILE.jsonl); for one "
                                f"trace drop it" + (" (or run `stepsal effects`)"
                                                    if flag == "--effects" else ""))
-    doc = _read_trace_doc(Path(args.trace))
-    # written into a temporary sibling, swapped into place at the end
-    with output_dir(args.out, command="analyze", overwrite=args.overwrite,
-                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model = _load_model(args.model, device=args.device, dtype=args.dtype,
-                            format=args.format)
-        trace = _read_trace(Path(args.trace), model, args.format, doc)
+    with _one_trace(args, "analyze") as (tmp, model, trace):
         if trace.truncated:
             print("warning: the thinking never closes (truncated trace); there is no summary",
                   file=sys.stderr)
@@ -165,18 +172,11 @@ def analyze(args: argparse.Namespace) -> int:
 def effects_cmd(args: argparse.Namespace) -> int:
     from stepsal_lens.apps.batch import write_effects
     from stepsal_lens.lens.saliency import step_saliency
-    from stepsal_lens.results.outputs import output_dir
 
     _check_common(args)
     per_layer = args.layers is not None
     layers = None if args.layers in (None, "all") else _layers(args.layers)
-    doc = _read_trace_doc(Path(args.trace))
-    with output_dir(args.out, command="effects", overwrite=args.overwrite,
-                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model = _load_model(args.model, device=args.device, dtype=args.dtype,
-                            format=args.format)
-        trace = _read_trace(Path(args.trace), model, args.format, doc)
+    with _one_trace(args, "effects") as (tmp, model, trace):
         sal = step_saliency(model, trace, target=args.target, progress=True)
         sal.meta["model"] = args.model
         write_effects(model, trace, sal, tmp, model_name=args.model, target=args.target,
