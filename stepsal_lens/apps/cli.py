@@ -40,6 +40,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from stepsal_lens._checks import check_timeout
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.outputs import read_jsonl_objects
 from stepsal_lens.results.config import StepFlowConfig
@@ -356,9 +357,8 @@ def grade_cmd(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
     if src.resolve() == out.resolve():
         raise StepSalError(f"--out {args.out!r} is the input file; write the grades elsewhere")
+    check_timeout(args.timeout, "--timeout")
     rows = _grade_rows(src)
-    if args.timeout <= 0:
-        raise StepSalError(f"--timeout must be positive; got {args.timeout}")
     n_correct = n_errors = 0
     with open(out, "w") as f:
         for row in tqdm(rows, desc="grading", unit="line", disable=None):

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from stepsal_lens.core.pooling import pool_saliency, step_means
+from stepsal_lens._checks import check_layer_list
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.lens.targets import (_TARGETS, Target, _check_target_kwargs, get_lean_target,
                                        get_target)
@@ -226,13 +227,11 @@ def _choose_engine(model, engine: str) -> tuple[str, str]:
 
 
 def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Sorted distinct layer indices (None: all), refused when out of range or empty."""
-    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise StepSalError(f"layers {bad or layers} are not valid for a model with {n_layers} "
-                           f"layers; pass indices in [0, {n_layers})")
-    return layers
+    """Sorted distinct layer indices (None: all), refused when out of range, empty or not
+    whole numbers (:func:`stepsal_lens._checks.check_layer_list`)."""
+    if layers is None:
+        return list(range(n_layers))
+    return list(check_layer_list(layers, "layers", n_layers))
 
 
 def trace_tokens(model, trace: Trace) -> Tensor:

@@ -97,7 +97,7 @@ class StepFlow:
         fmt = info_of(model).format
         self.model = model
         self.engine, self.engine_reason = engine, engine_reason
-        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
+        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers, model.cfg.n_ctx)
         c = self.config
         self.tau_max, self.alpha, self.window = c.tau_max, c.alpha, c.window
         self.oeb_layers, self.smi_layers = list(c.oeb_layers), list(c.smi_layers)
