@@ -23,8 +23,10 @@ stepsal_lens.errors.StepSalError: temperature must be 0 (greedy) or between 0.00
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
@@ -43,6 +45,8 @@ __all__ = [
     "check_timeout",
     "check_type",
     "check_whole",
+    "describe_value",
+    "read_utf8",
 ]
 
 #: Smallest sampling temperature above 0: logits / 1e-4 stay finite in float32 for any
@@ -58,7 +62,8 @@ MAX_GRADING_TIMEOUT = 86_400.0
 MAX_ID_CHARS = 200
 
 
-def _got(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """``the str 'abc'``: a value's type and (shortened) repr, for messages."""
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
@@ -76,7 +81,7 @@ def check_type(value: Any, types: type | tuple[type, ...], name: str, want: str,
                                                        else (types,)):
         ok = False
     if not ok:
-        raise StepSalError(f"{name} must be {want}; got {_got(value)}" + (f"; {fix}" if fix
+        raise StepSalError(f"{name} must be {want}; got {describe_value(value)}" + (f"; {fix}" if fix
                                                                           else ""))
     return value
 
@@ -85,7 +90,7 @@ def check_whole(value: Any, name: str, *, low: int | None = None,
                 high: int | None = None, fix: str = "") -> int:
     """A whole number (not a bool, not a float) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise StepSalError(f"{name} must be a whole number; got {_got(value)}"
+        raise StepSalError(f"{name} must be a whole number; got {describe_value(value)}"
                            + (f"; {fix}" if fix else ""))
     if (low is not None and value < low) or (high is not None and value > high):
         span = (f">= {low}" if high is None else f"<= {high}" if low is None
@@ -104,7 +109,7 @@ def check_number(value: Any, name: str, *, low: float | None = None,
     """A finite real number (int or float, not a bool) in ``[low, high]`` (``(low, high]``
     with ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise StepSalError(f"{name} must be a number; got {_got(value)}"
+        raise StepSalError(f"{name} must be a number; got {describe_value(value)}"
                            + (f"; {fix}" if fix else ""))
     value = float(value)
     bad = not math.isfinite(value) or (low is not None and (value <= low if low_open
@@ -145,7 +150,7 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
 def check_id(value: Any, name: str = "id") -> str:
     """An id that can name a file: a non-empty string of at most :data:`MAX_ID_CHARS`."""
     if not isinstance(value, str) or not value.strip():
-        raise StepSalError(f"{name} must be a non-empty string; got {_got(value)}")
+        raise StepSalError(f"{name} must be a non-empty string; got {describe_value(value)}")
     if len(value) > MAX_ID_CHARS:
         raise StepSalError(f"{name} has {len(value)} characters (at most {MAX_ID_CHARS}: ids "
                            f"name files and folders); got {value[:40]!r}...; shorten it")
@@ -163,11 +168,11 @@ def check_layer_list(value: Any, name: str, n_layers: int | None = None, *,
     fix = "a list of whole-number layer indices like [0, 1, 2]"
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) \
             or isinstance(value, dict):
-        raise StepSalError(f"{name} must be {fix}; got {_got(value)}")
+        raise StepSalError(f"{name} must be {fix}; got {describe_value(value)}")
     items = list(value)
     bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
     if bad:
-        raise StepSalError(f"{name} must be {fix}; got {items!r} ({_got(bad[0])} is not a "
+        raise StepSalError(f"{name} must be {fix}; got {items!r} ({describe_value(bad[0])} is not a "
                            f"layer index)")
     if not items and not allow_empty:
         raise StepSalError(f"{name} is empty; pass {fix}, or None for the default")
@@ -179,3 +184,30 @@ def check_layer_list(value: Any, name: str, n_layers: int | None = None, *,
         raise StepSalError(f"{name} {out} are not valid layer indices{where}; pass indices "
                            f">= 0{top}")
     return layers
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped), or one error that
+    names the file and the encoding it seems to be in (UTF-16, UTF-32, Latin-1).
+
+    ``what`` names the file in messages (``"trace file"``, ``"prompt file"``).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    fix = (f"save it as UTF-8 (e.g. iconv -f ENCODING -t UTF-8 {path.name} > new-file, or "
+           f"in Python open(..., encoding='utf-8'))")
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):
+            raise StepSalError(f"{what} {str(path)!r} is {name} text (it starts with a "
+                               f"{name} byte-order mark), not UTF-8; {fix}")
+    if data[:2000].count(0) > len(data[:2000]) // 4:
+        raise StepSalError(f"{what} {str(path)!r} is not UTF-8 text (a quarter of its bytes "
+                           f"are zero: UTF-16 or UTF-32 without a byte-order mark?); {fix}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise StepSalError(f"{what} {str(path)!r} is not UTF-8 text: byte "
+                           f"0x{data[err.start]:02x} at line {line} is not UTF-8 (Latin-1 or "
+                           f"Windows-1252?); {fix}") from None

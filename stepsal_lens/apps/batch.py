@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import check_id
 from stepsal_lens.errors import StepSalError
 
 __all__ = ["BatchAnalysis", "TraceLine", "analyze_traces", "check_batch_folder", "read_traces",
@@ -217,6 +218,8 @@ def read_traces(path: str | Path) -> list[TraceLine]:
         if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (str, int))):
             raise StepSalError(f"{where}: 'id' must be a string or a whole number, not "
                                f"{type(tid).__name__}; {_FIX}")
+        if tid is not None:
+            check_id(str(tid), f"{where}: 'id'")
         correct = row.get("correct")
         if correct is not None and not isinstance(correct, bool):
             raise StepSalError(f"{where}: 'correct' must be true or false, not "

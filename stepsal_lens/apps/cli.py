@@ -40,7 +40,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from stepsal_lens._checks import check_timeout
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  read_utf8)
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.outputs import read_jsonl_objects
 from stepsal_lens.results.config import StepFlowConfig
@@ -82,14 +83,16 @@ def _check_common(args: argparse.Namespace) -> None:
         from stepsal_lens.segments.formats import get_format
 
         get_format(args.format)
-    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit"):
+    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit", "workers"):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise StepSalError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
-    temperature = getattr(args, "temperature", None)
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise StepSalError(f"--temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature}")
+        if value is not None:
+            check_count(value, "--" + flag.replace("_", "-"))
+    if getattr(args, "temperature", None) is not None:
+        check_temperature(args.temperature, "--temperature")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+    if getattr(args, "stepflow", False):
+        _stepflow_settings(args)  # StepFlow's values checked before any model is loaded
 
 
 def _read_trace_doc(path: Path) -> dict:
@@ -97,8 +100,8 @@ def _read_trace_doc(path: Path) -> dict:
     if not path.is_file():
         raise StepSalError(f"trace file {str(path)!r} does not exist")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        doc = json.loads(read_utf8(path, "trace file"))
+    except json.JSONDecodeError as err:
         raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
     return _check_trace_doc(doc, f"trace file {str(path)!r}")
 
@@ -241,7 +244,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise StepSalError(f"prompt file {str(path)!r} does not exist")
-        prompt = path.read_text(encoding="utf-8")
+        prompt = read_utf8(path, "prompt file")
         if not prompt.strip():
             raise StepSalError(f"prompt file {str(path)!r} is empty; write the raw prompt "
                                f"into it, or pass --question")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import read_utf8
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.answers import find_answer
@@ -119,7 +120,7 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         return read_jsonl_objects(path, _ROW_FIX)
     if suffix == ".json":
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(read_utf8(path, "data file"))
         except json.JSONDecodeError as err:
             raise StepSalError(f"data file {str(path)!r} is not valid JSON ({err})") from None
         if isinstance(doc, dict):
@@ -185,6 +186,11 @@ def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
             f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
     pid = str(_field(row, "unique_id", "id", "idx", "record id") or i)
     choices = _field(row, "choices", "options")
+    if choices is not None and (isinstance(choices, (str, bytes, dict))
+                                or not hasattr(choices, "__len__")):
+        raise StepSalError(f"{where}: 'choices' must be a list of option texts like "
+                           f"[\"3\", \"4\", \"5\", \"6\"]; got the {type(choices).__name__} "
+                           f"{str(choices)[:40]!r} (a string is not a list of options)")
     if choices is not None and len(choices):
         choices = tuple(str(c) for c in choices)
         ans = str(answer).strip()

@@ -47,7 +47,8 @@ from stepsal_lens.lens.targets import (_TARGETS, Target, _check_target_kwargs, g
                                        get_target)
 from stepsal_lens.results.saliency import StepSaliency
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
+from stepsal_lens._checks import check_whole
 
 __all__ = ["ENGINES", "check_layers", "replay", "step_saliency", "token_saliency", "trace_tokens"]
 
@@ -170,6 +171,8 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     What :func:`step_saliency` pools into its maps, for drilling from a step pair down to
     tokens; ``[n_heads, n_tokens, n_tokens]`` float32 each, so keep traces short.
     """
+    check_trace(trace, "trace")
+    check_whole(layer, "layer")
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     if not 0 <= layer < model.cfg.n_layers:
@@ -344,6 +347,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         float32), when the target is NaN/inf, or when any map is NaN/inf; a non-finite
         result is never returned.
     """
+    check_trace(trace, "trace")
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     n_layers = model.cfg.n_layers
