@@ -229,7 +229,7 @@ def _choose_engine(model, engine: str) -> tuple[str, str]:
     return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
 
 
-def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+def check_layers(layers: Any, n_layers: int) -> list[int]:
     """Sorted distinct layer indices (None: all), refused when out of range, empty or not
     whole numbers (:func:`stepsal_lens._checks.check_layer_list`)."""
     if layers is None:

@@ -498,7 +498,7 @@ def check_trace(value: Any, name: str = "trace") -> Trace:
 _CHUNK_CHARS = 1 << 16
 
 
-def check_fits(text: str, tokenizer: Any, n_ctx: int | None, what: str = "the trace",
+def check_fits(text: Any, tokenizer: Any, n_ctx: int | None, what: str = "the trace",
                fix: str = "shorten it (or cut the thinking)") -> None:
     """Refuse a text longer than the model's context before tokenising all of it.
 
@@ -509,8 +509,7 @@ def check_fits(text: str, tokenizer: Any, n_ctx: int | None, what: str = "the tr
     whatever the text's length (a 50 MB text is refused in well under a second, not after
     a minute and 15 GB of offsets).
     """
-    if not isinstance(text, str):
-        raise StepSalError(f"{what} must be a str; got {type(text).__name__}")
+    check_type(text, str, what, "a str")
     if n_ctx is None or len(text) <= 8 * n_ctx:
         return
     count = chunks = start = 0
