@@ -95,7 +95,8 @@ def check_whole(value: Any, name: str, *, low: int | None = None,
     if (low is not None and value < low) or (high is not None and value > high):
         span = (f">= {low}" if high is None else f"<= {high}" if low is None
                 else f"between {low} and {high}")
-        raise StepSalError(f"{name} must be {span}; got {value}" + (f"; {fix}" if fix else ""))
+        raise StepSalError(f"{name} must be a whole number {span}; got {value}"
+                           + (f"; {fix}" if fix else ""))
     return int(value)
 
 
@@ -181,8 +182,8 @@ def check_layer_list(value: Any, name: str, n_layers: int | None = None, *,
     out = [v for v in layers if v < 0 or (n_layers is not None and v >= n_layers)]
     if out:
         where = "" if n_layers is None else f" for a model with {n_layers} layers"
-        raise StepSalError(f"{name} {out} are not valid layer indices{where}; pass indices "
-                           f">= 0{top}")
+        raise StepSalError(f"{name} {out} are not valid layer indices{where}; pass "
+                           f"non-negative indices{top}")
     return layers
 
 

@@ -52,14 +52,14 @@ def test_a_text_far_longer_than_the_context_is_refused_at_once(tiny_lrm, mb):
         assert took < 3, f"refused after {took:.1f} s"
         msg = str(err.value)
         assert f"{len(text):,}" in msg[:200] or "characters" in msg
-        assert "context of 512 tokens" in msg and "shorten" in msg
+        assert "tokens but the model's context is 512 tokens" in msg and "shorten" in msg
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_tokenising(tiny_lrm):
     from stepsal_lens.lens.generation import generate
 
     t0 = time.monotonic()
-    with pytest.raises(StepSalError, match="a prompt has .* context of 512 tokens"):
+    with pytest.raises(StepSalError, match="a prompt has .* context is 512 tokens"):
         unchecked(generate)(tiny_lrm, prompts=["seven " * 2_000_000], progress=False)
     assert time.monotonic() - t0 < 3
 
@@ -143,7 +143,7 @@ def _api_calls(model, trace):
             "temperature must be 0 .* or between 0.0001 and 100; got 1e-45"),
         "generate(seed=10**23)": (
             lambda: unchecked(S.generate)(model, ["What?"], temperature=1.0, seed=10**23),
-            "seed must be between 0 and 9223372036854775807"),
+            "seed must be a whole number between 0 and 9223372036854775807"),
         "generate(max_new_tokens=2.5)": (
             lambda: unchecked(S.generate)(model, ["What?"], max_new_tokens=2.5),
             "max_new_tokens must be a whole number"),
@@ -197,10 +197,10 @@ def test_step_knockout_checks_its_trace(tiny_lrm):
 @pytest.mark.parametrize("flags, match", [
     (["--temperature", "1e-45"], "--temperature must be 0 (greedy) or between 0.0001 and 100"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
-    (["--seed", str(10**23)], "--seed must be between 0 and 9223372036854775807"),
-    (["--seed", "-1"], "--seed must be between 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--stepflow", "--window", "0"], "window must be >= 1"),
+    (["--seed", str(10**23)], "--seed must be a whole number between 0 and 9223372036854775807"),
+    (["--seed", "-1"], "--seed must be a whole number between 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a whole number >= 1"),
+    (["--stepflow", "--window", "0"], "window must be a whole number >= 1"),
     (["--stepflow", "--tau-max", "nan"], "tau_max must be a finite number"),
     (["--stepflow", "--oeb-layers", "1.5"], "layers must be comma-separated integers"),
 ])

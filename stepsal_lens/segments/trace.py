@@ -523,9 +523,9 @@ def check_fits(text: Any, tokenizer: Any, n_ctx: int | None, what: str = "the tr
         start = end
         if count > n_ctx + chunks:
             raise StepSalError(
-                f"{what} has {len(text):,} characters and its first {start:,} are already "
-                f"{count:,} tokens: more than the model's context of {n_ctx:,} tokens; "
-                f"{fix} - the model would silently truncate it")
+                f"{what} has {len(text):,} characters; its first {start:,} alone are "
+                f"{count:,} tokens but the model's context is {n_ctx} tokens; {fix} - the "
+                f"model would silently truncate it")
 
 
 def _resolve(model_or_tokenizer: Any, format, n_ctx):
