@@ -81,8 +81,8 @@ def check_type(value: Any, types: type | tuple[type, ...], name: str, want: str,
                                                        else (types,)):
         ok = False
     if not ok:
-        raise StepSalError(f"{name} must be {want}; got {describe_value(value)}" + (f"; {fix}" if fix
-                                                                          else ""))
+        tail = f"; {fix}" if fix else ""
+        raise StepSalError(f"{name} must be {want}; got {describe_value(value)}{tail}")
     return value
 
 
@@ -173,8 +173,8 @@ def check_layer_list(value: Any, name: str, n_layers: int | None = None, *,
     items = list(value)
     bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
     if bad:
-        raise StepSalError(f"{name} must be {fix}; got {items!r} ({describe_value(bad[0])} is not a "
-                           f"layer index)")
+        raise StepSalError(f"{name} must be {fix}; got {items!r} "
+                           f"({describe_value(bad[0])} is not a layer index)")
     if not items and not allow_empty:
         raise StepSalError(f"{name} is empty; pass {fix}, or None for the default")
     layers = tuple(sorted({int(v) for v in items}))

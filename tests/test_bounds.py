@@ -149,7 +149,8 @@ def _api_calls(model, trace):
             "max_new_tokens must be a whole number"),
         "Trace.from_text(b'..', m)": (lambda: unchecked(Trace.from_text)(Trace, b"abc", model),
                                       "the text must be a str; got the bytes"),
-        "Trace.from_segments(1, ..)": (lambda: unchecked(Trace.from_segments)(Trace, 1, "t", "s", model),
+        "Trace.from_segments(1, ..)": (
+            lambda: unchecked(Trace.from_segments)(Trace, 1, "t", "s", model),
                                        "question must be a str; got the int 1"),
         "load_lrm(42)": (lambda: unchecked(S.load_lrm)(42), "name_or_path must be a "
                                                             "checkpoint folder or a model name"),

@@ -130,8 +130,8 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     given, texts = ("questions", questions) if prompts is None else ("prompts", prompts)
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)) \
             or not all(isinstance(t, str) for t in texts):
-        raise StepSalError(f"{given} must be a list of strings; got {describe_value(texts)} (wrap a "
-                           f"single one in [...])")
+        raise StepSalError(f"{given} must be a list of strings; got {describe_value(texts)} "
+                           f"(wrap a single one in [...])")
     check_count(max_new_tokens, "max_new_tokens")
     check_count(batch_size, "batch_size")
     check_temperature(temperature)
