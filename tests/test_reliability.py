@@ -801,7 +801,8 @@ def test_problem_ids_come_from_content_not_rows(tmp_path):
     with pytest.raises(StepSalError, match=r"d\.jsonl:2 and .*d\.jsonl:1 both have the id 'p1'"):
         load_problems(f)
     f.write_text(json.dumps({"id": "x" * 300, **rows[0]}) + "\n")
-    with pytest.raises(StepSalError, match=r"must be 1-128 printable characters"):
+    with pytest.raises(StepSalError, match=r"d\.jsonl:1: the id has 300 characters \(at most "
+                                           r"200: ids name files and folders\)"):
         load_problems(f)
 
 

@@ -34,14 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  read_utf8)
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.results.jsonl import dumps_line, read_jsonl, read_text
+from stepsal_lens.results.jsonl import dumps_line, read_jsonl
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.eval.scale import add_ray_options, check_ray_options
 
@@ -81,14 +82,16 @@ def _check_common(args: argparse.Namespace) -> None:
         from stepsal_lens.segments.formats import get_format
 
         get_format(args.format)
-    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit"):
+    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit", "workers"):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise StepSalError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
-    temperature = getattr(args, "temperature", None)
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise StepSalError(f"--temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature}")
+        if value is not None:
+            check_count(value, "--" + flag.replace("_", "-"))
+    if getattr(args, "temperature", None) is not None:
+        check_temperature(args.temperature, "--temperature")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+    if getattr(args, "stepflow", False):
+        _stepflow_settings(args)  # StepFlow's values checked before any model is loaded
 
 
 def _read_trace_doc(path: Path) -> dict:
@@ -96,7 +99,7 @@ def _read_trace_doc(path: Path) -> dict:
     if not path.is_file():
         raise StepSalError(f"trace file {str(path)!r} does not exist")
     try:
-        doc = json.loads(read_text(path, what="trace file"))
+        doc = json.loads(read_utf8(path, "trace file"))
     except json.JSONDecodeError as err:
         raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
     return _check_trace_doc(doc, f"trace file {str(path)!r}")
@@ -244,8 +247,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
     _check_common(args)
     settings = _stepflow_settings(args)
     if args.prompt_file is not None:
-        prompt = read_text(args.prompt_file, what="prompt file")
         path = Path(args.prompt_file)
+        if not path.is_file():
+            raise StepSalError(f"prompt file {str(path)!r} does not exist")
+        prompt = read_utf8(path, "prompt file")
         if not prompt.strip():
             raise StepSalError(f"prompt file {str(path)!r} is empty; write the raw prompt "
                                f"into it, or pass --question")
@@ -373,9 +378,8 @@ def grade_cmd(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
     inputs = {"IN.jsonl": args.input}
     check_new_file(out, overwrite=args.overwrite, inputs=inputs)
+    check_timeout(args.timeout, "--timeout")
     rows = _grade_rows(src)
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise StepSalError(f"--timeout must be a positive number of seconds; got {args.timeout}")
     n_correct = n_errors = 0
     with output_file(out, overwrite=args.overwrite, inputs=inputs) as tmp, \
             open(tmp, "w", encoding="utf-8") as f:

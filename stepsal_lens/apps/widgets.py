@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepsal_lens._checks import check_type
 from stepsal_lens.apps.escape import esc
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.apps.plots import (
@@ -424,6 +425,10 @@ def explore(result: Any, *, model: Any = None, trace: Any = None,
         A :class:`~stepsal_lens.StepEffects` of the same trace: adds a "saliency | causal
         effect" toggle on the map (:func:`stepsal_lens.lens.causal.causal_explorer`).
     """
+    from stepsal_lens.results.saliency import StepSaliency
+
+    check_type(result, StepSaliency, "result", "a StepSaliency",
+               "pass what step_saliency(model, trace) returns")
     if effects is not None:
         from stepsal_lens.apps.circuits import causal_explorer
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  check_type)
 from stepsal_lens._version import __version__
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.grading import Grade, grade_output
@@ -104,26 +105,15 @@ def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, sampl
                         temperature: float = 0.0, seed: int = 0,
                         grading_timeout: float | int = 10.0) -> None:
     """Refuse bad evaluation settings (no model needed: the CLI calls it before loading)."""
-    def whole(name: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise StepSalError(f"{name} must be a whole number >= {low}; got {value!r}")
-
-    whole("max_new_tokens", max_new_tokens, 1)
-    whole("batch_size", batch_size, 1)
-    whole("samples", samples, 1)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise StepSalError(f"seed must be a whole number; got {seed!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                        ("samples", samples)):
+        check_count(value, name)
+    check_seed(seed)
+    check_temperature(temperature)
     if samples > 1 and temperature <= 0:
         raise StepSalError("samples > 1 with greedy decoding gives identical samples; pass "
                            "temperature > 0 (e.g. 0.6)")
-    if isinstance(grading_timeout, bool) or not isinstance(grading_timeout, (int, float)) \
-            or not math.isfinite(grading_timeout) or grading_timeout <= 0:
-        raise StepSalError(f"grading_timeout must be a positive number of seconds; got "
-                           f"{grading_timeout!r}")
+    check_timeout(grading_timeout, "grading_timeout")
 
 
 # Filled in only once the model is loaded (None before: matches anything).
@@ -316,7 +306,7 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     out = Path(out)
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
-    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers)
+    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers, model.cfg.n_ctx)
     info = info_of(model)
     config = _run_config(model_name or name_of(model), data_name, sf, info.format.name,
                          max_new_tokens=max_new_tokens, samples=samples,
@@ -332,6 +322,12 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
 
 
 def _check_problems(problems: Sequence[Problem]) -> None:
+    check_type(problems, (list, tuple), "problems",
+               "a list of Problem (from stepsal_lens.eval.problems.load_problems)")
+    bad = [p for p in problems if not isinstance(p, Problem)][:1]
+    if bad:
+        raise StepSalError(f"problems must hold Problem objects (from load_problems); got a "
+                           f"{type(bad[0]).__name__}")
     if not problems:
         raise StepSalError("no problems to evaluate")
     ids = [p.id for p in problems]

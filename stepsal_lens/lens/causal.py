@@ -55,8 +55,9 @@ from stepsal_lens.core.knockout import Suppression
 from stepsal_lens.lens.saliency import check_layers, trace_tokens
 from stepsal_lens.results.effects import ReceiverHeads, StepEffects
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
 from stepsal_lens.typing import StepMap
+from stepsal_lens._checks import check_whole
 
 __all__ = ["patch_step", "receiver_heads", "step_attention", "step_effects"]
 
@@ -161,6 +162,7 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
     >>> tuple(eff.per_layer.shape), bool(eff.effects[3, 0] > 0)
     ((2, 4, 4), True)
     """
+    check_trace(trace, "trace")
     from tqdm.auto import tqdm
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -240,6 +242,7 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     >>> tuple(att.maps.shape)
     (4, 4, 4, 4)
     """
+    check_trace(trace, "trace")
     from stepsal_lens.results.saliency import StepSaliency
     from stepsal_lens.core.pooling import pool_saliency
 
@@ -316,6 +319,10 @@ def receiver_heads(model: Any, traces: Sequence[Trace] | Trace, *, k: int = 4,
     >>> list(rh.to_dataframe().columns)[:4]
     ['layer', 'head', 'kurtosis_attention', 'std_attention']
     """
+    for i, t in enumerate([traces] if isinstance(traces, Trace) else
+                          traces if isinstance(traces, (list, tuple)) else [traces]):
+        check_trace(t, "traces" if isinstance(traces, Trace) or not isinstance(
+            traces, (list, tuple)) else f"traces[{i}]")
     from tqdm.auto import tqdm
 
     from stepsal_lens.lens.saliency import step_saliency
@@ -433,6 +440,9 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     >>> float(df.delta.abs().max()) < 1e-5
     True
     """
+    check_trace(source, "source")
+    check_trace(target, "target")
+    check_whole(step, "step", low=0)
     import pandas as pd
 
     from stepsal_lens.lens.targets import answer_token_positions

@@ -41,12 +41,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from stepsal_lens.core.pooling import pool_saliency, step_means
+from stepsal_lens._checks import check_layer_list
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.lens.targets import (_TARGETS, Target, _check_target_kwargs, get_lean_target,
                                        get_target)
 from stepsal_lens.results.saliency import StepSaliency
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
+from stepsal_lens._checks import check_whole
 
 __all__ = ["ENGINES", "check_layers", "replay", "step_saliency", "token_saliency", "trace_tokens"]
 
@@ -169,6 +171,8 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     What :func:`step_saliency` pools into its maps, for drilling from a step pair down to
     tokens; ``[n_heads, n_tokens, n_tokens]`` float32 each, so keep traces short.
     """
+    check_trace(trace, "trace")
+    check_whole(layer, "layer")
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     if not 0 <= layer < model.cfg.n_layers:
@@ -225,14 +229,12 @@ def _choose_engine(model, engine: str) -> tuple[str, str]:
     return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
 
 
-def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Sorted distinct layer indices (None: all), refused when out of range or empty."""
-    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise StepSalError(f"layers {bad or layers} are not valid for a model with {n_layers} "
-                           f"layers; pass indices in [0, {n_layers})")
-    return layers
+def check_layers(layers: Any, n_layers: int) -> list[int]:
+    """Sorted distinct layer indices (None: all), refused when out of range, empty or not
+    whole numbers (:func:`stepsal_lens._checks.check_layer_list`)."""
+    if layers is None:
+        return list(range(n_layers))
+    return list(check_layer_list(layers, "layers", n_layers))
 
 
 def trace_tokens(model, trace: Trace) -> Tensor:
@@ -351,6 +353,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         float32), when the target is NaN/inf, or when any map is NaN/inf; a non-finite
         result is never returned.
     """
+    check_trace(trace, "trace")
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     n_layers = model.cfg.n_layers
