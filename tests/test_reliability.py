@@ -139,7 +139,7 @@ CLI_CASES = [
      r"alpha must be a finite number; got inf"),
     # generation options
     ("temperature-negative", lambda c: c.generate("--question", "q", "--temperature", "-1"),
-     r"--temperature must be a finite number >= 0 .*got -1"),
+     r"--temperature must be a finite number >= 0; got -1"),
     ("question-empty", lambda c: c.generate("--question", ""),
      r"--question is empty \(''\); pass the question text"),
     ("question-blank", lambda c: c.generate("--question", "  \n"),
@@ -147,7 +147,7 @@ CLI_CASES = [
     ("prompt-file-empty", lambda c: c.generate("--prompt-file", _write("p.txt", " \n")(c)),
      r"prompt file '.*p\.txt' is empty"),
     ("generate-max-new-tokens-0", lambda c: c.generate("--question", "q", "--max-new-tokens", "0"),
-     r"--max-new-tokens must be at least 1; got 0"),
+     r"--max-new-tokens must be a whole number >= 1; got 0"),
     # devices
     ("device-bogus", lambda c: c.analyze("--device", "bogus"),
      r"unknown device 'bogus'; use 'cpu', 'cuda', 'cuda:N' or 'mps'"),
@@ -209,9 +209,9 @@ CLI_CASES = [
      r"output folder '.*f/sub' cannot be created: '.*f' is a file"),
     # eval: settings before run.json, before the model
     ("eval-max-new-tokens-0", lambda c: c.eval("--max-new-tokens", "0"),
-     r"--max-new-tokens must be at least 1; got 0"),
-    ("eval-batch-size-0", lambda c: c.eval("--batch-size", "0"), r"--batch-size must be at least 1; got 0"),
-    ("eval-limit-0", lambda c: c.eval("--limit", "0"), r"--limit must be at least 1; got 0"),
+     r"--max-new-tokens must be a whole number >= 1; got 0"),
+    ("eval-batch-size-0", lambda c: c.eval("--batch-size", "0"), r"--batch-size must be a whole number >= 1; got 0"),
+    ("eval-limit-0", lambda c: c.eval("--limit", "0"), r"--limit must be a whole number >= 1; got 0"),
     ("eval-samples-greedy", lambda c: c.eval("--samples", "2"),
      r"samples > 1 with greedy decoding .*temperature > 0"),
     ("eval-settings-differ", lambda c: c.eval("--max-new-tokens", "64", out=_run_folder(c)),
@@ -801,7 +801,8 @@ def test_problem_ids_come_from_content_not_rows(tmp_path):
     with pytest.raises(StepSalError, match=r"d\.jsonl:2 and .*d\.jsonl:1 both have the id 'p1'"):
         load_problems(f)
     f.write_text(json.dumps({"id": "x" * 300, **rows[0]}) + "\n")
-    with pytest.raises(StepSalError, match=r"must be 1-128 printable characters"):
+    with pytest.raises(StepSalError, match=r"d\.jsonl:1: the id has 300 characters \(at most "
+                                           r"200: ids name files and folders\)"):
         load_problems(f)
 
 

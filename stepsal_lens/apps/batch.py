@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import check_id
 from stepsal_lens.apps.cli_common import check_trace_doc, load_model, pool_from_args, read_trace
 from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
@@ -203,7 +204,6 @@ def read_traces(path: str | Path) -> list[TraceLine]:
     >>> [(t.name, t.line, t.correct) for t in read_traces(f)]
     [('test_1', 1, True), ('line-2', 2, None)]
     """
-    from stepsal_lens.eval.problems import MAX_ID_CHARS
     from stepsal_lens.results.jsonl import read_jsonl
 
     path = Path(path)
@@ -218,9 +218,8 @@ def read_traces(path: str | Path) -> list[TraceLine]:
         if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (str, int))):
             raise StepSalError(f"{where}: 'id' must be a string or a whole number, not "
                                f"{type(tid).__name__}; {_FIX}")
-        if tid is not None and not 0 < len(str(tid)) <= MAX_ID_CHARS:
-            raise StepSalError(f"{where}: 'id' has {len(str(tid))} characters; ids name "
-                               f"folders, so give one of 1-{MAX_ID_CHARS} characters")
+        if tid is not None:
+            check_id(str(tid), f"{where}: 'id'")
         correct = row.get("correct")
         if correct is not None and not isinstance(correct, bool):
             raise StepSalError(f"{where}: 'correct' must be true or false, not "

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  read_utf8)
 from stepsal_lens.apps.cli_common import (add_stepflow_options, load_model as _load_model,
                                           parse_layers as _layers, pool_from_args,
                                           read_trace as _read_trace,
@@ -46,7 +48,7 @@ from stepsal_lens.apps.cli_common import (add_stepflow_options, load_model as _l
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.lens.engines import list_engines
 from stepsal_lens.lens.targets import list_targets
-from stepsal_lens.results.jsonl import dumps_line, read_jsonl, read_text
+from stepsal_lens.results.jsonl import dumps_line, read_jsonl
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.eval.scale import add_ray_options, check_ray_options
 
@@ -64,19 +66,35 @@ def _check_common(args: argparse.Namespace) -> None:
         from stepsal_lens.segments.formats import get_format
 
         get_format(args.format)
-    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit"):
+    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit", "workers"):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise StepSalError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
-    temperature = getattr(args, "temperature", None)
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise StepSalError(f"--temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature}")
+        if value is not None:
+            check_count(value, "--" + flag.replace("_", "-"))
+    if getattr(args, "temperature", None) is not None:
+        check_temperature(args.temperature, "--temperature")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+    if getattr(args, "stepflow", False):
+        _stepflow_settings(args)  # StepFlow's values checked before any model is loaded
+
+
+@contextmanager
+def _one_trace(args: argparse.Namespace, command: str):
+    """A one-trace command's temporary output folder (swapped into place at the end), its
+    model and its trace; the trace file and ``--out`` are checked before the model loads."""
+    from stepsal_lens.results.outputs import output_dir
+
+    doc = _read_trace_doc(Path(args.trace))
+    with output_dir(args.out, command=command, overwrite=args.overwrite,
+                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = _load_model(args.model, device=args.device, dtype=args.dtype,
+                            format=args.format)
+        yield tmp, model, _read_trace(Path(args.trace), model, args.format, doc)
 
 
 def analyze(args: argparse.Namespace) -> int:
     from stepsal_lens.apps.batch import write_analysis
-    from stepsal_lens.results.outputs import output_dir
 
     _check_common(args)
     if args.traces is not None:  # many traces: stepsal_lens.apps.batch
@@ -89,14 +107,7 @@ def analyze(args: argparse.Namespace) -> int:
             raise StepSalError(f"{flag} is for many traces (--traces FILE.jsonl); for one "
                                f"trace drop it" + (" (or run `stepsal effects`)"
                                                    if flag == "--effects" else ""))
-    doc = _read_trace_doc(Path(args.trace))
-    # written into a temporary sibling, swapped into place at the end
-    with output_dir(args.out, command="analyze", overwrite=args.overwrite,
-                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model = _load_model(args.model, device=args.device, dtype=args.dtype,
-                            format=args.format)
-        trace = _read_trace(Path(args.trace), model, args.format, doc)
+    with _one_trace(args, "analyze") as (tmp, model, trace):
         if trace.truncated:
             print("warning: the thinking never closes (truncated trace); there is no summary",
                   file=sys.stderr)
@@ -110,18 +121,11 @@ def analyze(args: argparse.Namespace) -> int:
 def effects_cmd(args: argparse.Namespace) -> int:
     from stepsal_lens.apps.batch import write_effects
     from stepsal_lens.lens.saliency import step_saliency
-    from stepsal_lens.results.outputs import output_dir
 
     _check_common(args)
     per_layer = args.layers is not None
     layers = None if args.layers in (None, "all") else _layers(args.layers)
-    doc = _read_trace_doc(Path(args.trace))
-    with output_dir(args.out, command="effects", overwrite=args.overwrite,
-                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model = _load_model(args.model, device=args.device, dtype=args.dtype,
-                            format=args.format)
-        trace = _read_trace(Path(args.trace), model, args.format, doc)
+    with _one_trace(args, "effects") as (tmp, model, trace):
         sal = step_saliency(model, trace, target=args.target, progress=True)
         sal.meta["model"] = args.model
         write_effects(model, trace, sal, tmp, model_name=args.model, target=args.target,
@@ -167,8 +171,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
     _check_common(args)
     settings = _stepflow_settings(args)
     if args.prompt_file is not None:
-        prompt = read_text(args.prompt_file, what="prompt file")
         path = Path(args.prompt_file)
+        if not path.is_file():
+            raise StepSalError(f"prompt file {str(path)!r} does not exist")
+        prompt = read_utf8(path, "prompt file")
         if not prompt.strip():
             raise StepSalError(f"prompt file {str(path)!r} is empty; write the raw prompt "
                                f"into it, or pass --question")
@@ -296,9 +302,8 @@ def grade_cmd(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.out)
     inputs = {"IN.jsonl": args.input}
     check_new_file(out, overwrite=args.overwrite, inputs=inputs)
+    check_timeout(args.timeout, "--timeout")
     rows = _grade_rows(src)
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise StepSalError(f"--timeout must be a positive number of seconds; got {args.timeout}")
     n_correct = n_errors = 0
     with output_file(out, overwrite=args.overwrite, inputs=inputs) as tmp, \
             open(tmp, "w", encoding="utf-8") as f:

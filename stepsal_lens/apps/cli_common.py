@@ -25,11 +25,11 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import read_utf8
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.scale import RayPool
 from stepsal_lens.lens.models import load_lrm
 from stepsal_lens.results.config import StepFlowConfig
-from stepsal_lens.results.jsonl import read_text
 from stepsal_lens.segments.trace import Trace
 from stepsal_lens.typing import Model
 
@@ -64,7 +64,7 @@ def read_trace_doc(path: Path) -> dict:
     if not path.is_file():
         raise StepSalError(f"trace file {str(path)!r} does not exist")
     try:
-        doc = json.loads(read_text(path, what="trace file"))
+        doc = json.loads(read_utf8(path, "trace file"))
     except json.JSONDecodeError as err:
         raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
     return check_trace_doc(doc, f"trace file {str(path)!r}")

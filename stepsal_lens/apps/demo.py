@@ -9,7 +9,6 @@ with StepFlow on (``traces_stepflow.jsonl``, ``metrics_stepflow.csv``) and compa
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

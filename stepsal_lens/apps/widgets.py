@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stepsal_lens._checks import check_type
 from stepsal_lens.apps.causal_explorer import causal_explorer
 from stepsal_lens.apps.group_comparison import (BINS, GroupComparison, binned_map,
                                                 binned_segments, binned_ticks, compare_groups,
@@ -47,6 +48,7 @@ from stepsal_lens.apps.group_comparison import (BINS, GroupComparison, binned_ma
 from stepsal_lens.apps.step_explorer import StepExplorer, step_map, token_values, trace_tokens
 from stepsal_lens.apps.stepflow_comparison import StepFlowComparison, compare_stepflow
 from stepsal_lens.typing import Model
+from stepsal_lens.results.saliency import StepSaliency
 
 __all__ = ["BINS", "GroupComparison", "StepExplorer", "StepFlowComparison", "binned_map",
            "binned_segments", "binned_ticks", "compare_groups", "compare_stepflow", "explore",
@@ -68,6 +70,8 @@ def explore(result: Any, *, model: Model = None, trace: Any = None,
         A :class:`~stepsal_lens.StepEffects` of the same trace: adds a "saliency | causal
         effect" toggle on the map (:func:`stepsal_lens.apps.causal_explorer.causal_explorer`).
     """
+    check_type(result, StepSaliency, "result", "a StepSaliency",
+               "pass what step_saliency(model, trace) returns")
     if effects is not None:
         return causal_explorer(result, effects, model=model, trace=trace)
     return StepExplorer(result, model=model, trace=trace)

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import check_id, read_utf8
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.results.jsonl import read_jsonl, read_text
+from stepsal_lens.results.jsonl import read_jsonl
 from stepsal_lens.segments.answers import find_answer
 
 __all__ = ["Problem", "list_sources", "load_problems", "register_source"]
@@ -64,8 +65,6 @@ CHOICE_INSTRUCTION = ("\nPlease reason step by step, and put the letter of the c
 
 
 LETTERS = "ABCDEFGHIJ"
-#: Longest problem or trace id accepted (ids name records and, for traces, folders).
-MAX_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         return read_jsonl(path, what="data file", fix=_ROW_FIX)
     if suffix == ".json":
         try:
-            doc = json.loads(read_text(path, what="data file"))
+            doc = json.loads(read_utf8(path, "data file"))
         except json.JSONDecodeError as err:
             raise StepSalError(f"data file {str(path)!r} is not valid JSON ({err})") from None
         if isinstance(doc, dict):
@@ -162,11 +161,8 @@ def _id_of(row: dict[str, Any], names: tuple[str, ...], where: str) -> str | Non
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) \
             or (isinstance(value, float) and not value.is_integer()):
         raise StepSalError(f"{where}: the id {value!r} must be a string or a whole number")
-    text = str(int(value) if isinstance(value, float) else value).strip()
-    if not text or len(text) > MAX_ID_CHARS or any(not c.isprintable() for c in text):
-        raise StepSalError(f"{where}: the id {text[:40]!r}{'...' if len(text) > 40 else ''} "
-                           f"must be 1-{MAX_ID_CHARS} printable characters")
-    return text
+    return check_id(str(int(value) if isinstance(value, float) else value).strip(),
+                    f"{where}: the id")
 
 
 def content_id(question: str, answer: str, choices: tuple[str, ...] = ()) -> str:
@@ -221,6 +217,11 @@ def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
             f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
     pid = _id_of(row, ("unique_id", "id", "idx", "record id"), where)
     choices = _field(row, "choices", "options")
+    if choices is not None and (isinstance(choices, (str, bytes, dict))
+                                or not hasattr(choices, "__len__")):
+        raise StepSalError(f"{where}: 'choices' must be a list of option texts like "
+                           f"[\"3\", \"4\", \"5\", \"6\"]; got the {type(choices).__name__} "
+                           f"{str(choices)[:40]!r} (a string is not a list of options)")
     if choices is not None and len(choices):
         choices = tuple(str(c) for c in choices)
         ans = str(answer).strip()

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  check_type)
 from stepsal_lens._version import __version__
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.grading import Grade, grade_output
@@ -104,26 +105,15 @@ def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, sampl
                         temperature: float = 0.0, seed: int = 0,
                         grading_timeout: float | int = 10.0) -> None:
     """Refuse bad evaluation settings (no model needed: the CLI calls it before loading)."""
-    def whole(name: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise StepSalError(f"{name} must be a whole number >= {low}; got {value!r}")
-
-    whole("max_new_tokens", max_new_tokens, 1)
-    whole("batch_size", batch_size, 1)
-    whole("samples", samples, 1)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise StepSalError(f"seed must be a whole number; got {seed!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                        ("samples", samples)):
+        check_count(value, name)
+    check_seed(seed)
+    check_temperature(temperature)
     if samples > 1 and temperature <= 0:
         raise StepSalError("samples > 1 with greedy decoding gives identical samples; pass "
                            "temperature > 0 (e.g. 0.6)")
-    if isinstance(grading_timeout, bool) or not isinstance(grading_timeout, (int, float)) \
-            or not math.isfinite(grading_timeout) or grading_timeout <= 0:
-        raise StepSalError(f"grading_timeout must be a positive number of seconds; got "
-                           f"{grading_timeout!r}")
+    check_timeout(grading_timeout, "grading_timeout")
 
 
 # Filled in only once the model is loaded (None before: matches anything).
@@ -260,7 +250,7 @@ def run_identity(problems: Sequence[Problem], data: str | Path | None) -> dict[s
             "problems": problems_fingerprint(problems), "n_problems": len(problems)}
 
 
-def _run_config(model_name: str, data_name: str | None, sf: StepFlowConfig | None,
+def run_config(model_name: str, data_name: str | None, sf: StepFlowConfig | None,
                 format_name: str, *, max_new_tokens: int, samples: int, temperature: float,
                 seed: int) -> dict[str, Any]:
     """The settings ``run.json`` records (``sf``: StepFlow resolved, or None)."""
@@ -312,13 +302,13 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     """
     check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
                         temperature=temperature, seed=seed, grading_timeout=grading_timeout)
-    _check_problems(problems)
+    check_problems(problems)
     out = Path(out)
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
-    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers)
+    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers, model.cfg.n_ctx)
     info = info_of(model)
-    config = _run_config(model_name or name_of(model), data_name, sf, info.format.name,
+    config = run_config(model_name or name_of(model), data_name, sf, info.format.name,
                          max_new_tokens=max_new_tokens, samples=samples,
                          temperature=temperature, seed=seed)
     config.update(run_identity(problems, data_name), model_fingerprint=info.fingerprint)
@@ -331,7 +321,13 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
                                 seed=seed, grading_timeout=grading_timeout, progress=progress)
 
 
-def _check_problems(problems: Sequence[Problem]) -> None:
+def check_problems(problems: Sequence[Problem]) -> None:
+    check_type(problems, (list, tuple), "problems",
+               "a list of Problem (from stepsal_lens.eval.problems.load_problems)")
+    bad = [p for p in problems if not isinstance(p, Problem)][:1]
+    if bad:
+        raise StepSalError(f"problems must hold Problem objects (from load_problems); got a "
+                           f"{type(bad[0]).__name__}")
     if not problems:
         raise StepSalError("no problems to evaluate")
     ids = [p.id for p in problems]
@@ -381,7 +377,7 @@ def _read_results(results_file: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return {(r["id"], r["sample"]): r for r in read_records(results_file, tolerate_cut=True)}
 
 
-def _open_results(out: Path, config: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+def open_results(out: Path, config: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """Write ``run.json`` and read the records already in ``results.jsonl`` (rewritten
     without a line cut by an interrupt); the caller holds the folder's lock."""
     check_run_folder(out, config)  # again, now that the folder is ours
@@ -395,7 +391,7 @@ def _open_results(out: Path, config: dict[str, Any]) -> dict[tuple[str, int], di
     return done
 
 
-def _append_records(f, done: dict[tuple[str, int], dict[str, Any]],
+def append_records(f, done: dict[tuple[str, int], dict[str, Any]],
                     records: list[dict[str, Any]]) -> None:
     """Append records to the open ``results.jsonl`` (flushed) and to ``done``."""
     for rec in records:
@@ -404,14 +400,14 @@ def _append_records(f, done: dict[tuple[str, int], dict[str, Any]],
     f.flush()
 
 
-def _interrupted(done, keys, results_file: Path) -> KeyboardInterrupt:
+def interrupted_error(done, keys, results_file: Path) -> KeyboardInterrupt:
     n_done = sum(k in done for k in keys)
     return KeyboardInterrupt(
         f"interrupted after {n_done} of {len(keys)}; the finished records are in "
         f"{str(results_file)!r}: run the same command to resume")
 
 
-def _finish_run(out: Path, keys: list[tuple[str, int]],
+def finish_run(out: Path, keys: list[tuple[str, int]],
                 done: dict[tuple[str, int], dict[str, Any]], config: dict[str, Any]) -> EvalRun:
     """Rewrite ``results.jsonl`` in problem order, write ``summary.json``."""
     write_jsonl(out / "results.jsonl", [done[k] for k in keys])
@@ -427,7 +423,7 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
     """The body of :func:`evaluate`, run while holding the folder's lock."""
     from tqdm.auto import tqdm
 
-    done = _open_results(out, config)
+    done = open_results(out, config)
     results_file = out / "results.jsonl"
     keys = [(p.id, s) for p in problems for s in range(samples)]
     todo = [(p, s) for p in problems for s in range(samples) if (p.id, s) not in done]
@@ -436,15 +432,15 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
         with open(results_file, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                _append_records(f, done, _eval_chunk(
+                append_records(f, done, eval_chunk(
                     model, chunk, sf, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     temperature=temperature, seed=seed, grading_timeout=grading_timeout))
                 bar.update(len(chunk))
     except KeyboardInterrupt:
-        raise _interrupted(done, keys, results_file) from None
+        raise interrupted_error(done, keys, results_file) from None
     finally:
         bar.close()
-    return _finish_run(out, keys, done, config)
+    return finish_run(out, keys, done, config)
 
 
 def _record(p: Problem, s: int, g, grading_timeout: float | int,
@@ -474,7 +470,7 @@ def _failed_record(p: Problem, s: int, error: str, seed: int | None) -> dict[str
             "seed": seed, "error": error}
 
 
-def _eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_tokens: int,
+def eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_tokens: int,
                 batch_size: int, temperature: float, seed: int,
                 grading_timeout: float | int) -> list[dict[str, Any]]:
     """Generate and grade (problem, sample) pairs: the records, in ``chunk``'s order.

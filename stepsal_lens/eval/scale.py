@@ -8,7 +8,7 @@ each to a callback in the driver. An actor that dies (killed, out of memory, its
 gone) is replaced by a fresh one and its unfinished units run again.
 
 :func:`evaluate_ray` is :func:`~stepsal_lens.eval.runs.evaluate` on a pool: the same
-checks, the same per-problem work (:func:`~stepsal_lens.eval.runs._eval_chunk`) and the
+checks, the same per-problem work (:func:`~stepsal_lens.eval.runs.eval_chunk`) and the
 same writer. The driver holds the run folder's lock and is its only writer
 (``results.jsonl`` keyed by problem id and sample, rewritten in problem order at the
 end, and ``summary.json``), so a run interrupted under Ray resumes with or without Ray,
@@ -480,13 +480,13 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
     from tqdm.auto import tqdm
 
     from stepsal_lens.eval.runs import (
-        _append_records,
-        _check_problems,
-        _eval_chunk,
-        _finish_run,
-        _interrupted,
-        _open_results,
-        _run_config,
+        append_records,
+        check_problems,
+        eval_chunk,
+        finish_run,
+        interrupted_error,
+        open_results,
+        run_config,
         check_eval_settings,
         check_run_folder,
         run_identity,
@@ -497,7 +497,7 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
 
     check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
                         temperature=temperature, seed=seed, grading_timeout=grading_timeout)
-    _check_problems(problems)
+    check_problems(problems)
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
     out = Path(out)
@@ -520,13 +520,13 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
                                 grading_timeout=grading_timeout, progress=progress,
                                 after_result=after_result)
     sf = None if stepflow is None else stepflow.resolve(pool.info["n_layers"])
-    config = _run_config(model_name or pool.model, data_name, sf, pool.info["format"],
+    config = run_config(model_name or pool.model, data_name, sf, pool.info["format"],
                          max_new_tokens=max_new_tokens, samples=samples,
                          temperature=temperature, seed=seed)
     config.update(identity, model_fingerprint=pool.info.get("fingerprint"))
     check_run_folder(out, config, inputs=inputs)
     with run_folder(out, command="eval", inputs=inputs):
-        done = _open_results(out, config)
+        done = open_results(out, config)
         results_file = out / "results.jsonl"
         keys = [(p.id, s) for p in problems for s in range(samples)]
         todo = [(p, s) for p in problems for s in range(samples) if (p.id, s) not in done]
@@ -539,21 +539,21 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
             with open(results_file, "a", encoding="utf-8") as f:
                 def write(chunk: list, records: list[dict[str, Any]]) -> None:
                     nonlocal n_written
-                    _append_records(f, done, records)
+                    append_records(f, done, records)
                     n_written += len(records)
                     bar.update(len(chunk))
                     if after_result is not None:
                         after_result(pool, n_written)
 
-                pool.map(_eval_chunk, chunks, write, kwargs={
+                pool.map(eval_chunk, chunks, write, kwargs={
                     "sf": sf, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                     "temperature": temperature, "seed": seed,
                     "grading_timeout": grading_timeout})
         except KeyboardInterrupt:
-            raise _interrupted(done, keys, results_file) from None
+            raise interrupted_error(done, keys, results_file) from None
         finally:
             bar.close()
-        return _finish_run(out, keys, done, config)
+        return finish_run(out, keys, done, config)
 
 
 def add_ray_options(parser: Any) -> None:

@@ -55,8 +55,9 @@ from stepsal_lens.core.knockout import Suppression
 from stepsal_lens.lens.saliency import check_layers, trace_tokens
 from stepsal_lens.results.effects import ReceiverHeads, StepEffects
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
 from stepsal_lens.typing import Model, StepMap
+from stepsal_lens._checks import check_whole
 from stepsal_lens.core.pooling import pool_saliency
 from stepsal_lens.lens.saliency import step_saliency
 from stepsal_lens.lens.targets import answer_token_positions
@@ -165,6 +166,7 @@ def step_effects(model: Model, trace: Trace, layers: Sequence[int] | None = None
     >>> tuple(eff.per_layer.shape), bool(eff.effects[3, 0] > 0)
     ((2, 4, 4), True)
     """
+    check_trace(trace, "trace")
     from tqdm.auto import tqdm
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -244,6 +246,7 @@ def step_attention(model: Model, trace: Trace, layers: Sequence[int] | None = No
     >>> tuple(att.maps.shape)
     (4, 4, 4, 4)
     """
+    check_trace(trace, "trace")
     layers = check_layers(layers, model.cfg.n_layers)
     tokens = trace_tokens(model, trace)
     step_of = trace.step_of_token.to(tokens.device)
@@ -317,6 +320,10 @@ def receiver_heads(model: Model, traces: Sequence[Trace] | Trace, *, k: int = 4,
     >>> list(rh.to_dataframe().columns)[:4]
     ['layer', 'head', 'kurtosis_attention', 'std_attention']
     """
+    for i, t in enumerate([traces] if isinstance(traces, Trace) else
+                          traces if isinstance(traces, (list, tuple)) else [traces]):
+        check_trace(t, "traces" if isinstance(traces, Trace) or not isinstance(
+            traces, (list, tuple)) else f"traces[{i}]")
     from tqdm.auto import tqdm
 
     traces = [traces] if isinstance(traces, Trace) else list(traces)
@@ -432,6 +439,9 @@ def patch_step(model: Model, source: Trace, target: Trace, step: int, *,
     >>> float(df.delta.abs().max()) < 1e-5
     True
     """
+    check_trace(source, "source")
+    check_trace(target, "target")
+    check_whole(step, "step", low=0)
     import pandas as pd
 
     if site not in PATCH_SITES:

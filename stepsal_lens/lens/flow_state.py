@@ -82,7 +82,7 @@ class StepFlowState:
     def __init__(self, model: Model, config: StepFlowConfig | None = None):
         fmt = info_of(model).format
         self.model = model
-        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
+        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers, model.cfg.n_ctx)
         self.variant: SMIVariant = SMI_VARIANTS[self.config.smi_variant]
         self.tracker = SegmentTracker(model.tokenizer, fmt, self.config.splitter)
         self.stats = StepFlowStats(list(self.config.oeb_layers), list(self.config.smi_layers))

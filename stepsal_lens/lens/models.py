@@ -33,6 +33,7 @@ from stepsal_lens.results.config import default_layer_split
 from stepsal_lens.fingerprint import file_fingerprint
 from stepsal_lens.segments.association import attach
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
+from stepsal_lens._checks import check_type
 from stepsal_lens.typing import Model
 
 __all__ = [
@@ -229,10 +230,16 @@ def _check_weights(path: Path, cfg: dict[str, Any]) -> None:
     """Safetensors files readable, and the embedding's shape the one config.json says."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        if not any(path.glob("pytorch_model*.bin")):
-            raise StepSalError(f"no weights in {str(path)!r} (no *.safetensors); save them "
-                               f"with model.save_pretrained(path)")
-        return
+        pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"),
+                                          *path.glob("*.pth"), *path.glob("*.ckpt")))
+        if pickles:
+            raise StepSalError(
+                f"{str(path)!r} holds only pickle weights ({', '.join(pickles[:3])}), which "
+                f"are never loaded here (unpickling runs code from the file); convert them "
+                f"to safetensors where you trust the file: AutoModelForCausalLM."
+                f"from_pretrained(path).save_pretrained(path, safe_serialization=True)")
+        raise StepSalError(f"no weights in {str(path)!r} (no *.safetensors); save them "
+                           f"with model.save_pretrained(path)")
     expect = (cfg["vocab_size"], cfg["hidden_size"])
     for file in files:
         for name, t in _safetensors_header(file).items():
@@ -394,6 +401,9 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
         patterns, gradients, activations and logits equal Hugging Face's), with
         its format and registry entry associated (:func:`info_of`).
     """
+    check_type(name_or_path, (str, os.PathLike), "name_or_path",
+               "a checkpoint folder or a model name (a str or a path)",
+               "e.g. load_lrm('tiny-lrm') or load_lrm('path/to/checkpoint')")
     from transformer_lens.model_bridge import TransformerBridge
 
     name = os.fspath(name_or_path)

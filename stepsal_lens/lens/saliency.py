@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from stepsal_lens._checks import check_layer_list, check_whole
 from stepsal_lens._version import __version__
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.fingerprint import tokenizer_fingerprint
@@ -51,7 +52,7 @@ from stepsal_lens.lens.targets import Target, TargetFn, list_targets, resolve_ta
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.results.saliency import StepSaliency
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
 from stepsal_lens.typing import Model
 
 __all__ = ["ENGINES", "check_layers", "replay", "step_saliency", "token_saliency", "trace_tokens"]
@@ -87,6 +88,8 @@ def token_saliency(model: Model, trace: Trace, layer: int, *,
     What :func:`step_saliency` pools into its maps, for drilling from a step pair down to
     tokens; ``[n_heads, n_tokens, n_tokens]`` float32 each, so keep traces short.
     """
+    check_trace(trace, "trace")
+    check_whole(layer, "layer")
     resolved = resolve_target(target, target_kwargs)
     if not 0 <= layer < model.cfg.n_layers:
         raise StepSalError(f"layer {layer} is not valid for a model with {model.cfg.n_layers} "
@@ -110,14 +113,12 @@ def token_saliency(model: Model, trace: Trace, layer: int, *,
     return kept["saliency"], kept["pattern"][0].float().cpu()
 
 
-def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Sorted distinct layer indices (None: all), refused when out of range or empty."""
-    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise StepSalError(f"layers {bad or layers} are not valid for a model with {n_layers} "
-                           f"layers; pass indices in [0, {n_layers})")
-    return layers
+def check_layers(layers: Any, n_layers: int) -> list[int]:
+    """Sorted distinct layer indices (None: all), refused when out of range, empty or not
+    whole numbers (:func:`stepsal_lens._checks.check_layer_list`)."""
+    if layers is None:
+        return list(range(n_layers))
+    return list(check_layer_list(layers, "layers", n_layers))
 
 
 def trace_tokens(model: Model, trace: Trace) -> Tensor:
@@ -188,6 +189,7 @@ def step_saliency(model: Model, trace: Trace, *, target: str | TargetFn | Target
         float32), when the target is NaN/inf, or when any map is NaN/inf; a non-finite
         result is never returned.
     """
+    check_trace(trace, "trace")
     resolved = resolve_target(target, target_kwargs)
     n_layers = model.cfg.n_layers
     layers = check_layers(layers, n_layers)

@@ -53,6 +53,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens._checks import describe_value
 from stepsal_lens.lens.engines import HOOK_PATTERN, Engine, choose, get_engine
 from stepsal_lens.lens.flow_state import StepFlowState
 from stepsal_lens.results.config import StepFlowConfig
@@ -178,6 +179,11 @@ def stepflow(model: Model, config: StepFlowConfig | None = None, *,
         ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`), ``sf.tracker``
         (:class:`SegmentTracker`) and ``sf.engine`` (the engine that runs).
     """
+    if config is not None and not isinstance(config, StepFlowConfig):
+        hint = (f"pass settings as keywords, stepflow(model, **{config!r})"
+                if isinstance(config, dict) else "e.g. StepFlowConfig(alpha=0.06)")
+        raise StepSalError(f"config must be a StepFlowConfig or None; got "
+                           f"{describe_value(config)}; {hint}, or stepflow(model, StepFlowConfig(...))")
     settings = _smi_site(dict(settings))
     config = config or StepFlowConfig()
     if settings:

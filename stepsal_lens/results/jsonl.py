@@ -6,8 +6,9 @@ it) splits a line there. So :func:`dumps_line` writes those three escaped (``\\u
 and :func:`read_jsonl` splits on ``\\n`` only: a file stepsal wrote, or any valid JSONL
 file, reads back line for line.
 
-A file that is not UTF-8 (UTF-16 or UTF-32 with a byte-order mark, Latin-1) is one
-:class:`~stepsal_lens.errors.StepSalError` naming the file and the encoding; a line that
+A file that is not UTF-8 (UTF-16 or UTF-32, Latin-1) is one
+:class:`~stepsal_lens.errors.StepSalError` naming the file and the encoding (the one
+UTF-8 reader, :func:`stepsal_lens._checks.read_utf8`); a line that
 is not a JSON object names its line number. Only a cut last line (no final newline, as
 left by a killed writer) can be tolerated, and only where the caller says so
 (``tolerate_cut=True``: resumable results, whose last record is then redone).
@@ -26,21 +27,19 @@ False
 
 from __future__ import annotations
 
-import codecs
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import read_utf8
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.outputs import write_text_atomic
 
-__all__ = ["dumps_line", "read_jsonl", "read_text", "write_jsonl"]
+__all__ = ["dumps_line", "read_jsonl", "write_jsonl"]
 
 # Separators that str.splitlines() and some editors treat as line ends inside a JSON string.
 _SEPARATORS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
-_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
-         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]
 
 
 def dumps_line(obj: Any) -> str:
@@ -55,31 +54,6 @@ def dumps_line(obj: Any) -> str:
     for raw, escaped in _SEPARATORS.items():
         text = text.replace(raw, escaped)
     return text + "\n"
-
-
-def read_text(path: str | Path, *, what: str = "file") -> str:
-    """A text file as UTF-8 (a UTF-8 byte-order mark is dropped); any other encoding is one
-    clear error naming the file and how to convert it."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise StepSalError(f"{what} {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise StepSalError(f"{what} {str(path)!r} is a folder; pass a file") from None
-    except OSError as err:
-        raise StepSalError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
-    for bom, name in _BOMS:
-        if data.startswith(bom):
-            raise StepSalError(f"{what} {str(path)!r} is {name}-encoded; stepsal reads UTF-8: "
-                               f"convert it (e.g. `iconv -f {name} -t UTF-8`)")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise StepSalError(
-            f"{what} {str(path)!r} is not UTF-8 (byte {err.start}: {data[err.start:err.start + 1]!r}"
-            f"; Latin-1 or UTF-16 without a byte-order mark?); convert it to UTF-8 (e.g. "
-            f"`iconv -f LATIN1 -t UTF-8`)") from None
 
 
 def read_jsonl(path: str | Path, *, what: str = "file",
@@ -105,7 +79,7 @@ def read_jsonl(path: str | Path, *, what: str = "file",
         not an object.
     """
     path = Path(path)
-    text = read_text(path, what=what)
+    text = read_utf8(path, what)
     lines = text.split("\n")
     rows = []
     for i, line in enumerate(lines, 1):

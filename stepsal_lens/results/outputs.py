@@ -153,6 +153,14 @@ def _check_place(out: str | os.PathLike, target: Path, inputs: Inputs, flag: str
                                f"{str(given)!r}; write the {what} somewhere else")
 
 
+def _placed(out: str | os.PathLike, inputs: Inputs, flag: str, what: str) -> Path:
+    """``out`` resolved, checked to be writable and a place stepsal may write."""
+    target = _resolve(out)
+    check_writable(target, what=what, flag=flag)
+    _check_place(out, target, inputs, flag, what)
+    return target
+
+
 def read_marker(folder: str | Path) -> dict[str, Any] | None:
     """The marker of a folder stepsal made (None: not stepsal's, or unreadable)."""
     try:
@@ -187,9 +195,7 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Inputs
         stepsal did not make (never replaced), a resumable run (never replaced), or an
         earlier result without ``overwrite``.
     """
-    target = _resolve(out)
-    check_writable(target, what=what, flag=flag)
-    _check_place(out, target, inputs, flag, what)
+    target = _placed(out, inputs, flag, what)
     if target.is_dir() and any(target.iterdir()):
         marker = read_marker(target)
         if marker is None:
@@ -215,9 +221,7 @@ def check_run_dir(out: str | Path, *, command: str, inputs: Inputs = None, flag:
     """The checks of a resumable run folder (``eval``, ``analyze --traces``): writable,
     not a protected place, holding no input, new, empty or a ``command`` run stepsal made,
     and no other process writing it. Returns the resolved folder."""
-    target = _resolve(out)
-    check_writable(target, what=what, flag=flag)
-    _check_place(out, target, inputs, flag, what)
+    target = _placed(out, inputs, flag, what)
     if target.is_dir() and any(target.iterdir()):
         marker = read_marker(target)
         if marker is None:
@@ -536,9 +540,7 @@ def output_dir(out: str | Path, *, command: str, overwrite: bool = False,
     pathlib.Path
         The temporary folder to write into.
     """
-    target = _resolve(out)
-    check_writable(target, what=what, flag=flag)
-    _check_place(out, target, inputs, flag, what)
+    target = _placed(out, inputs, flag, what)
     with run_lock(out):
         _recover(target)  # first: a killed run's old results are back before the checks
         check_output_dir(out, overwrite=overwrite, inputs=inputs, flag=flag, what=what)

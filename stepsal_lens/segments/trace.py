@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from stepsal_lens._checks import check_type
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.association import format_of, info_of
 from stepsal_lens.fingerprint import tokenizer_fingerprint
@@ -44,6 +45,8 @@ __all__ = [
     "Detokenizer",
     "Step",
     "Trace",
+    "check_fits",
+    "check_trace",
 ]
 
 SEGMENTS = ("question", "thinking", "summary")
@@ -249,6 +252,7 @@ class Trace:
             Caller-given step character spans into ``text`` instead of a splitter.
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
+        check_fits(text, tok, ctx, "the text")
         parsed = fmt.parse(text)
         prompt = fmt.chat_prompt(parsed.question, tok)
         return _made_with(cls(parsed, tok, format=fmt, splitter=splitter,
@@ -275,6 +279,9 @@ class Trace:
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        if ctx is not None and len(ids) > ctx:  # before decoding them one by one
+            raise StepSalError(f"the trace has {len(ids)} tokens but the model's context is "
+                               f"{ctx}; shorten it - the model would silently truncate it")
         detok = Detokenizer(tok)
         offsets = [detok.push(i) for i in ids]
         return _made_with(cls(fmt.parse(detok.text), tok, format=fmt, splitter=splitter, prepend_bos=False,
@@ -291,6 +298,9 @@ class Trace:
         (:meth:`~stepsal_lens.segments.formats.ReasoningFormat.chat_prompt`).
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
+        for label, value in (("question", question), ("thinking", thinking), ("summary", summary)):
+            check_type(value, str, label, "a str")
+        check_fits(question + thinking + summary, tok, ctx, "the question + thinking + summary")
         for label, value in (("question", question), ("thinking", thinking), ("summary", summary)):
             found = [m for m in (*fmt.special_tokens, fmt.think_open.strip(),
                                  fmt.think_close.strip()) if m and m in value]
@@ -652,6 +662,48 @@ def template_bos(tokenizer: Any, fmt: ReasoningFormat) -> str | None:
     if not bos:
         return None
     return bos if fmt.chat_prompt("?", tokenizer).startswith(bos) else None
+
+
+def check_trace(value: Any, name: str = "trace") -> Trace:
+    """``value`` if it is a :class:`Trace`, else one error naming what was passed and how
+    to build a trace (the boundary check of every function that takes one)."""
+    return check_type(value, Trace, name, "a Trace",
+                      "build one with Trace.from_text(text, model) or Trace.from_segments("
+                      "question, thinking, summary, model)")
+
+
+#: Characters per chunk when counting the tokens of a long text against the context.
+_CHUNK_CHARS = 1 << 16
+
+
+def check_fits(text: Any, tokenizer: Any, n_ctx: int | None, what: str = "the trace",
+               fix: str = "shorten it (or cut the thinking)") -> None:
+    """Refuse a text longer than the model's context before tokenising all of it.
+
+    A text of at most ``8 * n_ctx`` characters is left to the exact check after
+    tokenisation. A longer one is tokenised in chunks of :data:`_CHUNK_CHARS` characters
+    cut at whitespace, and refused as soon as the tokens counted pass ``n_ctx`` (plus one
+    token per chunk, which a cut may add): the work is that of about ``n_ctx`` tokens
+    whatever the text's length (a 50 MB text is refused in well under a second, not after
+    a minute and 15 GB of offsets).
+    """
+    check_type(text, str, what, "a str")
+    if n_ctx is None or len(text) <= 8 * n_ctx:
+        return
+    count = chunks = start = 0
+    while start < len(text):
+        end = min(start + _CHUNK_CHARS, len(text))
+        if end < len(text):  # cut at the last whitespace of the chunk, where tokens end
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = cut if cut > start else end
+        count += len(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        chunks += 1
+        start = end
+        if count > n_ctx + chunks:
+            raise StepSalError(
+                f"{what} has {len(text):,} characters; its first {start:,} alone are "
+                f"{count:,} tokens but the model's context is {n_ctx} tokens; {fix} - the "
+                f"model would silently truncate it")
 
 
 def _resolve(model_or_tokenizer: Any, format, n_ctx):

@@ -150,7 +150,7 @@ def test_batch_analyze_equals_single_analyze_runs(free_cluster, tiny_lrm, traces
     lines[0]["text"] += " "
     traces_file.with_name("changed.jsonl").write_text(
         "".join(json.dumps(x) + "\n" for x in lines))
-    with pytest.raises(StepSalError, match="computed from another trace"):
+    with pytest.raises(StepSalError, match="the traces file.s content changed"):
         analyze_traces(tiny_lrm, traces_file.with_name("changed.jsonl"), out,
                        model_name="tiny-lrm", progress=False)
 
