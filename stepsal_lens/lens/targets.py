@@ -76,12 +76,13 @@ class Target:
     lean: LeanFn | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def loss(self, logits: Tensor, trace: Trace) -> Tensor:
-        """The scalar from float32 logits ``[1, token, vocab]``."""
+    def loss(self, logits: Tensor, trace: Trace) -> Any:
+        """The scalar from float32 logits ``[1, token, vocab]`` (what the function returns,
+        checked by the caller: a user's target may return anything)."""
         return self.fn(logits, trace, **self.kwargs)
 
     def lean_loss(self, hidden: Tensor, unembed: Callable[[Tensor], Tensor],
-                  trace: Trace) -> Tensor:
+                  trace: Trace) -> Any:
         """The same scalar from the final hidden states (only when :attr:`lean` is set)."""
         return self.lean(hidden, unembed, trace, **self.kwargs)
 
