@@ -1,6 +1,6 @@
 """The demo report's section for the causal tools (its figures live in
-:mod:`~stepsal_lens.apps.effect_plots`, its explorer in
-:mod:`~stepsal_lens.apps.causal_explorer`; both names are importable from here too).
+:mod:`~stepsal_lens.apps.effect_plots`, importable from here too; its explorer in
+:mod:`~stepsal_lens.apps.causal_explorer`).
 
 Examples
 --------
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 
-from stepsal_lens.apps.causal_explorer import causal_explorer
 from stepsal_lens.apps.effect_plots import effect_map, plot_effects
 from stepsal_lens.apps.escape import esc
 from stepsal_lens.apps.plots import figure_png, img_tag, new_figure
@@ -26,7 +25,7 @@ from stepsal_lens.lens.causal import step_effects
 from stepsal_lens.segments.trace import Trace
 from stepsal_lens.typing import Model
 
-__all__ = ["causal_explorer", "causality_section", "demo_causality", "effect_map", "plot_effects"]
+__all__ = ["causality_section", "demo_causality", "effect_map", "plot_effects"]
 
 
 def demo_causality(model: Model, saliencies: Sequence[Any], *, limit: int = 8) -> dict | None:

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.apps.plots import figure_png, plot_map_pair
-from stepsal_lens.apps.report import plot_condition_curves
+from stepsal_lens.apps.plots import figure_png, plot_condition_curves, plot_map_pair
 from stepsal_lens.apps.step_explorer import StaticTwin, step_map, view_class
 from stepsal_lens.core.metrics import layer_metrics
 

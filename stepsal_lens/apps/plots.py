@@ -32,6 +32,7 @@ from stepsal_lens.apps.escape import esc
 from stepsal_lens.core.metrics import normalize_rows
 
 __all__ = ["SEGMENT_COLORS", "Figure", "draw_step_map", "figure_png", "img_tag",
+           "plot_condition_curves", "plot_group_curves",
            "map_colors", "plot_map_pair", "plot_step_maps", "segment_boundaries",
            "segment_ticks", "token_html"]
 
@@ -237,3 +238,47 @@ def token_html(tokens: Sequence[str], rows: dict[str, Any], *,
                      f"width:6em'>{esc(label)}</b>{chips}</div>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_share"),
+                          colors: Sequence[str] = ("tab:green", "tab:red", "tab:blue")):
+    """Per-layer means of several groups of per-(trace, layer) metrics, with 95% t bands.
+
+    ``groups`` maps a label to a DataFrame with a ``layer`` column and the metric columns
+    (one row per trace and layer); the legend counts traces, not rows. Returns a
+    :class:`stepsal_lens.apps.plots.Figure` (no pyplot: the backend is left alone).
+    """
+    from scipy import stats
+
+    fig = new_figure(4.6 * len(names), 3.6)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    all_layers: set[int] = set()
+    for ax, name in zip(axes, names):
+        for (label, df), color in zip(groups.items(), colors):
+            if not len(df):
+                continue
+            grp = df.groupby("layer")[name]
+            mean, sem, count = grp.mean(), grp.sem(), grp.count()
+            if mean.isna().all():
+                continue
+            all_layers.update(int(x) for x in mean.index)
+            half = sem * stats.t.ppf(0.975, np.maximum(count - 1, 1))
+            ax.plot(mean.index, mean.values, color=color, marker="o",
+                    label=f"{label} ({int(count.max())} traces)")
+            ax.fill_between(mean.index, (mean - half).values, (mean + half).values,
+                            color=color, alpha=0.2)
+        ax.set_title(f"{name} (mean, 95% band)", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(name)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in axes:
+        if all_layers:
+            ax.set_xticks(sorted(all_layers))
+    return fig
+
+
+def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
+    """Per-layer means of correct and wrong traces with 95% confidence bands."""
+    return plot_condition_curves({"correct": metrics[metrics.correct == True],  # noqa: E712
+                                  "wrong": metrics[metrics.correct == False]}, names)  # noqa: E712

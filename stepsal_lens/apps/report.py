@@ -6,7 +6,6 @@ predictions, indices) is escaped with :func:`stepsal_lens.apps.escape.esc`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 from stepsal_lens.apps.escape import esc
 from stepsal_lens.apps.plots import figure_png, img_tag
 from stepsal_lens.apps.circuits import causality_section
-from stepsal_lens.apps.plots import new_figure, plot_step_maps
+from stepsal_lens.apps.plots import plot_condition_curves, plot_group_curves, plot_step_maps
 
 __all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
 
@@ -25,50 +24,6 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 th{background:#f3f3f3}pre{white-space:pre-wrap;overflow-wrap:anywhere;max-height:30em;overflow:auto;background:#f7f7f7;padding:.7em;font-size:13px}
 img{max-width:100%}.ok{color:#1a7f37}.bad{color:#c4302b}
 """
-
-
-def plot_condition_curves(groups: dict[str, Any], names=("lock_in", "thinking_share"),
-                          colors: Sequence[str] = ("tab:green", "tab:red", "tab:blue")):
-    """Per-layer means of several groups of per-(trace, layer) metrics, with 95% t bands.
-
-    ``groups`` maps a label to a DataFrame with a ``layer`` column and the metric columns
-    (one row per trace and layer); the legend counts traces, not rows. Returns a
-    :class:`stepsal_lens.apps.plots.Figure` (no pyplot: the backend is left alone).
-    """
-    from scipy import stats
-
-    fig = new_figure(4.6 * len(names), 3.6)
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
-    all_layers: set[int] = set()
-    for ax, name in zip(axes, names):
-        for (label, df), color in zip(groups.items(), colors):
-            if not len(df):
-                continue
-            grp = df.groupby("layer")[name]
-            mean, sem, count = grp.mean(), grp.sem(), grp.count()
-            if mean.isna().all():
-                continue
-            all_layers.update(int(x) for x in mean.index)
-            half = sem * stats.t.ppf(0.975, np.maximum(count - 1, 1))
-            ax.plot(mean.index, mean.values, color=color, marker="o",
-                    label=f"{label} ({int(count.max())} traces)")
-            ax.fill_between(mean.index, (mean - half).values, (mean + half).values,
-                            color=color, alpha=0.2)
-        ax.set_title(f"{name} (mean, 95% band)", fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel(name)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    for ax in axes:
-        if all_layers:
-            ax.set_xticks(sorted(all_layers))
-    return fig
-
-
-def plot_group_curves(metrics, names=("lock_in", "thinking_share")):
-    """Per-layer means of correct and wrong traces with 95% confidence bands."""
-    return plot_condition_curves({"correct": metrics[metrics.correct == True],  # noqa: E712
-                                  "wrong": metrics[metrics.correct == False]}, names)  # noqa: E712
 
 
 def _stepflow_section(result: Any, flow: dict[str, Any], out: Path) -> str:
