@@ -368,7 +368,9 @@ def main():
     try:
         state["compiled"] = compile(setup["code"], "solution.py", "exec")
     except (SyntaxError, ValueError) as err:
-        send({"compile_error": "".join(traceback.format_exception_only(type(err), err))})
+        where = f" (line {err.lineno})" if getattr(err, "lineno", None) else ""
+        send({"compile_error": f"{type(err).__name__}: {getattr(err, 'msg', None) or err}"
+                               f"{where}"})
         return
     exec(state["prelude"], {})  # import the prelude's modules once, before forking
     send({"ready": True, "uid": os.getuid(), "pid": os.getpid()})

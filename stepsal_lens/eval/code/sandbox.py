@@ -86,7 +86,7 @@ class Limits:
         Size of the program's working folder (a ``tmpfs``), MiB.
     """
 
-    timeout: float = 6.0
+    timeout: float | int = 6.0
     memory_mb: int = 4096
     output_mb: int = 32
     nproc: int = 64
