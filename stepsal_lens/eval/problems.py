@@ -168,6 +168,10 @@ def _gpqa(row: dict[str, Any], i: int, source: str, where: str) -> Problem:
 def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
     if not isinstance(row, dict):
         raise StepSalError(f"{where} holds a {type(row).__name__}, not an object; {_ROW_FIX}")
+    from stepsal_lens.eval.code.lcb import is_code_row, parse_code_row  # coding (issue 21)
+
+    if is_code_row(row):
+        return parse_code_row(row, i, source, where)
     if _field(row, "Correct Answer") is not None or _field(row, "Incorrect Answer 1") is not None:
         return _gpqa(row, i, source, where)
     question = _field(row, "problem", "question", "prompt")

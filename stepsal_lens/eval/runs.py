@@ -82,13 +82,20 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
     by_source: dict[str, list[bool]] = {}
     for r in records:
         by_source.setdefault(r["source"], []).append(r["correct"])
-    return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [low, high],
-            "ci_method": "Wilson score interval (over problem x sample records)",
-            "grading_errors": errors,
-            "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
-            "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
-            "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
-            "config": config}
+    summary = {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [low, high],
+               "ci_method": "Wilson score interval (over problem x sample records)",
+               "grading_errors": errors,
+               "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
+               "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
+               "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
+               "config": config}
+    # ---- issue 21 (coding): pass@k by platform / difficulty, verdict counts ----
+    from stepsal_lens.eval.code.passk import code_summary
+
+    code = code_summary(records)
+    if code:
+        summary["code"] = code
+    return summary
 
 
 def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, samples: int = 1,
@@ -212,7 +219,8 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
              stepflow: StepFlowConfig | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
              model_name: str | None = None, data_name: str | None = None,
-             grading_timeout: float | int = 10.0, progress: bool = True) -> EvalRun:
+             grading_timeout: float | int = 10.0, progress: bool = True,
+             code_workers: int = 1, sandbox: str = "auto", code_limits: Any = None) -> EvalRun:
     """Generate, grade and record every (problem, sample); resumable.
 
     Parameters
@@ -237,6 +245,10 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     grading_timeout
         Seconds the grader may spend on one answer's symbolic comparisons; past it the
         record is not correct and its ``grading_error`` says why.
+    code_workers, sandbox, code_limits
+        Coding problems (:mod:`stepsal_lens.eval.code`): programs judged at once, the
+        sandbox backend (``"auto"``; ``"none"`` runs them unsandboxed and says so in
+        ``run.json``) and the :class:`~stepsal_lens.eval.code.sandbox.Limits`.
 
     Notes
     -----
@@ -257,12 +269,20 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     config = _run_config(model_name or name_of(model), data_name, sf, info_of(model).format.name,
                          max_new_tokens=max_new_tokens, samples=samples,
                          temperature=temperature, seed=seed)
+    # ---- issue 21 (coding): the sandbox that judges the programs, recorded in run.json ----
+    from stepsal_lens.eval.code.run import code_settings
+
+    code = code_settings(problems, sandbox=sandbox, limits=code_limits)
+    if code is not None:
+        config["code"] = code
+        code = dict(code, workers=code_workers)
     # everything is checked before run.json is written: a refused run leaves no trace
     check_run_folder(out, config)
     with run_lock(out):
         return _evaluate_locked(model, problems, out, config, sf, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, samples=samples, temperature=temperature,
-                                seed=seed, grading_timeout=grading_timeout, progress=progress)
+                                seed=seed, grading_timeout=grading_timeout, progress=progress,
+                                code=code)
 
 
 def _check_problems(problems: Sequence[Problem]) -> None:
@@ -339,7 +359,8 @@ def _finish_run(out: Path, keys: list[tuple[str, int]],
 
 def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
                      max_new_tokens: int, batch_size: int, samples: int, temperature: float,
-                     seed: int, grading_timeout: float | int, progress: bool) -> EvalRun:
+                     seed: int, grading_timeout: float | int, progress: bool,
+                     code: dict[str, Any] | None = None) -> EvalRun:
     """The body of :func:`evaluate`, run while holding the folder's lock."""
     from tqdm.auto import tqdm
 
@@ -354,7 +375,8 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
                 chunk = todo[start:start + batch_size]
                 _append_records(f, done, _eval_chunk(
                     model, chunk, sf, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    temperature=temperature, seed=seed, grading_timeout=grading_timeout))
+                    temperature=temperature, seed=seed, grading_timeout=grading_timeout,
+                    code=code))
                 bar.update(len(chunk))
     except KeyboardInterrupt:
         raise _interrupted(done, keys, results_file) from None
@@ -364,10 +386,15 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
 
 
 def _record(p: Problem, s: int, g, grading_timeout: float | int,
-            seed: int | None) -> dict[str, Any]:
+            seed: int | None, code_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Grade one generation into its ``results.jsonl`` record."""
     seg = g.segments()
-    if seg["error"] or seg["truncated"]:
+    if p.kind == "code":  # issue 21: judged in a sandbox by _eval_chunk (eval/code/run.py)
+        if code_fields is None:
+            raise StepSalError("coding problems are judged by `stepsal eval` in this process "
+                               "(not yet with --ray); run without --ray")
+        verdict = Grade(code_fields["code"], code_fields["correct"], method=code_fields["verdict"])
+    elif seg["error"] or seg["truncated"]:
         verdict = Grade(None, False, method="no answer")
     else:
         verdict = grade_output(seg["summary"], p.answer, p.kind, timeout=grading_timeout)
@@ -378,12 +405,15 @@ def _record(p: Problem, s: int, g, grading_timeout: float | int,
             "truncated": seg["truncated"],
             "n_completion_tokens": len(g.completion_ids),
             "completion": g.text[len(g.prompt):] if g.text.startswith(g.prompt)
-            else g.text, "stats": g.stats, "seed": seed}
+            else g.text, "stats": g.stats, "seed": seed,
+            **({k: v for k, v in code_fields.items() if k not in ("code", "correct")}
+               if code_fields is not None else {})}
 
 
 def _eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_tokens: int,
                 batch_size: int, temperature: float, seed: int,
-                grading_timeout: float | int) -> list[dict[str, Any]]:
+                grading_timeout: float | int,
+                code: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Generate and grade (problem, sample) pairs: the records, in ``chunk``'s order.
 
     Greedy pairs are generated in batches (left padding changes no row). Sampled pairs
@@ -403,8 +433,14 @@ def _eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_toke
         gens = [generate(model, [q], stepflow=sf, max_new_tokens=max_new_tokens,
                          temperature=temperature, seed=row_seed, batch_size=1,
                          progress=False)[0] for q, row_seed in zip(questions, seeds)]
-    return [_record(p, s, g, grading_timeout, row_seed)
-            for (p, s), g, row_seed in zip(chunk, gens, seeds)]
+    fields: list[dict[str, Any] | None] = [None] * len(chunk)
+    if code is not None:  # issue 21: the chunk's programs, code["workers"] at a time
+        from stepsal_lens.eval.code.run import judge_outputs
+
+        fields = judge_outputs([(p, g.segments()["summary"]) for (p, _), g in zip(chunk, gens)],
+                               code, workers=code.get("workers", 1))
+    return [_record(p, s, g, grading_timeout, row_seed, f)
+            for (p, s), g, row_seed, f in zip(chunk, gens, seeds, fields)]
 
 
 def _load_run(run: str | Path | EvalRun) -> dict[tuple[str, int], bool]:
