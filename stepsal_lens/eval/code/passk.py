@@ -32,7 +32,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     Examples
     --------
     >>> from stepsal_lens.eval.code.passk import pass_at_k
-    >>> pass_at_k(5, 0, 3), pass_at_k(5, 1, 1)
+    >>> pass_at_k(5, 0, 3), round(pass_at_k(5, 1, 1), 12)
     (0.0, 0.2)
     """
     for name, v in (("n", n), ("c", c), ("k", k)):
