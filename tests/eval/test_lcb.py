@@ -284,3 +284,44 @@ def test_grade_refuses_a_bad_code_line_before_running_anything(tmp_path, capsys)
     src = _write(tmp_path / "in.jsonl", [{"output": "```\nprint(1)\n```", "kind": "code"}])
     assert main(["grade", str(src), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "a code line needs 'tests'" in capsys.readouterr().err
+
+
+# ---- GPQA lines with the option text as gold, or the choices in a separate field ----------
+
+@pytest.mark.parametrize("row,letter,choices", [
+    ({"question": "Capital of France?", "choices": ["Rome", "Paris", "Oslo", "Bern"],
+      "answer": "Paris"}, "B", ("Rome", "Paris", "Oslo", "Bern")),
+    ({"question": "q", "choices": ["Rome", "Paris", "Oslo", "Bern"], "answer": " paris "},
+     "B", None),
+    ({"question": "q", "choices": ["Rome", "Paris"], "answer": "(B)"}, "B", None),
+    ({"question": "q", "choices": ["Rome", "Paris"], "answer": 1}, "B", None),
+    ({"question": "q", "choices": ["1", "2", "3"], "answer": "2"}, "B", None),  # text first
+    ({"question": "q", "choices": ["1", "2", "3"], "answer": 2}, "C", None),  # a number: index
+    ({"question": "q", "options": {"B": "Paris", "A": "Rome"}, "answer": "Paris"}, "B",
+     ("Rome", "Paris")),
+    ({"question": "q", "choices": {"label": ["A", "B", "C"], "text": ["x y", "z", "w"]},
+      "answer": "x  y"}, "A", ("x y", "z", "w")),
+    ({"Question": "q", "A": "Rome", "B": "Paris", "C": "Oslo", "D": "Bern",
+      "Correct Answer": "Oslo"}, "C", ("Rome", "Paris", "Oslo", "Bern")),
+    ({"question": "q", "A": "Rome", "B": "Paris", "answer": "A"}, "A", ("Rome", "Paris")),
+    ({"question": "q", "choices": '["Rome", "Paris"]', "answer": "Rome"}, "A", None),
+])
+def test_choice_gold_from_text_letter_or_index(tmp_path, row, letter, choices):
+    (p,) = load_problems(_write(tmp_path / "gpqa.jsonl", [row]))
+    assert (p.kind, p.answer) == ("choice", letter), p
+    if choices is not None:
+        assert p.choices == choices
+    from stepsal_lens.eval.grading import grade_output
+
+    assert grade_output(f"The answer is \\boxed{{{letter}}}.", p.answer, "choice").correct
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"question": "q", "choices": ["Rome", "Paris"], "answer": "Madrid"}, "neither a letter"),
+    ({"question": "q", "choices": ["Rome", "Paris"], "answer": "C"}, "neither a letter"),
+    ({"question": "q", "choices": ["Rome", "Rome"], "answer": "Rome"}, "several options"),
+    ({"question": "q", "options": {"A": "x", "C": "y"}, "answer": "x"}, "label them A, B"),
+])
+def test_bad_choice_gold_is_named(tmp_path, row, match):
+    with pytest.raises(StepSalError, match=match):
+        load_problems(_write(tmp_path / "bad.jsonl", [row]))
