@@ -351,6 +351,7 @@ def main():
         proto_out.flush()
 
     setup = json.loads(proto_in.readline())
+    sys.path.extend(p for p in setup.get("sys_path", []) if p not in sys.path)
     global WORK
     WORK = setup.get("work") or WORK
     try:
