@@ -154,10 +154,23 @@ def split_with_code(text: str, segment: str,
     ['Let me write it.', 'Here is the code:\\n```python', 'n = int(input())', 'print(n * n)  # the answer. Done\\n```', 'That is all.']
     """
     out: list[Span] = []
+    carry: int | None = None  # an opening fence line that is a step alone joins the code
     for kind, (a, b) in fenced_regions(text):
         piece = text[a:b]
-        spans = code_block_spans(piece) if kind == "code" else prose(piece, segment)
-        out.extend((a + s, a + e) for s, e in spans)
+        spans = [(a + s, a + e) for s, e in (code_block_spans(piece) if kind == "code"
+                                               else prose(piece, segment))]
+        if kind == "code" and carry is not None and spans:
+            spans[0] = (carry, spans[0][1])
+            carry = None
+        elif kind == "prose" and spans and _FENCE.match(text, spans[-1][0]) and \
+                text.rfind("\n", spans[-1][0], spans[-1][1]) < 0 and b < len(text):
+            carry = spans.pop()[0]
+        if carry is not None and kind == "code" and not spans:
+            out.append((carry, b))
+            carry = None
+        out.extend(spans)
+    if carry is not None:
+        out.append((carry, len(text.rstrip())))
     return out
 
 

@@ -94,6 +94,7 @@ SAMPLES = [
     "Plan. Write it now please.\n```python\n" + CODE + "```\nDone. The end is here.",
     "```\nx = '''\n\n'''\n\ny = [\n\n]\n\nprint(x, y)\n```\n\nSummary paragraph here.\n\nMore.",
     "Two blocks.\n```py\na = 1\n\nb = 2 # c. d\n```\nThen\n```\nprint(3)\n\n\nprint(4)\n```",
+    "An intro paragraph here.\n\n```python\nimport sys\n\nprint(sys.argv)\n```\n\nAfter it.",
 ]
 
 
@@ -111,6 +112,30 @@ THINKING = ("Let me write the program. I read n and print its square.\n```python
             "n = int(input())\n\nprint(n * n)  # squared. done\n```\nThat should work.")
 SUMMARY = ("Here is the solution:\n```python\nimport sys\n\ndef main():\n    n = int("
            "sys.stdin.readline())\n\n    print(n * n)\n\nmain()\n```")
+
+
+SUMMARY_BLANK = ("Read everything, keep the even values.\n\n```python\nimport sys\n\n"
+                 "def main():\n    print(sum(map(int, sys.stdin.read().split())))\n\n"
+                 "main()\n```")
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1", "think-tags", "qwen3"])
+def test_a_fence_after_a_blank_line_joins_the_code_online_too(tokenizer, name):
+    fmt = get_format(name)
+    question = "Sum the numbers."
+    text = fmt.render(question, THINKING, SUMMARY_BLANK)
+    trace = Trace.from_text(text, tokenizer, format=fmt)
+    texts = [s.text for s in trace.steps if s.segment == "summary"]
+    assert texts == ["Read everything, keep the even values.", "```python\nimport sys",
+                     "def main():\n    print(sum(map(int, sys.stdin.read().split())))",
+                     "main()\n```"], texts
+    ids = trace.token_ids.tolist()
+    n_prompt = len(tokenizer(fmt.prompt(question), add_special_tokens=False)["input_ids"])
+    tracker = SegmentTracker(tokenizer, fmt, "paper")
+    tracker.reset(torch.tensor([ids[:n_prompt]]))
+    for t in ids[n_prompt:]:
+        tracker.extend(torch.tensor([[t]]))
+    assert tracker.step[0].tolist() == trace.step_of_token.tolist()
 
 
 @pytest.mark.parametrize("name", ["deepseek-r1", "think-tags", "qwen3"])
