@@ -18,6 +18,9 @@ workers, see :mod:`stepsal_lens.eval.scale`); ``stepsal compare RUN_A RUN_B`` ru
 McNemar test on two runs.
 ``stepsal grade IN.jsonl --out OUT.jsonl`` re-grades existing outputs (lines with
 ``output``, ``answer`` and optional ``kind``) with the grader of ``stepsal eval``.
+LiveCodeBench files (``eval --data``, ``--after`` / ``--before`` on ``contest_date``) and
+code lines of ``grade`` (``{"output", "kind": "code", "tests"}``) are judged in a sandbox
+(:mod:`stepsal_lens.eval.code`; ``--code-workers N``, ``--no-sandbox`` to run unsandboxed).
 
 ``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
 gpt-oss) on the fly, for trying the tool without any weights (in a temporary folder,
@@ -566,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy on a benchmark file (resumable)")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True,
-                   help="local .jsonl/.json/.parquet/.csv (MATH-500, AIME, AMC23, GPQA layouts) "
-                        "or tiny:SPLIT for the bundled task")
+                   help="local .jsonl/.json/.parquet/.csv (MATH-500, AIME, AMC23, GPQA, "
+                        "LiveCodeBench layouts) or tiny:SPLIT for the bundled task")
     e.add_argument("--out", required=True, help="run folder (re-run to resume)")
     e.add_argument("--limit", type=int, default=None, help="first N problems")
     e.add_argument("--samples", type=int, default=1, help="generations per problem")
