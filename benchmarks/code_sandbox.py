@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400, help="programs (default 400)")
     parser.add_argument("--tests", type=int, default=10, help="tests per program (default 10)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="interleaved rounds; the median round counts (default 4)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
 
@@ -108,19 +110,35 @@ def main(argv=None) -> int:
             print(f"({b} does not work here: {err})", file=sys.stderr)
     jobs = make_programs(args.n, args.tests)
     one = make_programs(max(20, args.n // 10), 1, seed=1)
-    rows = []
+    configs = [("bare subprocess.run per test", None, 1)] + [
+        (f"judge, backend {b}", b, w) for b in ["none"] + backends for w in (1, 2)]
+    # rounds interleave the configurations (a shared machine's load drifts): each round
+    # runs every configuration on its share of the programs; the median round counts
+    rounds = max(1, args.rounds)
+    times = {c: [] for c in configs}
+    times_one = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as folder:
-        bare = run_bare(jobs, folder)
-        bare_one = run_bare(one, folder)
-    rows.append(("bare subprocess.run per test", 1, bare, bare_one))
-    for backend in ["none"] + backends:
-        for workers in (1, 2):
-            took = run_sandboxed(jobs, backend, workers)
-            took_one = run_sandboxed(one, backend, 1) if workers == 1 else float("nan")
-            rows.append((f"judge, backend {backend}", workers, took, took_one))
+        for r in range(rounds):
+            part, part_one = jobs[r::rounds], one[r::rounds]
+            for c in configs:
+                name, backend, workers = c
+                if backend is None:
+                    times[c].append(run_bare(part, folder) / len(part))
+                    times_one[c].append(run_bare(part_one, folder) / len(part_one))
+                else:
+                    times[c].append(run_sandboxed(part, backend, workers) / len(part))
+                    if workers == 1:
+                        times_one[c].append(run_sandboxed(part_one, backend, 1) / len(part_one))
+    import statistics
+
+    rows = [(name, workers, statistics.median(times[c]) * len(jobs),
+             statistics.median(times_one[c]) * len(one) if times_one[c] else float("nan"))
+            for c in configs for name, _, workers in [c]]
+    bare, bare_one = rows[0][2], rows[0][3]
     n = len(jobs)
     print(f"\n{n} programs x {args.tests} tests; start-up: {len(one)} one-test programs; "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs; median of {rounds} interleaved rounds; load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| how | workers | programs/s | ms / program | vs bare, ms / program | "
           "one-test program, ms | start-up vs bare, ms |")
     print("|---|---|---|---|---|---|---|")
