@@ -325,3 +325,24 @@ def test_choice_gold_from_text_letter_or_index(tmp_path, row, letter, choices):
 def test_bad_choice_gold_is_named(tmp_path, row, match):
     with pytest.raises(StepSalError, match=match):
         load_problems(_write(tmp_path / "bad.jsonl", [row]))
+
+
+def test_no_sandbox_must_be_asked_for_and_is_recorded(tmp_path, canned, capsys, monkeypatch):
+    from stepsal_lens.apps.cli import main
+    from stepsal_lens.eval.code import sandbox as sb
+
+    data = _write(tmp_path / "lcb.jsonl", [_lcb_row("abc1", "2024-02-01T00:00:00")])
+    argv = ["eval", "--model", "random:qwen2", "--data", str(data), "--max-new-tokens", "4"]
+    # no sandbox on this machine: refused before the model loads, naming the fix
+    monkeypatch.setattr(sb, "_PROBED", {"bwrap": "not installed", "unshare": "not installed"})
+    assert main(argv + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "no sandbox works on this machine" in err and "--no-sandbox" in err, err
+    assert not (tmp_path / "refused").exists()
+    assert main(argv + ["--out", str(tmp_path / "open"), "--no-sandbox"]) == 0
+    assert "UNSANDBOXED" in capsys.readouterr().err
+    run = json.loads((tmp_path / "open" / "run.json").read_text())
+    assert run["code"]["sandbox"]["backend"] == "none"
+    (rec,) = [json.loads(x) for x in (tmp_path / "open" / "results.jsonl").read_text().split("\n")
+              if x]
+    assert (rec["verdict"], rec["sandbox"]) == ("passed", "none")

@@ -364,7 +364,9 @@ class SandboxProgram:
             "sys_path": _site_paths()}
         uid = _sandbox_uid() if _is_root() else os.getuid()
         setup["uid"] = uid
-        base = 0 if backend == "none" else _user_processes(uid)
+        # the user's processes count against RLIMIT_NPROC: a sandbox uid of its own runs
+        # none yet; the caller's own uid (not root) runs some already
+        base = 0 if backend == "none" or _is_root() else _user_processes(uid)
         setup["limits"]["nproc"] = base + int(limits.nproc) + 4
         env = _env("/sandbox")
         if backend == "bwrap":
