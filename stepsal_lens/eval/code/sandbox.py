@@ -90,7 +90,7 @@ class Limits:
     memory_mb: int = 4096
     output_mb: int = 32
     nproc: int = 64
-    work_mb: int = 64
+    work_mb: int = 128
 
     def __post_init__(self) -> None:
         for name in ("timeout", "memory_mb", "output_mb", "nproc", "work_mb"):
