@@ -82,20 +82,21 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
     by_source: dict[str, list[bool]] = {}
     for r in records:
         by_source.setdefault(r["source"], []).append(r["correct"])
-    summary = {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [low, high],
-               "ci_method": "Wilson score interval (over problem x sample records)",
-               "grading_errors": errors,
-               "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
-               "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
-               "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
-               "config": config}
-    # ---- issue 21 (coding): pass@k by platform / difficulty, verdict counts ----
+    return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [low, high],
+            "ci_method": "Wilson score interval (over problem x sample records)",
+            "grading_errors": errors,
+            "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
+            "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
+            "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
+            "config": config, **_code_summary(records)}
+
+
+def _code_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 21 (coding): ``{"code": pass@k by platform / difficulty, verdicts}`` or {}."""
     from stepsal_lens.eval.code.passk import code_summary
 
     code = code_summary(records)
-    if code:
-        summary["code"] = code
-    return summary
+    return {"code": code} if code else {}
 
 
 def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, samples: int = 1,
