@@ -6,7 +6,8 @@ from pathlib import Path
 import stepsal_lens
 
 PACKAGE = Path(stepsal_lens.__file__).parent
-RANK = {"_version": 0, "errors": 0, "typing": 0.5, "_registry": 0.5, "segments": 1, "core": 1, "results": 2,
+RANK = {"_version": 0, "errors": 0, "typing": 0.5, "_registry": 0.5, "_checks": 0.5,
+        "fingerprint": 0.5, "segments": 1, "core": 1, "results": 2,
         "lens": 3, "eval": 4, "apps": 5, "zoo": 6}
 # Deliberate upward imports, all inside a function (docs/architecture.md says why).
 ALLOWED = {

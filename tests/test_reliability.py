@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from stepsal_lens import StepSalError, Trace, step_saliency
 from stepsal_lens.apps.cli import main
-from stepsal_lens.results.outputs import LOCK_NAME, output_dir, run_lock
+from stepsal_lens.eval.problems import load_problems
+from stepsal_lens.eval.runs import run_identity
+from stepsal_lens.results.outputs import MARKER, output_dir, run_lock
 from stepsal_lens.results.saliency import StepSaliency
 from stepsal_lens.segments.trace import Step
 from stepsal_lens.segments.splitters import newline_splitter, paper_splitter
@@ -92,11 +96,19 @@ def _bytes(edit):
     return damage
 
 
-def _filled(c: Ctx, name: str, files=("maps_wrong.png", "compare.csv")) -> str:
+def _marker(folder: Path, command: str) -> None:
+    (folder / MARKER).write_text(json.dumps({"stepsal": "0.2.0", "command": command}))
+
+
+def _filled(c: Ctx, name: str, files=("maps_wrong.png", "compare.csv"),
+            command: str | None = "analyze") -> str:
+    """A folder holding an earlier result (of stepsal's when ``command`` is given)."""
     folder = c.tmp / name
     folder.mkdir()
     for f in files:
         (folder / f).write_text("from an earlier run")
+    if command is not None:
+        _marker(folder, command)
     return str(folder)
 
 
@@ -105,8 +117,10 @@ def _run_folder(c: Ctx, **settings) -> str:
     folder.mkdir()
     config = {"model": c.no_model, "data": str(c.data), "stepflow": None,
               "max_new_tokens": 256, "samples": 1, "temperature": 0.0, "seed": 0,
-              "format": "think-tags", **settings}
+              "format": "think-tags", **run_identity(load_problems(c.data), c.data),
+              "model_fingerprint": None, **settings}
     (folder / "run.json").write_text(json.dumps(config))
+    _marker(folder, "eval")
     return str(folder)
 
 
@@ -125,7 +139,7 @@ CLI_CASES = [
      r"alpha must be a finite number; got inf"),
     # generation options
     ("temperature-negative", lambda c: c.generate("--question", "q", "--temperature", "-1"),
-     r"--temperature must be a finite number >= 0 .*got -1"),
+     r"--temperature must be a finite number >= 0; got -1"),
     ("question-empty", lambda c: c.generate("--question", ""),
      r"--question is empty \(''\); pass the question text"),
     ("question-blank", lambda c: c.generate("--question", "  \n"),
@@ -133,7 +147,7 @@ CLI_CASES = [
     ("prompt-file-empty", lambda c: c.generate("--prompt-file", _write("p.txt", " \n")(c)),
      r"prompt file '.*p\.txt' is empty"),
     ("generate-max-new-tokens-0", lambda c: c.generate("--question", "q", "--max-new-tokens", "0"),
-     r"--max-new-tokens must be at least 1; got 0"),
+     r"--max-new-tokens must be a whole number >= 1; got 0"),
     # devices
     ("device-bogus", lambda c: c.analyze("--device", "bogus"),
      r"unknown device 'bogus'; use 'cpu', 'cuda', 'cuda:N' or 'mps'"),
@@ -182,7 +196,11 @@ CLI_CASES = [
                                           _filled(c, "old", ("report.html", "traces_stepflow.jsonl"))],
      r"already holds files \(report\.html, traces_stepflow\.jsonl\); pass --overwrite"),
     ("overwrite-eval-folder", lambda c: c.analyze("--overwrite", out=_run_folder(c)),
-     r"is an evaluation run folder .*--overwrite does not replace it"),
+     r"is a resumable `stepsal eval` run folder; --overwrite does not replace it"),
+    ("overwrite-foreign-folder", lambda c: c.analyze("--overwrite", out=_filled(
+        c, "mine", ("notes.txt",), command=None)),
+     r"output folder '.*mine' holds files stepsal did not make \(notes\.txt\); --overwrite "
+     r"replaces only a folder stepsal made"),
     ("generate-out-exists", lambda c: c.generate("--question", "q", out=_write("g.json", "{}")(c)),
      r"output file '.*g\.json' already exists; pass --overwrite"),
     ("generate-out-is-folder", lambda c: c.generate("--question", "q", out=str(c.tmp)),
@@ -191,16 +209,16 @@ CLI_CASES = [
      r"output folder '.*f/sub' cannot be created: '.*f' is a file"),
     # eval: settings before run.json, before the model
     ("eval-max-new-tokens-0", lambda c: c.eval("--max-new-tokens", "0"),
-     r"--max-new-tokens must be at least 1; got 0"),
-    ("eval-batch-size-0", lambda c: c.eval("--batch-size", "0"), r"--batch-size must be at least 1; got 0"),
-    ("eval-limit-0", lambda c: c.eval("--limit", "0"), r"--limit must be at least 1; got 0"),
+     r"--max-new-tokens must be a whole number >= 1; got 0"),
+    ("eval-batch-size-0", lambda c: c.eval("--batch-size", "0"), r"--batch-size must be a whole number >= 1; got 0"),
+    ("eval-limit-0", lambda c: c.eval("--limit", "0"), r"--limit must be a whole number >= 1; got 0"),
     ("eval-samples-greedy", lambda c: c.eval("--samples", "2"),
      r"samples > 1 with greedy decoding .*temperature > 0"),
     ("eval-settings-differ", lambda c: c.eval("--max-new-tokens", "64", out=_run_folder(c)),
-     r"holds a run with other settings \{'max_new_tokens': \(256, 64\)\} \(old, new\); run "
-     r"with the old settings to resume it"),
+     r"holds a run made from other inputs or settings: max_new_tokens: 256 before, 64 now; "
+     r"run with the old ones to resume it"),
     ("eval-stepflow-differs", lambda c: c.eval("--stepflow", out=_run_folder(c)),
-     r"other settings \{'stepflow': \(None, \{"),
+     r"other inputs or settings: stepflow: None before, \{"),
     ("eval-run-json-corrupt", lambda c: c.eval(out=_corrupt_run_folder(c)),
      r"run\.json' is not valid JSON .*the run folder is damaged"),
     # problem files
@@ -246,29 +264,31 @@ def test_cli_matrix(tmp_path, capsys, checkpoints, build, message):
 
 def test_overwrite_replaces_the_whole_folder_and_a_failed_run_changes_nothing(tmp_path):
     out = tmp_path / "demo"
-    with output_dir(out) as tmp:
+    with output_dir(out, command="demo") as tmp:
         for name in ("report.html", "maps_wrong.png", "compare.csv", "traces_stepflow.jsonl"):
             (tmp / name).write_text("first run")
     with pytest.raises(StepSalError, match="already holds files"):
-        with output_dir(out):
+        with output_dir(out, command="demo"):
             pass
     with pytest.raises(RuntimeError, match="boom"):  # a failing second run ...
-        with output_dir(out, overwrite=True) as tmp:
+        with output_dir(out, command="demo", overwrite=True) as tmp:
             (tmp / "report.html").write_text("half")
             raise RuntimeError("boom")
     assert (out / "report.html").read_text() == "first run"  # ... leaves the first intact
-    with output_dir(out, overwrite=True) as tmp:  # a smaller second run
+    with output_dir(out, command="demo", overwrite=True) as tmp:  # a smaller second run
         (tmp / "report.html").write_text("second run")
-    assert sorted(p.name for p in out.iterdir()) == ["report.html"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.html"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no partial siblings
 
 
-def test_overwrite_refuses_the_working_folder(tmp_path, monkeypatch):
-    (tmp_path / "keep.txt").write_text("x")
+def test_out_refuses_the_working_folder_even_when_empty(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StepSalError, match="which --overwrite would replace as a whole"):
-        with output_dir(".", overwrite=True):
-            pass
+    for overwrite in (False, True):
+        with pytest.raises(StepSalError, match=r"--out '\.' is the working folder .*pass a new "
+                                               r"one, e\.g\. --out stepsal-out"):
+            with output_dir(".", command="analyze", overwrite=overwrite):
+                pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_overwrite_leaves_no_file_of_the_earlier_run(tmp_path, tiny_lrm):
@@ -278,6 +298,7 @@ def test_demo_overwrite_leaves_no_file_of_the_earlier_run(tmp_path, tiny_lrm):
     out.mkdir()
     for name in ("maps_wrong.png", "compare.csv", "traces_stepflow.jsonl", "report.html"):
         (out / name).write_text("first run")
+    _marker(out, "demo")  # an earlier demo's folder
     result = run_demo(tiny_lrm, n=2, out=out, stepflow=None, progress=False,
                       max_new_tokens=64, overwrite=True)
     assert result.out == out
@@ -285,7 +306,7 @@ def test_demo_overwrite_leaves_no_file_of_the_earlier_run(tmp_path, tiny_lrm):
     assert {"report.html", "traces.jsonl", "metrics.csv"} <= names
     # no StepFlow pass and too few traces to compare: those files must be gone
     assert not names & {"compare.csv", "traces_stepflow.jsonl"}, names
-    assert all(p.read_bytes() != b"first run" for p in out.iterdir())
+    assert all(p.read_bytes() != b"first run" for p in out.iterdir() if p.name != MARKER)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
@@ -322,42 +343,43 @@ def test_random_arch_leaves_no_temporary_folder(tmp_path, monkeypatch):
 
 # ---- run folders: one writer, nothing duplicated, nothing lost -------------------------------
 
-def _lock_of(pid: int) -> str:
-    return json.dumps({"pid": pid, "host": os.uname().nodename, "started": "then",
-                       "command": "stepsal eval ..."})
+@contextmanager
+def hold_lock(target: Path) -> Iterator[subprocess.Popen]:
+    """A child process holding ``target``'s lock (as a running stepsal would) for the
+    block; killed (SIGKILL) at its end."""
+    code = (f"import sys, time\nsys.argv = ['stepsal', 'eval', '...']\n"
+            f"from stepsal_lens.results.outputs import run_lock\n"
+            f"with run_lock({str(target)!r}):\n    print('held', flush=True)\n"
+            f"    time.sleep(120)\n")
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            assert child.stdout.readline().strip() == "held"
+            yield child
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_second_eval_refuses_while_the_first_is_alive(tmp_path, capsys):
     ctx = Ctx(tmp_path, {})
-    run = tmp_path / "run"
-    run.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (run / LOCK_NAME).write_text(_lock_of(child.pid))
+    with hold_lock(tmp_path / "run") as child:
         assert main(ctx.eval()) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert re.fullmatch(rf"stepsal: error: run folder '.*run' is in use by process "
-                            rf"{child.pid} \('stepsal eval \.\.\.', since then\); wait for it to "
-                            rf"finish or stop it, then run again \(it resumes\); if no such "
-                            rf"process runs, delete '.*{re.escape(LOCK_NAME)}'", err[-1]), err
-        assert json.loads((run / LOCK_NAME).read_text())["pid"] == child.pid  # untouched
-    finally:
-        child.kill()
-        child.wait()
+        assert re.fullmatch(rf"stepsal: error: '.*run' is in use by process {child.pid} "
+                            rf"\('stepsal eval \.\.\.', since .*\); wait for it to finish or "
+                            rf"stop it, then run again", err[-1]), err
 
 
-def test_a_stale_lock_is_taken_over(tmp_path, capsys):
+def test_the_lock_of_a_killed_process_does_not_block(tmp_path, capsys):
     ctx = Ctx(tmp_path, {})
-    run = tmp_path / "run"
-    run.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # reaped: its pid is dead
-    (run / LOCK_NAME).write_text(_lock_of(child.pid))
-    assert main(ctx.eval()) == 2  # gets past the lock, then fails on the (missing) model
+    with hold_lock(tmp_path / "run"):
+        pass  # SIGKILLed at the end: no clean-up; the kernel releases the lock
+    assert (tmp_path / ".run.stepsal-lock").exists()  # the file stays ...
+    assert main(ctx.eval()) == 2  # ... but gets past the lock, then fails on the missing model
     err = capsys.readouterr().err
-    assert f"took over the lock of process {child.pid}" in err
     assert "neither a local folder" in err and "in use" not in err
-    assert not (run / LOCK_NAME).exists()  # released
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "trace.json"]
 
 
 def test_lock_is_one_writer_and_nests_in_one_process(tmp_path):
@@ -365,7 +387,7 @@ def test_lock_is_one_writer_and_nests_in_one_process(tmp_path):
         with run_lock(tmp_path / "r"):  # the CLI holds it, evaluate takes it again
             assert json.loads(path.read_text())["pid"] == os.getpid()
         assert path.exists()
-    assert not (tmp_path / "r").exists()  # created and left empty: removed
+    assert not path.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_eval_interrupt_says_how_to_resume_and_resume_completes(tmp_path, capsys, monkeypatch,
@@ -391,7 +413,8 @@ def test_eval_interrupt_says_how_to_resume_and_resume_completes(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert re.fullmatch(r"stepsal: interrupted after 1 of 3; the finished records are in "
                         r"'.*results\.jsonl': run the same command to resume", err[-1]), err
-    assert not (out / LOCK_NAME).exists() and not (out / "summary.json").exists()
+    assert not (out / "summary.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock left
     first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     # a duplicated line (two writers, before locks) is read once and written once
     (out / "results.jsonl").write_text(2 * (json.dumps(first | {"completion": "KEPT"}) + "\n"))
@@ -556,3 +579,246 @@ def test_from_token_ids_text_is_the_tokenizers_normal_form(models):
     assert Trace.from_token_ids(composed.token_ids, model).text == composed.text
     assert [composed.decode_step(i) for i in range(composed.n_steps)] == [
         s.text for s in composed.steps]
+
+
+# ---- properties of every command that writes (issue 20) --------------------------------------
+#
+# Not a list of cases per command: each property is checked for every command, on the
+# same hostile places. ``World`` is a scratch tree with a home folder (with .ssh), a git
+# checkout, a folder of inputs, a local model and a working folder; every test snapshots
+# the whole tree and asserts that nothing outside the run changed.
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (hidden ones too, links not followed): kind, size, content."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[str(p.relative_to(root))] = ("dir",)
+        else:
+            out[str(p.relative_to(root))] = ("file", st.st_size, st.st_ino,
+                                              hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+class World:
+    def __init__(self, root: Path, monkeypatch, tiny_folder: Path):
+        self.root = root
+        self.home = root / "users" / "me"
+        (self.home / ".ssh").mkdir(parents=True)
+        (self.home / ".ssh" / "id_ed25519").write_text("secret")
+        monkeypatch.setenv("HOME", str(self.home))
+        self.checkout = root / "checkout"
+        (self.checkout / ".git").mkdir(parents=True)
+        (self.checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (self.checkout / "train.py").write_text("print('hours of work')\n")
+        self.inputs = root / "inputs"
+        self.inputs.mkdir()
+        self.trace = self.inputs / "trace.json"
+        self.trace.write_text(json.dumps(TRACE))
+        self.traces = self.inputs / "traces.jsonl"
+        self.traces.write_text("".join(json.dumps({"id": f"t{i}", **TRACE}) + "\n"
+                                       for i in range(2)))
+        self.data = self.inputs / "data.jsonl"
+        self.data.write_text("".join(json.dumps({"question": f"Start with {i}. Add 2. What is "
+                                                             f"the result?", "answer": str(i + 2)})
+                                     + "\n" for i in range(3)))
+        self.prompt = self.inputs / "prompt.txt"
+        self.prompt.write_text("Start with 3. Add 2. What is the result?")
+        self.outputs = self.inputs / "outputs.jsonl"
+        self.outputs.write_text(json.dumps({"output": "\\boxed{2}", "answer": "2"}) + "\n")
+        self.model = root / "models" / "tiny"
+        shutil.copytree(tiny_folder, self.model)
+        self.work = root / "work"
+        self.work.mkdir()
+        (self.work / "notes.txt").write_text("keep")
+        monkeypatch.chdir(self.work)
+        (root / "link-to-checkout").symlink_to(self.checkout)
+
+    def hostile_folders(self) -> dict[str, str]:
+        return {"git checkout": str(self.checkout), "home": str(self.home),
+                "parent of home": str(self.home.parent), "holds --trace/--data": str(self.inputs),
+                "holds --model": str(self.model.parent), "working folder": ".",
+                "parent of the working folder": "..", "symlink to a checkout":
+                str(self.root / "link-to-checkout"), "filesystem root": "/"}
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    from stepsal_lens.lens.models import BUNDLED
+
+    return World(tmp_path, monkeypatch, BUNDLED["tiny-lrm"])
+
+
+# every command that writes a folder: argv for an --out (with --overwrite where it exists)
+FOLDER_COMMANDS = {
+    "analyze": lambda w, out: ["analyze", "--model", str(w.model), "--trace", str(w.trace),
+                               "--out", out, "--overwrite"],
+    "analyze --traces": lambda w, out: ["analyze", "--model", str(w.model), "--traces",
+                                        str(w.traces), "--out", out],
+    "effects": lambda w, out: ["effects", "--model", str(w.model), "--trace", str(w.trace),
+                               "--out", out, "--overwrite"],
+    "demo": lambda w, out: ["demo", "--model", str(w.model), "--n", "1", "--data", str(w.data),
+                            "--out", out, "--overwrite", "--no-stepflow"],
+    "eval": lambda w, out: ["eval", "--model", str(w.model), "--data", str(w.data), "--out",
+                            out, "--max-new-tokens", "8"],
+}
+FILE_COMMANDS = {
+    "generate": lambda w, out: ["generate", "--model", str(w.model), "--prompt-file",
+                                str(w.prompt), "--out", out, "--overwrite",
+                                "--max-new-tokens", "4"],
+    "grade": lambda w, out: ["grade", str(w.outputs), "--out", out, "--overwrite"],
+}
+HOSTILE = ["git checkout", "home", "parent of home", "holds --trace/--data", "holds --model",
+           "working folder", "empty working folder", "parent of the working folder",
+           "symlink to a checkout", "filesystem root"]
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("stepsal: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("place", HOSTILE)
+@pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
+def test_no_command_writes_into_a_place_it_does_not_own(world, capsys, monkeypatch, command,
+                                                        place):
+    if place == "empty working folder":  # `--out .` where nothing else would refuse it
+        (world.root / "empty").mkdir()
+        monkeypatch.chdir(world.root / "empty")
+    out = world.hostile_folders().get(place, ".")
+    before = snapshot(world.root)
+    assert main(FOLDER_COMMANDS[command](world, out)) == 2
+    line = _one_error(capsys)
+    if place == "empty working folder":
+        assert "is the working folder" in line, line
+    assert re.search(r"is (the|your|an ancestor|a filesystem)|holds (files|the command's own "
+                     r"input)|--overwrite replaces the folder of one trace", line), line
+    assert snapshot(world.root) == before
+
+
+@pytest.mark.parametrize("target", ["the input", "a hard link to the input",
+                                    "a symlink to the input"])
+@pytest.mark.parametrize("command", list(FILE_COMMANDS))
+def test_no_command_writes_a_file_onto_its_input(world, capsys, command, target):
+    source = world.prompt if command == "generate" else world.outputs
+    out = {"the input": source, "a hard link to the input": world.root / "hard",
+           "a symlink to the input": world.root / "soft"}[target]
+    if target == "a hard link to the input":
+        os.link(source, out)
+    elif target == "a symlink to the input":
+        out.symlink_to(source)
+    before = snapshot(world.root)
+    assert main(FILE_COMMANDS[command](world, str(out))) == 2
+    assert re.search(r"is the command's own input .* \(or a link to it\); write it elsewhere",
+                     _one_error(capsys))
+    assert snapshot(world.root) == before
+
+
+@pytest.mark.parametrize("command", list(FOLDER_COMMANDS) + list(FILE_COMMANDS))
+def test_a_second_job_on_the_same_output_is_refused_and_changes_nothing(world, capsys,
+                                                                        command):
+    out = world.root / ("out.json" if command in FILE_COMMANDS else "out")
+    build = {**FOLDER_COMMANDS, **FILE_COMMANDS}[command]
+    with hold_lock(out) as first:
+        before = snapshot(world.root)
+        assert main(build(world, str(out))) == 2
+        assert re.search(rf"is in use by process {first.pid} .*wait for it to finish",
+                         _one_error(capsys))
+        assert snapshot(world.root) == before
+
+
+def _replace_checkpoint(folder: Path) -> None:
+    """Another checkpoint of the same shapes at the same path (as a fine-tune would be)."""
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    tensors = {k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+CHANGES = {
+    "data file edited": lambda w: w.data.write_text(w.data.read_text().replace('"2"', '"22"')),
+    "traces file edited": lambda w: w.traces.write_text(w.traces.read_text().replace(
+        "7", "8")),
+    "checkpoint replaced": lambda w: _replace_checkpoint(w.model),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("command", ["eval", "analyze --traces"])
+def test_a_resume_on_changed_inputs_is_refused(world, capsys, command, change):
+    if (command, change) in (("eval", "traces file edited"),
+                             ("analyze --traces", "data file edited")):
+        pytest.skip("not an input of this command")
+    out = world.root / "run"
+    argv = FOLDER_COMMANDS[command](world, str(out))
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    results = snapshot(out)
+    CHANGES[change](world)
+    assert main(argv) == 2
+    line = _one_error(capsys)
+    named = {"data file edited": "the data file's content changed",
+             "traces file edited": "the traces file's content changed",
+             "checkpoint replaced": "the model's files (weights, config or tokenizer) are not "
+                                    "those the run began with"}[change]
+    assert "holds a run made from other inputs or settings" in line and named in line, line
+    assert snapshot(out) == results  # nothing reused, nothing lost
+
+
+def test_eval_resume_with_another_limit_is_refused_and_compare_refuses_other_problems(
+        world, capsys):
+    argv = FOLDER_COMMANDS["eval"](world, str(world.root / "a"))
+    assert main(argv + ["--limit", "2"]) == 0
+    assert main(argv + ["--limit", "1"]) == 2
+    assert "n_problems: 2 before, 1 now" in _one_error(capsys)
+    assert main(FOLDER_COMMANDS["eval"](world, str(world.root / "b")) + ["--limit", "1"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(world.root / "a"), str(world.root / "b")]) == 2
+    assert re.search(r"were not run on the same problems \(the problems differ; 2 vs 1 "
+                     r"problems \(another --limit\?\)\)", _one_error(capsys))
+
+
+def test_problem_ids_come_from_content_not_rows(tmp_path):
+    rows = [{"question": f"What is {i}+1?", "answer": str(i + 1)} for i in range(3)]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {p.question: p.id for p in load_problems(f)}
+    f.write_text("".join(json.dumps(r) + "\n" for r in [{"question": "New?", "answer": "0"},
+                                                          *rows]))
+    after = {p.question: p.id for p in load_problems(f)}
+    assert all(after[q] == i for q, i in before.items())  # a row inserted changes no id
+    f.write_text(2 * (json.dumps(rows[0]) + "\n"))  # the same problem twice: two records
+    a, b = load_problems(f)
+    assert a.id != b.id and b.id.startswith(a.id)
+    f.write_text("".join(json.dumps({"id": "p1", **r}) + "\n" for r in rows[:2]))
+    with pytest.raises(StepSalError, match=r"d\.jsonl:2 and .*d\.jsonl:1 both have the id 'p1'"):
+        load_problems(f)
+    f.write_text(json.dumps({"id": "x" * 300, **rows[0]}) + "\n")
+    with pytest.raises(StepSalError, match=r"d\.jsonl:1: the id has 300 characters \(at most "
+                                           r"200: ids name files and folders\)"):
+        load_problems(f)
+
+
+def test_a_problem_that_cannot_run_is_one_recorded_verdict(tmp_path, tiny_lrm):
+    from stepsal_lens.eval.runs import evaluate
+
+    long = " ".join(["Add 1."] * tiny_lrm.cfg.n_ctx)
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "ok", "question": "Start with 3. Add 2. What is the result?", "answer": "5"},
+        {"id": "too-long", "question": f"Start with 3. {long} What is the result?",
+         "answer": "0"}]))
+    run = evaluate(tiny_lrm, load_problems(f), tmp_path / "run", max_new_tokens=32,
+                   progress=False)
+    by_id = {r["id"]: r for r in run.records}
+    assert by_id["ok"]["error"] is None and by_id["ok"]["n_completion_tokens"] > 0
+    assert by_id["too-long"]["correct"] is False
+    assert re.search(r"does not fit the model's context of \d+", by_id["too-long"]["error"])
+    assert run.summary["could_not_run"] == 1 and run.summary["could_not_run_ids"] == ["too-long"]

@@ -2,6 +2,9 @@
 // The kernel sends ready-made data: cell colours, tick labels, boxes, texts, curve points.
 // This file only draws SVG from the model's state, so a saved view re-renders exactly
 // from that state, and the saved state carries data, not a plotting library.
+// The state is untrusted (a results folder, an edited notebook): every string from it is
+// drawn as text (textContent, setAttribute of fixed attribute names), never as markup;
+// markup is only ever cleared (set to ""); ids and CSS class names made from it go through safeKey.
 const NS = "http://www.w3.org/2000/svg";
 
 function svg(tag, attrs, parent) {
@@ -17,8 +20,15 @@ function text(parent, x, y, str, attrs) {
   return t;
 }
 
+// The one sanitiser: a key from the state, reduced to [A-Za-z0-9_-] before it becomes part
+// of an id, a CSS selector or a url(#...) reference.
+function safeKey(key) {
+  return String(key ?? "").replace(/[^A-Za-z0-9_-]/g, "");
+}
+
 // Hide the static PNG twin of this view (shown where widgets cannot run).
 function hideStatic(key) {
+  key = safeKey(key);
   if (!key || document.getElementById("stepsal-hide-" + key)) return;
   const style = document.createElement("style");
   style.id = "stepsal-hide-" + key;
@@ -97,10 +107,11 @@ function drawHeatmap(model, el) {
   }
   // colour bar
   const cx = left + side + 16, stops = cb.stops;
-  const grad = svg("linearGradient", { id: "g" + model.get("key"), x1: 0, y1: 1, x2: 0, y2: 0 },
+  const gid = "g" + safeKey(model.get("key"));
+  const grad = svg("linearGradient", { id: gid, x1: 0, y1: 1, x2: 0, y2: 0 },
                    svg("defs", {}, root));
   stops.forEach((c, k) => svg("stop", { offset: k / (stops.length - 1), "stop-color": c }, grad));
-  svg("rect", { x: cx, y: top, width: 12, height: side, fill: `url(#g${model.get("key")})` }, root);
+  svg("rect", { x: cx, y: top, width: 12, height: side, fill: `url(#${gid})` }, root);
   text(root, cx + 16, top + side, cb.min, { "font-size": 9 });
   text(root, cx + 16, top + 8, cb.max, { "font-size": 9 });
   const cl = text(root, 0, 0, cb.label, { "text-anchor": "middle", "font-size": 10,

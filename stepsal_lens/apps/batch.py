@@ -19,7 +19,9 @@ it (``{"question", "thinking", "summary"}`` or ``{"text"}``), plus an optional `
 
 The folder resumes like an evaluation run: a trace's folder appears (renamed into
 place) only when it is complete, so running the same command again computes only the
-missing traces; one process writes the folder at a time (``.stepsal.lock``). With a
+missing traces; one process writes the folder at a time (its lock, see
+:mod:`stepsal_lens.results.outputs`). ``run.json`` records the fingerprints of the traces
+and of the model: a resume after either changed is refused, naming what changed. With a
 :class:`~stepsal_lens.eval.scale.RayPool` instead of a model the traces are spread over Ray
 workers and the driver still writes every file, through the same code.
 
@@ -38,7 +40,7 @@ Examples
 >>> result = analyze_traces(model, root / "traces.jsonl", root / "out", model_name="tiny-lrm",
 ...                         progress=False)
 >>> sorted(p.name for p in (root / "out" / "traces" / "a").iterdir())
-['maps.png', 'metrics.json', 'step_saliency.safetensors', 'steps.json', 'trace.json']
+['.stepsal', 'maps.png', 'metrics.json', 'step_saliency.safetensors', 'steps.json', 'trace.json']
 >>> list(result.metrics.columns[:3])
 ['trace', 'id', 'layer']
 """
@@ -47,7 +49,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -55,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import check_id
+from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
 
 __all__ = ["BatchAnalysis", "TraceLine", "analyze_traces", "check_batch_folder", "read_traces",
@@ -203,20 +206,22 @@ def read_traces(path: str | Path) -> list[TraceLine]:
     [('test_1', 1, True), ('line-2', 2, None)]
     """
     from stepsal_lens.apps.cli import _check_trace_doc
-    from stepsal_lens.results.outputs import read_jsonl_objects
+    from stepsal_lens.results.jsonl import read_jsonl
 
     path = Path(path)
     if path.is_dir():
         raise StepSalError(f"traces file {str(path)!r} is a folder; pass a .jsonl file with "
                            f"one trace per line")
     out, seen = [], {}
-    for where, row in read_jsonl_objects(path, _FIX, what="traces file"):
+    for where, row in read_jsonl(path, what="traces file", fix=_FIX):
         line = int(where.rsplit(":", 1)[1])
         _check_trace_doc(row, where)
         tid = row.get("id")
         if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (str, int))):
             raise StepSalError(f"{where}: 'id' must be a string or a whole number, not "
                                f"{type(tid).__name__}; {_FIX}")
+        if tid is not None:
+            check_id(str(tid), f"{where}: 'id'")
         correct = row.get("correct")
         if correct is not None and not isinstance(correct, bool):
             raise StepSalError(f"{where}: 'correct' must be true or false, not "
@@ -245,28 +250,39 @@ class BatchAnalysis:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def batch_settings(model_name: str, format_name: str, *, target: str, engine: str,
-                   low_memory: bool, effects: bool) -> dict[str, Any]:
-    """The ``run.json`` of a batch folder (a resumed run must match it)."""
+def traces_fingerprint(lines: list[TraceLine]) -> str:
+    """``"sha256:<hex>"`` of a batch's traces by content (folder names, documents and
+    labels, in order): an edited traces file gives another value."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in lines:
+        h.update(json.dumps([t.name, t.doc, t.correct], sort_keys=True,
+                            ensure_ascii=False).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def batch_settings(model_name: str, format_name: str | None, *, target: str, engine: str,
+                   low_memory: bool, effects: bool, lines: list[TraceLine],
+                   model_fingerprint: str | None) -> dict[str, Any]:
+    """The ``run.json`` of a batch folder (a resumed run must match it): the settings
+    and what the results were made from (traces and model, by content)."""
+    from stepsal_lens._version import __version__
+
     return {"command": "analyze", "model": model_name, "format": format_name,
-            "target": target, "engine": engine, "low_memory": low_memory, "effects": effects}
+            "target": target, "engine": engine, "low_memory": low_memory, "effects": effects,
+            "stepsal": __version__, "traces": traces_fingerprint(lines),
+            "n_traces": len(lines), "model_fingerprint": model_fingerprint}
 
 
-def check_batch_folder(out: str | Path, settings: dict[str, Any]) -> None:
+def check_batch_folder(out: str | Path, settings: dict[str, Any],
+                       inputs: dict[str, Any] | None = None) -> None:
     """Refuse a batch folder before any work: one another process writes, one holding
-    other files (not a batch run), or a batch run with other ``settings``."""
+    other files (not a batch run), or a batch run made from other traces, another model
+    or other ``settings``."""
     from stepsal_lens.eval.runs import check_run_folder
 
-    from stepsal_lens.results.outputs import LOCK_NAME
-
-    out = Path(out)
-    check_run_folder(out, settings)
-    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)[:4] \
-        if out.is_dir() else []
-    if names and not (out / "run.json").exists():
-        raise StepSalError(f"--out {str(out)!r} already holds files ({', '.join(names)}) but no "
-                           f"run.json, so it is not a batch folder to resume; choose a new or "
-                           f"empty folder")
+    check_run_folder(out, settings, command="analyze-traces", inputs=inputs)
 
 
 def _check_done(folder: Path, t: TraceLine) -> bool:
@@ -328,7 +344,7 @@ def analyze_traces(model: Any, traces: str | Path | list[TraceLine], out: str | 
     from tqdm.auto import tqdm
 
     from stepsal_lens.segments.association import info_of, model_name as name_of
-    from stepsal_lens.results.outputs import run_lock
+    from stepsal_lens.results.outputs import clean_leftovers, run_folder, write_text_atomic
 
     pool = _as_pool(model)
     lines = traces if isinstance(traces, list) else read_traces(traces)
@@ -336,21 +352,23 @@ def analyze_traces(model: Any, traces: str | Path | list[TraceLine], out: str | 
         model_name = pool.model if pool is not None else name_of(model)
     if pool is not None:
         format_name = pool.info["format"] if format is None else _format_name(format)
+        fingerprint = pool.info.get("fingerprint")
     else:
         format_name = info_of(model).format.name if format is None else _format_name(format)
+        fingerprint = info_of(model).fingerprint
     settings = batch_settings(model_name, format_name, target=target, engine=engine,
-                              low_memory=low_memory, effects=effects)
+                              low_memory=low_memory, effects=effects, lines=lines,
+                              model_fingerprint=fingerprint)
+    inputs = {"traces": None if isinstance(traces, list) else traces,
+              "model": pool.model if pool is not None else info_of(model).source or None}
     out = Path(out)
-    check_batch_folder(out, settings)
-    with run_lock(out):
-        from stepsal_lens.results.outputs import write_text_atomic
-
-        check_batch_folder(out, settings)  # again, now that the folder is ours
+    check_batch_folder(out, settings, inputs)
+    with run_folder(out, command="analyze-traces", inputs=inputs):
+        check_batch_folder(out, settings, inputs)  # again, now that the folder is ours
         write_text_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
         root = out / "traces"
         root.mkdir(exist_ok=True)
-        for stale in root.glob(".*.partial-*"):  # left by a run that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_leftovers(root)  # of a run that was killed
         todo = [t for t in lines if not _check_done(root / t.name, t)]
         kwargs = {"model_name": model_name, "format": format, "target": target,
                   "engine": engine, "low_memory": low_memory, "effects": effects}
@@ -398,7 +416,7 @@ def _format_name(format: str) -> str:
 def _write_trace_folder(folder: Path, t: TraceLine, result: dict[str, Any]) -> None:
     from stepsal_lens.results.outputs import output_dir
 
-    with output_dir(folder, what="trace folder") as tmp:
+    with output_dir(folder, command="analyze", what="trace folder") as tmp:
         for name, data in result["files"].items():
             (tmp / name).write_bytes(data)
         (tmp / "trace.json").write_text(json.dumps(t.doc, indent=1, ensure_ascii=False))
@@ -442,7 +460,7 @@ def _combine(out: Path, lines: list[TraceLine], settings: dict[str, Any]) -> Bat
         rows["decay"] = float("nan") if decay is None else decay
         frames.append(rows)
     metrics = pd.concat(frames, ignore_index=True)
-    metrics.to_csv(out / "metrics.csv", index=False)
+    write_csv(metrics, out / "metrics.csv")
     comparison, why = None, None
     n_right, n_wrong = len(groups[True]), len(groups[False])
     if n_right + n_wrong == 0:
@@ -451,7 +469,7 @@ def _combine(out: Path, lines: list[TraceLine], settings: dict[str, Any]) -> Bat
         why = f"needs at least 2 correct and 2 wrong traces; got {n_right} and {n_wrong}"
     else:
         comparison = compare(groups[True], groups[False])
-        comparison.to_csv(out / "compare.csv", index=False)
+        write_csv(comparison, out / "compare.csv")
         records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                    for r in comparison.to_dict(orient="records")]
         write_text_atomic(out / "compare.json", json.dumps(records, indent=1) + "\n")
@@ -481,9 +499,10 @@ def _print_summary(result: BatchAnalysis) -> None:
 def batch_cmd(args: Any) -> int:
     """``stepsal analyze --traces FILE.jsonl --out DIR [--effects] [--ray ...]``."""
     from stepsal_lens.apps.cli import _load_model
-    from stepsal_lens.results.outputs import run_lock
+    from stepsal_lens.results.outputs import run_folder
     from stepsal_lens.apps.cli import pool_from_args
     from stepsal_lens.eval.scale import check_ray_options
+    from stepsal_lens.lens.models import model_fingerprint
 
     use_ray = check_ray_options(args)
     if args.overwrite:
@@ -491,14 +510,15 @@ def batch_cmd(args: Any) -> int:
                            "resumes instead: run the same command to finish it, or delete it "
                            "(or choose another --out) to start over")
     lines = read_traces(args.traces)
-    known = {"command": "analyze", "model": args.model, "target": args.target,
-             "engine": args.engine, "low_memory": args.low_memory, "effects": args.effects}
-    if args.format is not None:
-        known["format"] = _format_name(args.format)
-    check_batch_folder(args.out, known)  # before any model is loaded
+    known = batch_settings(args.model, None if args.format is None else
+                           _format_name(args.format), target=args.target, engine=args.engine,
+                           low_memory=args.low_memory, effects=args.effects, lines=lines,
+                           model_fingerprint=model_fingerprint(args.model))
+    inputs = {"--traces": args.traces, "--model": args.model}
+    check_batch_folder(args.out, known, inputs)  # before any model is loaded
     options = {"model_name": args.model, "format": args.format, "target": args.target,
                "engine": args.engine, "low_memory": args.low_memory, "effects": args.effects}
-    with run_lock(args.out):
+    with run_folder(args.out, command="analyze-traces", inputs=inputs):
         if use_ray:
             print(f"starting Ray workers for {args.model} ...", file=sys.stderr)
             with pool_from_args(args, len(lines)) as pool:

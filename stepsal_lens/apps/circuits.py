@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from stepsal_lens.core.causal import correlation_summary, saliency_effect_correlation
+from stepsal_lens.apps.escape import esc
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.lens.causal import step_effects
 from stepsal_lens.results.effects import StepEffects
@@ -152,8 +153,7 @@ def demo_causality(model: Any, saliencies: Sequence[Any], *, limit: int = 8) -> 
 
 def causality_section(causal: dict, out: Path) -> str:
     """The demo report's "Saliency vs causality" section (HTML), with its figure."""
-    import html
-
+    
     from stepsal_lens.apps.plots import new_figure
 
     from stepsal_lens.apps.plots import figure_png, img_tag
@@ -176,7 +176,7 @@ def causality_section(causal: dict, out: Path) -> str:
         f"<tr><td>{int(r.layer)}</td><td>{int(r.n)}</td><td>{r.mean_rho:.3f}</td>"
         f"<td>{r.std_rho:.3f}</td><td>{r.min_rho:.3f}</td><td>{r.max_rho:.3f}</td>"
         f"<td>{r.p_ttest:.3g}</td></tr>" for r in summ.itertuples())
-    return ("<h2>Saliency vs causality</h2><p>On " + html.escape(str(per.trace.nunique()))
+    return ("<h2>Saliency vs causality</h2><p>On " + esc(str(per.trace.nunique()))
             + " traces: the causal effect of cutting each step off the later ones (mean KL of "
             "the next-token distributions, <code>step_effects</code>) against the head-mean "
             "Step-Saliency map, Spearman's rho over the lower triangle, per layer; t-test of "

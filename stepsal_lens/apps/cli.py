@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  read_utf8)
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.results.outputs import read_jsonl_objects
+from stepsal_lens.results.jsonl import dumps_line, read_jsonl
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.eval.scale import add_ray_options, check_ray_options
 
@@ -84,14 +85,16 @@ def _check_common(args: argparse.Namespace) -> None:
         from stepsal_lens.segments.formats import get_format
 
         get_format(args.format)
-    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit"):
+    for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit", "workers"):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise StepSalError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
-    temperature = getattr(args, "temperature", None)
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise StepSalError(f"--temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature}")
+        if value is not None:
+            check_count(value, "--" + flag.replace("_", "-"))
+    if getattr(args, "temperature", None) is not None:
+        check_temperature(args.temperature, "--temperature")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+    if getattr(args, "stepflow", False):
+        _stepflow_settings(args)  # StepFlow's values checked before any model is loaded
 
 
 def _read_trace_doc(path: Path) -> dict:
@@ -99,8 +102,8 @@ def _read_trace_doc(path: Path) -> dict:
     if not path.is_file():
         raise StepSalError(f"trace file {str(path)!r} does not exist")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        doc = json.loads(read_utf8(path, "trace file"))
+    except json.JSONDecodeError as err:
         raise StepSalError(f"trace file {str(path)!r} is not valid JSON: {err}") from None
     return _check_trace_doc(doc, f"trace file {str(path)!r}")
 
@@ -132,9 +135,23 @@ def _read_trace(path: Path, model, format: str | None, doc: dict | None = None):
                                format=format)
 
 
+@contextmanager
+def _one_trace(args: argparse.Namespace, command: str):
+    """A one-trace command's temporary output folder (swapped into place at the end), its
+    model and its trace; the trace file and ``--out`` are checked before the model loads."""
+    from stepsal_lens.results.outputs import output_dir
+
+    doc = _read_trace_doc(Path(args.trace))
+    with output_dir(args.out, command=command, overwrite=args.overwrite,
+                    inputs={"--trace": args.trace, "--model": args.model}) as tmp:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = _load_model(args.model, device=args.device, dtype=args.dtype,
+                            format=args.format)
+        yield tmp, model, _read_trace(Path(args.trace), model, args.format, doc)
+
+
 def analyze(args: argparse.Namespace) -> int:
     from stepsal_lens.apps.batch import write_analysis
-    from stepsal_lens.results.outputs import output_dir
 
     _check_common(args)
     if args.traces is not None:  # many traces: stepsal_lens.apps.batch
@@ -147,13 +164,7 @@ def analyze(args: argparse.Namespace) -> int:
             raise StepSalError(f"{flag} is for many traces (--traces FILE.jsonl); for one "
                                f"trace drop it" + (" (or run `stepsal effects`)"
                                                    if flag == "--effects" else ""))
-    doc = _read_trace_doc(Path(args.trace))
-    # written into a temporary sibling, renamed into place at the end
-    with output_dir(args.out, overwrite=args.overwrite) as tmp:
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model = _load_model(args.model, device=args.device, dtype=args.dtype,
-                            format=args.format)
-        trace = _read_trace(Path(args.trace), model, args.format, doc)
+    with _one_trace(args, "analyze") as (tmp, model, trace):
         if trace.truncated:
             print("warning: the thinking never closes (truncated trace); there is no summary",
                   file=sys.stderr)
@@ -168,20 +179,18 @@ def effects_cmd(args: argparse.Namespace) -> int:
     from stepsal_lens.apps.batch import write_effects
     from stepsal_lens.lens.saliency import step_saliency
 
+    _check_common(args)
     per_layer = args.layers is not None
     layers = None if args.layers in (None, "all") else _layers(args.layers)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = _load_model(args.model, device=args.device, dtype=args.dtype, format=args.format)
-    trace = _read_trace(Path(args.trace), model, args.format)
-    sal = step_saliency(model, trace, target=args.target, progress=True)
-    sal.meta["model"] = args.model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_effects(model, trace, sal, out, model_name=args.model, target=args.target,
-                  layers=layers, per_layer=per_layer, batch_size=args.batch_size,
-                  progress=True)
-    (out / "steps.json").write_text(json.dumps(sal.steps_json(), indent=1, ensure_ascii=False))
-    print(f"{trace!r}\nwrote {out}/step_effects.safetensors, steps.json, effects.json, "
+    with _one_trace(args, "effects") as (tmp, model, trace):
+        sal = step_saliency(model, trace, target=args.target, progress=True)
+        sal.meta["model"] = args.model
+        write_effects(model, trace, sal, tmp, model_name=args.model, target=args.target,
+                      layers=layers, per_layer=per_layer, batch_size=args.batch_size,
+                      progress=True)
+        (tmp / "steps.json").write_text(json.dumps(sal.steps_json(), indent=1,
+                                                   ensure_ascii=False), encoding="utf-8")
+    print(f"{trace!r}\nwrote {args.out}/step_effects.safetensors, steps.json, effects.json, "
           f"effects.png", file=sys.stderr)
     return 0
 
@@ -193,7 +202,8 @@ def demo(args: argparse.Namespace) -> int:
     _check_common(args)
     if args.data is not None:
         load_questions(args.data)
-    check_output_dir(args.out, overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite,
+                     inputs={"--data": args.data, "--model": args.model})
     model = args.model
     if model.startswith("random:"):
         model = _load_model(model, device=args.device, dtype=None, format=None)
@@ -230,7 +240,7 @@ def _stepflow_settings(args: argparse.Namespace) -> StepFlowConfig | None:
 
 def generate_cmd(args: argparse.Namespace) -> int:
     from stepsal_lens.lens.generation import generate
-    from stepsal_lens.results.outputs import check_new_file, write_text_atomic
+    from stepsal_lens.results.outputs import output_file
 
     if (args.question is None) == (args.prompt_file is None):
         raise StepSalError("pass exactly one of --question and --prompt-file")
@@ -243,19 +253,22 @@ def generate_cmd(args: argparse.Namespace) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise StepSalError(f"prompt file {str(path)!r} does not exist")
-        prompt = path.read_text(encoding="utf-8")
+        prompt = read_utf8(path, "prompt file")
         if not prompt.strip():
             raise StepSalError(f"prompt file {str(path)!r} is empty; write the raw prompt "
                                f"into it, or pass --question")
         kwargs = {"prompts": [prompt]}
     else:
         kwargs = {"questions": [args.question]}
-    out = check_new_file(args.out, overwrite=args.overwrite)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
-    [gen] = generate(model, **kwargs, max_new_tokens=args.max_new_tokens, stepflow=settings,
-                     temperature=args.temperature, seed=args.seed, progress=False)
-    write_text_atomic(out, json.dumps(gen.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    inputs = {"--prompt-file": args.prompt_file, "--model": args.model}
+    with output_file(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
+        [gen] = generate(model, **kwargs, max_new_tokens=args.max_new_tokens,
+                         stepflow=settings, temperature=args.temperature, seed=args.seed,
+                         progress=False)
+        tmp.write_text(json.dumps(gen.to_dict(), indent=1, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
     seg = gen.segments()
     print(f"{len(gen.completion_ids)} tokens ({'finished' if gen.finished else 'budget reached'}"
           f"); summary: {seg['summary']!r}; wrote {args.out}", file=sys.stderr)
@@ -263,9 +276,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.eval.runs import check_eval_settings, check_run_folder
+    from stepsal_lens.eval.runs import check_eval_settings, check_run_folder, run_identity
     from stepsal_lens.eval.problems import load_problems
-    from stepsal_lens.results.outputs import run_lock
+    from stepsal_lens.lens.models import model_fingerprint
+    from stepsal_lens.results.outputs import run_folder
 
     _check_common(args)
     use_ray = check_ray_options(args)
@@ -283,7 +297,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
         from stepsal_lens.segments.formats import get_format
 
         known["format"] = get_format(args.format).name
-    check_run_folder(args.out, known)
+    known.update(run_identity(problems, args.data), model_fingerprint=model_fingerprint(args.model))
+    inputs = {"--data": args.data, "--model": args.model}
+    check_run_folder(args.out, known, inputs=inputs)
     if use_ray:  # the driver writes the folder, Ray workers generate (stepsal_lens.eval.scale)
         from stepsal_lens.eval.scale import evaluate_ray
 
@@ -291,14 +307,19 @@ def eval_cmd(args: argparse.Namespace) -> int:
             raise StepSalError("coding problems are judged in this process; run without --ray")
 
         print(f"starting Ray workers for {args.model} ...", file=sys.stderr)
-        with run_lock(args.out), pool_from_args(args, len(problems) * args.samples) as pool:
+        with run_folder(args.out, command="eval", inputs=inputs), \
+                pool_from_args(args, len(problems) * args.samples) as pool:
             run = evaluate_ray(pool, problems, args.out, stepflow=settings,
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                samples=args.samples, temperature=args.temperature,
                                seed=args.seed, model_name=args.model, data_name=str(args.data))
     else:
-        run = _eval_here(args, problems, settings, code_kw)
+        run = _eval_here(args, problems, settings, inputs, code_kw)
     s = run.summary
+    if s.get("could_not_run"):
+        print(f"warning: {s['could_not_run']} problem(s) could not run (each recorded with its "
+              f"'error' in results.jsonl): {', '.join(s['could_not_run_ids'][:5])}",
+              file=sys.stderr)
     print(f"accuracy {100 * s['accuracy']:.1f}% ({s['correct']}/{s['n']}, 95% CI "
           f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}); wrote {run.out}/results.jsonl, "
           f"summary.json", file=sys.stderr)
@@ -355,12 +376,12 @@ def _add_code_options(p: argparse.ArgumentParser, *, dates: bool) -> None:
                        help="only problems with contest_date on or before this day")
 
 
-def _eval_here(args: argparse.Namespace, problems, settings, code_kw=None):
+def _eval_here(args: argparse.Namespace, problems, settings, inputs, code_kw=None):
     """``stepsal eval`` in this process."""
     from stepsal_lens.eval.runs import evaluate
-    from stepsal_lens.results.outputs import run_lock
+    from stepsal_lens.results.outputs import run_folder
 
-    with run_lock(args.out):
+    with run_folder(args.out, command="eval", inputs=inputs):
         print(f"loading {args.model} ...", file=sys.stderr)
         model = _load_model(args.model, device=args.device, dtype=None, format=args.format)
         run = evaluate(model, problems, args.out, stepflow=settings,
@@ -385,7 +406,7 @@ def _grade_rows(path: Path) -> list[dict]:
     fix = ('each line must be a JSON object like {"output": "... \\\\boxed{2}", "answer": "2", '
            '"kind": "math"}')
     rows = []
-    for where, row in read_jsonl_objects(path, fix, what="input file"):
+    for where, row in read_jsonl(path, what="input file", fix=fix):
         if row.get("kind") == "code":  # issue 21: checked by eval/code/run.py
             if not isinstance(row.get("output"), str):
                 raise StepSalError(f"{where}: 'output' must be the model's text (a string)")
@@ -415,20 +436,21 @@ def grade_cmd(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from stepsal_lens.eval.grading import grade_output
+    from stepsal_lens.results.outputs import check_new_file, output_file
 
     src, out = Path(args.input), Path(args.out)
-    if src.resolve() == out.resolve():
-        raise StepSalError(f"--out {args.out!r} is the input file; write the grades elsewhere")
+    inputs = {"IN.jsonl": args.input}
+    check_new_file(out, overwrite=args.overwrite, inputs=inputs)
+    check_timeout(args.timeout, "--timeout")
     rows = _grade_rows(src)
-    if args.timeout <= 0:
-        raise StepSalError(f"--timeout must be positive; got {args.timeout}")
     code = _grade_code(args, rows)  # issue 21: code lines, judged in sandboxes
     n_correct = n_errors = 0
-    with open(out, "w") as f:
+    with output_file(out, overwrite=args.overwrite, inputs=inputs) as tmp, \
+            open(tmp, "w", encoding="utf-8") as f:
         for i, row in enumerate(tqdm(rows, desc="grading", unit="line", disable=None)):
             if i in code:
                 n_correct += code[i]["correct"]
-                f.write(json.dumps(code[i], ensure_ascii=False) + "\n")
+                f.write(dumps_line(code[i]))
                 continue
             verdict = grade_output(row["output"], row["answer"], row.get("kind", "math"),
                                    timeout=args.timeout)
@@ -438,7 +460,7 @@ def grade_cmd(args: argparse.Namespace) -> int:
                 rec["grading_error"] = verdict.error
             n_correct += verdict.correct
             n_errors += verdict.error is not None
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.write(dumps_line(rec))
     print(f"{n_correct}/{len(rows)} correct ({100 * n_correct / len(rows):.1f}%), "
           f"{n_errors} grading errors; wrote {out}", file=sys.stderr)
     return 0
@@ -530,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local checkpoint folder, hub name, or random:ARCH")
     f.add_argument("--trace", required=True,
                    help='JSON with {"question","thinking","summary"} or {"text"}')
-    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result folder of stepsal's as a whole")
     f.add_argument("--format", default=None, help="reasoning format (default: the model's)")
     f.add_argument("--layers", nargs="?", const="all", default=None,
                    help="also the effects with the cut in one layer at a time: every layer, "
@@ -589,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", metavar="IN.jsonl",
                    help='lines of {"output": model text, "answer": gold, "kind": "math"|"choice"}')
     r.add_argument("--out", required=True, metavar="OUT.jsonl",
-                   help="each input line plus prediction, correct (and grading_error)")
+                   help="each input line plus prediction, correct (and grading_error); must "
+                        "not exist")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     r.add_argument("--timeout", type=float, default=10.0,
                    help="seconds of symbolic comparison per line (default 10)")
     _add_code_options(r, dates=False)

@@ -9,13 +9,13 @@ with StepFlow on (``traces_stepflow.jsonl``, ``metrics_stepflow.csv``) and compa
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stepsal_lens.segments.association import model_name
+from stepsal_lens.apps.escape import write_csv
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import StepFlowConfig
 
@@ -47,12 +47,12 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     An optional ``"kind"`` (``"math"``, the default, or ``"choice"``) says how the answer is
     graded (:func:`stepsal_lens.eval.grading.grade_output`).
     """
-    from stepsal_lens.results.outputs import read_jsonl_objects
+    from stepsal_lens.results.jsonl import read_jsonl
 
     path = Path(path)
     rows = []
     fix = 'each line must be an object like {"question": "...", "answer": "..."}'
-    for where, row in read_jsonl_objects(path, fix):
+    for where, row in read_jsonl(path, what="data file", fix=fix):
         if "question" not in row or "answer" not in row:
             raise StepSalError(f"{where} needs the keys 'question' and 'answer'")
         kind = row.get("kind", "math")
@@ -124,12 +124,6 @@ def _analyse(model, rows, *, stepflow: StepFlowConfig | None, max_new_tokens: in
     return records, metrics, saliencies
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
 def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal-demo",
              seed: int = 0, data: str | Path | None = None, max_new_tokens: int = 256,
              device: str | None = None, stepflow: StepFlowConfig | None = StepFlowConfig(),
@@ -150,6 +144,7 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     from stepsal_lens.eval.runs import compare_runs
     from stepsal_lens.core.metrics import compare
     from stepsal_lens.lens.models import check_device, load_lrm
+    from stepsal_lens.results.jsonl import write_jsonl
     from stepsal_lens.results.outputs import output_dir
     from stepsal_lens.apps.report import write_demo_report
 
@@ -163,7 +158,8 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
     check_device(device)
     rows = load_questions(data)[:n] if data is not None else task_questions(n, seed)
     name = model_name(model)
-    with output_dir(out, overwrite=overwrite) as tmp:
+    inputs = {"--data": data, "--model": model if isinstance(model, (str, Path)) else None}
+    with output_dir(out, command="demo", overwrite=overwrite, inputs=inputs) as tmp:
         if isinstance(model, (str, Path)):
             if progress:
                 print(f"loading {model} ...", file=sys.stderr)
@@ -175,15 +171,15 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
         wrong = [s for s in saliencies if not s.meta["correct"]]
         comparison = compare(right, wrong) if len(right) >= 2 and len(wrong) >= 2 else None
 
-        _write_jsonl(tmp / "traces.jsonl", records)
-        metrics.to_csv(tmp / "metrics.csv", index=False)
+        write_jsonl(tmp / "traces.jsonl", records)
+        write_csv(metrics, tmp / "metrics.csv")
         if comparison is not None:
-            comparison.to_csv(tmp / "compare.csv", index=False)
+            write_csv(comparison, tmp / "compare.csv")
         from stepsal_lens.apps.circuits import demo_causality
 
         causal_part = demo_causality(model, saliencies, limit=causal) if causal else None
         if causal_part is not None:
-            causal_part["per_trace"].to_csv(tmp / "causal.csv", index=False)
+            write_csv(causal_part["per_trace"], tmp / "causal.csv")
         flow = None
         if stepflow is not None:
             settings = stepflow.resolve(model.cfg.n_layers)
@@ -191,8 +187,8 @@ def run_demo(model: Any = "tiny-lrm", *, n: int = 40, out: str | Path = "stepsal
                                                  label="StepFlow",
                                                  max_new_tokens=max_new_tokens,
                                                  progress=progress)
-            _write_jsonl(tmp / "traces_stepflow.jsonl", sf_records)
-            sf_metrics.to_csv(tmp / "metrics_stepflow.csv", index=False)
+            write_jsonl(tmp / "traces_stepflow.jsonl", sf_records)
+            write_csv(sf_metrics, tmp / "metrics_stepflow.csv")
             flow = {"settings": settings.to_dict(), "records": sf_records,
                     "metrics": sf_metrics,
                     "mcnemar": compare_runs(_as_run(records), _as_run(sf_records))}
@@ -207,4 +203,5 @@ def _as_run(records: list[dict[str, Any]]):
     from stepsal_lens.eval.runs import EvalRun
 
     recs = [{"id": str(r["index"]), "sample": 0, "correct": bool(r["correct"])} for r in records]
-    return EvalRun(Path("."), recs, {})
+    # both passes answer the same questions, in the same order
+    return EvalRun(Path("."), recs, {}, {"problems": "the demo's questions"})

@@ -19,7 +19,6 @@ True
 from __future__ import annotations
 
 import base64
-import html
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,8 @@ import matplotlib.figure
 import numpy as np
 from jaxtyping import Float
 from torch import Tensor
+
+from stepsal_lens.apps.escape import esc
 
 __all__ = ["SEGMENT_COLORS", "Figure", "draw_step_map", "figure_png", "img_tag",
            "map_colors", "plot_map_pair", "plot_step_maps", "segment_boundaries",
@@ -62,8 +63,8 @@ def figure_png(fig: Any, *, dpi: int = 100) -> bytes:
 
 def img_tag(png: bytes, alt: str, *, css_class: str | None = None) -> str:
     """A self-contained ``<img>`` tag (PNG inlined as base64, ``alt`` escaped)."""
-    cls = f' class="{html.escape(css_class)}"' if css_class else ""
-    return (f'<img alt="{html.escape(alt)}"{cls} '
+    cls = f' class="{esc(css_class)}"' if css_class else ""
+    return (f'<img alt="{esc(alt)}"{cls} '
             f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
@@ -211,19 +212,21 @@ def token_html(tokens: Sequence[str], rows: dict[str, Any], *,
     """A self-contained token view (no JavaScript): one line of tokens per row of values
     in ``rows`` (label -> one value in [0, 1] per token), each token shaded by its value
     and titled with it; or, with ``colors``, tokens on fixed background colours (one per
-    token) explained by ``legend`` (label -> colour). Token text is escaped."""
+    token) explained by ``legend`` (label -> colour). Every string (tokens, ``caption``,
+    labels, titles, colours) is plain text, escaped here with
+    :func:`~stepsal_lens.apps.escape.esc`."""
     def chip(text: str, bg: str, title: str) -> str:
-        shown = html.escape(text).replace("\n", "↵")
-        return (f"<span title='{html.escape(title)}' style='background:{bg};padding:1px 0;"
+        shown = esc(text).replace("\n", "↵")
+        return (f"<span title='{esc(title)}' style='background:{esc(bg)};padding:1px 0;"
                 f"border-radius:2px;white-space:pre'>{shown}</span>")
 
     parts = [f"<div style='font-family:monospace;font-size:13px;line-height:1.9'>"]
     if caption:
-        parts.append(f"<div style='font-family:sans-serif;margin-bottom:4px'>{caption}</div>")
+        parts.append(f"<div style='font-family:sans-serif;margin-bottom:4px'>{esc(caption)}</div>")
     if legend:
         parts.append("<div style='font-family:sans-serif;font-size:12px'>" + " ".join(
-            f"<span style='background:{c};padding:0 6px;border-radius:2px'>"
-            f"{html.escape(label)}</span>" for label, c in legend.items()) + "</div>")
+            f"<span style='background:{esc(c)};padding:0 6px;border-radius:2px'>"
+            f"{esc(label)}</span>" for label, c in legend.items()) + "</div>")
     if colors is not None:
         names = titles if titles is not None else [f"token {i}" for i in range(len(tokens))]
         parts.append("<div>" + "".join(chip(t, c, f"token {i}: {n}") for i, (t, c, n)
@@ -232,6 +235,6 @@ def token_html(tokens: Sequence[str], rows: dict[str, Any], *,
         chips = "".join(chip(t, f"rgba(214,39,40,{float(np.clip(v, 0, 1)):.3f})",
                              f"{label} {float(v):.3f}") for t, v in zip(tokens, values))
         parts.append(f"<div><b style='font-family:sans-serif;display:inline-block;"
-                     f"width:6em'>{html.escape(label)}</b>{chips}</div>")
+                     f"width:6em'>{esc(label)}</b>{chips}</div>")
     parts.append("</div>")
     return "".join(parts)

@@ -1,14 +1,18 @@
-"""Static reports: one self-contained HTML file (images inline, model text escaped)."""
+"""Static reports: one self-contained HTML file (images inline).
+
+Every value from the run's records (model name, splits, questions, texts, answers,
+predictions, indices) is escaped with :func:`stepsal_lens.apps.escape.esc`.
+"""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stepsal_lens.apps.escape import esc
 from stepsal_lens.apps.plots import figure_png, img_tag
 
 __all__ = ["plot_condition_curves", "plot_group_curves", "write_demo_report"]
@@ -74,7 +78,7 @@ def _stepflow_section(result: Any, flow: dict[str, Any], out: Path) -> str:
     for split in [*splits, "all"]:
         pick = lambda recs: [r["correct"] for r in recs if split in ("all", r["split"])]  # noqa: E731
         b, s = pick(base), pick(sf)
-        rows.append(f"<tr><td>{html.escape(split)}</td><td>{sum(b)}/{len(b)}</td>"
+        rows.append(f"<tr><td>{esc(split)}</td><td>{sum(b)}/{len(b)}</td>"
                     f"<td>{sum(s)}/{len(s)}</td></tr>")
     m = flow["mcnemar"]
     n_sf = max(1, len(sf))
@@ -84,13 +88,13 @@ def _stepflow_section(result: Any, flow: dict[str, Any], out: Path) -> str:
     parts = [
         "<h2>StepFlow</h2>",
         f"<p>The same questions generated again with StepFlow on "
-        f"(<code>{html.escape(str(flow['settings']))}</code>). Per trace on average: "
+        f"(<code>{esc(str(flow['settings']))}</code>). Per trace on average: "
         f"{oeb:.1f} OEB row rescales, {smi:.1f} SMI injections; {changed} of {len(base)} "
         f"generations changed.</p>",
         "<table><tr><th>split</th><th>baseline</th><th>StepFlow</th></tr>" + "".join(rows)
         + "</table>",
-        f"<p>Paired exact McNemar test: {m['a_only']} right only without StepFlow, "
-        f"{m['b_only']} right only with it, p = {m['mcnemar_p']:.3g}.</p>",
+        f"<p>Paired exact McNemar test: {esc(m['a_only'])} right only without StepFlow, "
+        f"{esc(m['b_only'])} right only with it, p = {m['mcnemar_p']:.3g}.</p>",
     ]
     if len(result.metrics) and len(flow["metrics"]):
         png = figure_png(plot_condition_curves({"baseline": result.metrics,
@@ -104,13 +108,13 @@ def _stepflow_section(result: Any, flow: dict[str, Any], out: Path) -> str:
 
 
 def _table(df, floats: str = "{:.4g}") -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in df.columns)
     body = []
     for _, row in df.iterrows():
         cells = []
         for v in row:
             text = floats.format(v) if isinstance(v, (float, np.floating)) else str(v)
-            cells.append(f"<td>{html.escape(text)}</td>")
+            cells.append(f"<td>{esc(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -135,12 +139,12 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
     from stepsal_lens.apps.plots import plot_step_maps
 
     out = Path(result.out)
-    parts = [f"<h1>stepsal demo: {html.escape(model_name)}</h1>"]
+    parts = [f"<h1>stepsal demo: {esc(model_name)}</h1>"]
     recs = result.records
     by_split: dict[str, list[bool]] = {}
     for r in recs:
         by_split.setdefault(r["split"], []).append(bool(r["correct"]))
-    acc = "".join(f"<tr><td>{html.escape(s)}</td><td>{sum(v)}/{len(v)}</td>"
+    acc = "".join(f"<tr><td>{esc(s)}</td><td>{sum(v)}/{len(v)}</td>"
                   f"<td>{100 * sum(v) / len(v):.1f}%</td></tr>" for s, v in by_split.items())
     parts.append(f"<h2>Accuracy</h2><table><tr><th>split</th><th>correct</th><th>accuracy</th>"
                  f"</tr>{acc}<tr><td>all</td><td>{sum(r['correct'] for r in recs)}/{len(recs)}"
@@ -155,12 +159,12 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
                                   title=f"{label} trace #{sal.meta['index']}"))
         (out / f"maps_{label}.png").write_bytes(png)
         rec = recs[sal.meta["index"]]
-        parts.append(f"<h2>A {label} trace (#{rec['index']}, {html.escape(rec['split'])})</h2>"
+        parts.append(f"<h2>A {label} trace (#{esc(rec['index'])}, {esc(rec['split'])})</h2>"
                      f"<p>Head-mean, row-normalised step maps; Q/T/S = question / thinking / "
                      f"summary.</p>{img_tag(png, f'{label} maps')}"
-                     f"<p>answer {html.escape(str(rec['answer']))}, prediction "
-                     f"{html.escape(str(rec['prediction']))}</p>"
-                     f"<pre>{html.escape(rec['text'])}</pre>")
+                     f"<p>answer {esc(str(rec['answer']))}, prediction "
+                     f"{esc(str(rec['prediction']))}</p>"
+                     f"<pre>{esc(rec['text'])}</pre>")
 
     if len(result.metrics):
         png = figure_png(plot_group_curves(result.metrics))
@@ -183,10 +187,10 @@ def write_demo_report(result: Any, *, model_name: str = "") -> Path:
 
         parts.append(causality_section(result.causal, out))
     rows = "".join(
-        f"<tr><td>{r['index']}</td><td>{html.escape(r['split'])}</td>"
+        f"<tr><td>{esc(r['index'])}</td><td>{esc(r['split'])}</td>"
         f"<td class='{'ok' if r['correct'] else 'bad'}'>{'yes' if r['correct'] else 'no'}</td>"
-        f"<td>{html.escape(str(r['answer']))}</td><td>{html.escape(str(r['prediction']))}</td>"
-        f"<td style='text-align:left'>{html.escape(r['question'])}</td></tr>" for r in recs)
+        f"<td>{esc(str(r['answer']))}</td><td>{esc(str(r['prediction']))}</td>"
+        f"<td style='text-align:left'>{esc(r['question'])}</td></tr>" for r in recs)
     parts.append("<h2>All traces</h2><table><tr><th>#</th><th>split</th><th>correct</th>"
                  f"<th>answer</th><th>prediction</th><th>question</th></tr>{rows}</table>")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>stepsal demo</title>"

@@ -33,7 +33,6 @@ Examples
 from __future__ import annotations
 
 import base64
-import html
 import uuid
 import warnings
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepsal_lens._checks import check_type
+from stepsal_lens.apps.escape import esc
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.apps.plots import (
     SEGMENT_COLORS,
@@ -183,6 +184,15 @@ class StepExplorer(_StaticTwin):
 
         if model is not None and trace is None or trace is not None and model is None:
             raise StepSalError("pass both model= and trace= to drill down to tokens, or neither")
+        if model is not None:
+            from stepsal_lens.lens.saliency import trace_tokens
+
+            trace_tokens(model, trace)  # refuses a model with another tokenizer
+            if result.token_ids.tolist() != trace.token_ids.tolist():
+                raise StepSalError(
+                    f"the result covers {len(result.token_ids)} token ids and the trace "
+                    f"{trace.n_tokens} other ones; pass the trace the result was computed on "
+                    f"(Trace.from_token_ids(result.token_ids, model))")
         self.result, self.model, self.trace = result, model, trace
         self.static_key = uuid.uuid4().hex[:12]
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -317,7 +327,7 @@ class StepExplorer(_StaticTwin):
                    f"{v['attention_max']:.3g}. Hover a token for its value.")
         return HTML(token_html(v["tokens"], {"saliency": v["saliency"],
                                              "attention": v["attention"]},
-                               caption=html.escape(caption)))
+                               caption=caption))
 
     def select_cell(self, query_step: int, key_step: int) -> None:
         """Show the token view of one step pair in :attr:`detail`."""
@@ -326,10 +336,10 @@ class StepExplorer(_StaticTwin):
         self._check_steps(query_step, key_step)
         steps = self.result.steps
         self.heatmap.selected = [query_step, key_step]
-        views = [HTML(f"<b>query step {query_step}</b> ({steps[query_step].segment}): "
-                      f"{html.escape(_short(steps[query_step].text, 300))}<br><b>key step "
-                      f"{key_step}</b> ({steps[key_step].segment}): "
-                      f"{html.escape(_short(steps[key_step].text, 300))}")]
+        views = [HTML(f"<b>query step {query_step}</b> ({esc(steps[query_step].segment)}): "
+                      f"{esc(_short(steps[query_step].text, 300))}<br><b>key step "
+                      f"{key_step}</b> ({esc(steps[key_step].segment)}): "
+                      f"{esc(_short(steps[key_step].text, 300))}")]
         if self.model is not None:
             views += [HTML("<p>saliency and attention each key token receives from the query "
                            "step</p>"), self.token_view(query_step, key_step)]
@@ -415,6 +425,10 @@ def explore(result: Any, *, model: Any = None, trace: Any = None,
         A :class:`~stepsal_lens.StepEffects` of the same trace: adds a "saliency | causal
         effect" toggle on the map (:func:`stepsal_lens.lens.causal.causal_explorer`).
     """
+    from stepsal_lens.results.saliency import StepSaliency
+
+    check_type(result, StepSaliency, "result", "a StepSaliency",
+               "pass what step_saliency(model, trace) returns")
     if effects is not None:
         from stepsal_lens.apps.circuits import causal_explorer
 
@@ -618,9 +632,9 @@ class StepFlowComparison(_Panel):
             f"{'the same steps' if self.same_steps else 'different steps (binned)'}.</p>"
             "<div style='display:flex;gap:1em'>" + "".join(
                 f"<div style='flex:1'><b>{label}</b><pre style='white-space:pre-wrap'>"
-                f"{html.escape(t or '')}</pre></div>"
+                f"{esc(t or '')}</pre></div>"
                 for label, t in (("StepFlow off", t_off), ("StepFlow on", t_on))) + "</div>")
-        self.curves = w.HTML(table.round(4).to_html(index=False))
+        self.curves = w.HTML(table.round(4).to_html(index=False, escape=True))
         self._redraw()
         self.widget = w.VBox([w.HBox([self.layer, self.layer_label]), self.maps, self.curves,
                               self.texts, self._hider])

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.typing import KeyMask, Pattern
+from stepsal_lens._checks import check_type
 
 __all__ = ["odds_equal_bridge", "step_momentum"]
 
@@ -130,6 +131,9 @@ def odds_equal_bridge(pattern: Pattern, same: KeyMask, bridge: KeyMask,
     >>> [round(x, 3) for x in out.flatten().tolist()]
     [0.075, 0.075, 0.567, 0.283]
     """
+    for name, value in (("pattern", pattern), ("same", same), ("bridge", bridge)):
+        check_type(value, torch.Tensor, name, "a torch.Tensor",
+                   "pass torch tensors (torch.tensor(...)); masks as bool tensors")
     if not 0 <= tau_max <= 1:
         raise StepSalError(f"tau_max must be in [0, 1]; got {tau_max}")
     if (same & bridge).any():
@@ -149,6 +153,8 @@ def step_momentum(x: Float[Tensor, "*d"], window: Float[Tensor, "w *d"],
     >>> step_momentum(torch.zeros(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.5)
     tensor([1.0000, 1.5000])
     """
+    for name, value in (("x", x), ("window", window)):
+        check_type(value, torch.Tensor, name, "a torch.Tensor", "pass torch tensors")
     if window.shape[0] == 0:
         return x
     return x + alpha * window.mean(0).to(x.dtype)

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.typing import LayerStepMap
+from stepsal_lens._checks import check_type
 
 __all__ = [
     "METRICS",
@@ -119,6 +120,9 @@ def layer_metrics(result: Any, segments: Sequence[str] | None = None, *, k: int 
         needed by the metric is missing (e.g. no summary), where all its rows are
         all-zero (left out of the means), or where the maps hold NaN.
     """
+    if not hasattr(result, "maps") and not isinstance(result, (torch.Tensor, np.ndarray)):
+        check_type(result, torch.Tensor, "result", "a StepSaliency (from step_saliency) or a "
+                   "maps tensor [layer, head, step, step] with segments=")
     import pandas as pd
 
     maps, segments, layers = _unpack(result, segments)

@@ -25,11 +25,12 @@ answers are equal when any of these holds:
 The last boxed answer wins, unless the gold answer is a list: then all boxed answers of
 the text are read together (``\\boxed{3}`` and ``\\boxed{5}`` for ``3, 5``).
 
-Every symbolic comparison runs in a child process with a hard time limit (math-verify's
-own alarm-based limit works only in the main thread and cannot stop C code such as a huge
-integer power): a comparison that overruns is killed, the worker restarts, and the
-:class:`Grade` carries the error instead of a silent "wrong". Answers that are plain
-numbers, letters or words never start the worker.
+All of grading - reading the answer out of the text, normalising it and every symbolic
+comparison - runs in a child process with a hard time limit (math-verify's own
+alarm-based limit works only in the main thread and cannot stop C code such as a huge
+integer power, and no regular expression can be interrupted): a grading that overruns,
+on a hostile text as on a hard comparison, is killed, the worker restarts, and the
+:class:`Grade` carries the error instead of a silent "wrong" or a hang.
 
 Examples
 --------
@@ -58,6 +59,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import check_timeout, check_type
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.answers import (KINDS, Answer, _check_kind, _closing, _split_top,
                                            find_answer, find_boxed)
@@ -281,7 +283,14 @@ class _Worker:
                 self._stop()
 
     def compare(self, pairs: list[tuple[str, str]], timeout: float | int) -> list[str]:
-        """Verdicts for (gold, prediction) pairs; all ``"timeout"`` when killed."""
+        """Verdicts for (gold, prediction) pairs; all ``"killed"`` when killed."""
+        op = max(1, int(timeout / 3))
+        reply = self.request({"pairs": pairs, "op_timeout": op}, timeout)
+        return ["killed"] * len(pairs) if reply is None else reply["results"]
+
+    def request(self, payload: dict[str, Any], timeout: float | int) -> dict | None:
+        """The worker's reply to one request, or None when it ran past ``timeout`` seconds
+        (then the worker is killed; the next request starts a fresh one)."""
         with self._lock:
             deadline = time.monotonic() + timeout
             if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
@@ -290,8 +299,7 @@ class _Worker:
                 self._proc = None
                 self._start(time.monotonic() + 60)  # a cold start is not the answer's fault
                 deadline = time.monotonic() + timeout
-            op = max(1, int(timeout / 3))
-            request = json.dumps({"pairs": pairs, "op_timeout": op}) + "\n"
+            request = json.dumps(payload) + "\n"
             try:
                 stdin = self._pipe("stdin")
                 stdin.write(request.encode())
@@ -301,8 +309,7 @@ class _Worker:
                 reply = None
             if reply is None:
                 self._stop()
-                return ["killed"] * len(pairs)
-            return reply["results"]
+            return reply
 
 
 _WORKER = _Worker()
@@ -334,7 +341,7 @@ def _unordered(s: str) -> list[str] | None:
     return parts if len(parts) >= 2 else None
 
 
-def _symbolic(prediction: str, answer: str, timeout: float | int) -> Grade:
+def _symbolic(prediction: str, answer: str, timeout: float | int, compare) -> Grade:
     deadline = time.monotonic() + timeout
     failures: list[str] = []
 
@@ -343,7 +350,7 @@ def _symbolic(prediction: str, answer: str, timeout: float | int) -> Grade:
         if left <= 0:
             failures.append("timeout")
             return ["timeout"] * len(pairs)
-        verdicts = _WORKER.compare(pairs, left)
+        verdicts = compare(pairs, left)
         failures.extend(v for v in verdicts if v not in ("equal", "different"))
         return verdicts
 
@@ -401,7 +408,7 @@ def judge(prediction: str | None, answer: str | int | float, kind: str = "math",
     kind
         ``"math"`` or ``"choice"``.
     timeout
-        Seconds the symbolic comparisons may take in all; past it the grade is an error.
+        Seconds grading may take in all, in (0, 86400]; past it the grade is an error.
 
     Examples
     --------
@@ -411,7 +418,44 @@ def judge(prediction: str | None, answer: str | int | float, kind: str = "math",
     >>> judge("3", "4").status, judge(None, "4").method
     ('wrong', 'no answer')
     """
+    seconds = _check_grading_args(prediction, "prediction", answer, kind, timeout)
+    return _in_worker(prediction, answer, kind, seconds, extract=False)
+
+
+def _check_grading_args(text: Any, name: str, answer: Any, kind: Any, timeout: Any) -> float:
+    """The argument checks of :func:`judge` and :func:`grade_output` (before any work);
+    returns the timeout as a float."""
+    check_type(text, (str, type(None)), name, "model text (a str) or None")
+    check_type(answer, (str, int, float), "answer", "the gold answer (a str or a number)")
     _check_kind(kind)
+    return check_timeout(timeout)
+
+
+def _in_worker(text: str | None, answer: str | int | float, kind: str, timeout: float,
+               *, extract: bool) -> Grade:
+    """Grade in the worker process under the hard time limit ``timeout``."""
+    reply = _WORKER.request({"grade": [text, str(answer), kind, extract], "timeout": timeout},
+                            timeout)
+    if reply is None:
+        return Grade(None, False, method="error", error=(
+            f"grading ran past its time limit ({timeout:g} s) and was stopped (a very long "
+            f"or repetitive text, or a symbolic comparison that does not end); check it by "
+            f"hand or allow more time (timeout=, or stepsal grade --timeout)"))
+    if "error" in reply:  # a bug in the grader, reported instead of raised in the worker
+        return Grade(None, False, method="error", error=f"the grader failed: {reply['error']}")
+    return Grade(**reply["grade"])
+
+
+def _grade_here(text: str | None, answer: str, kind: str, timeout: float, extract: bool,
+                compare) -> Grade:
+    """Everything grading does, in the process that runs it (the worker):
+    ``compare(pairs, seconds)`` gives the symbolic verdicts."""
+    prediction = extract_answer(text, kind, gold=answer) if extract else text
+    return _judge_here(prediction, answer, kind, timeout, compare)
+
+
+def _judge_here(prediction: str | None, answer: str, kind: str, timeout: float,
+                compare) -> Grade:
     gold = str(answer).strip()
     if prediction is None or not str(prediction).strip():
         return Grade(None, False, method="no answer")
@@ -428,7 +472,7 @@ def judge(prediction: str | None, answer: str | int | float, kind: str = "math",
                      method="number")
     if _is_word(a) and _is_word(b):
         return Grade(prediction, False, method="string")
-    return _symbolic(prediction, gold, timeout)
+    return _symbolic(prediction, gold, timeout, compare)
 
 
 def grade(prediction: str | None, answer: str | int | float, kind: str = "math", *,
@@ -460,7 +504,8 @@ def grade_output(output: str | None, answer: str | int | float, kind: str = "mat
     kind
         ``"math"`` or ``"choice"``.
     timeout
-        Seconds the symbolic comparisons may take in all.
+        Seconds grading may take in all (reading the answer out of the text included), in
+        (0, 86400]; past it the worker is stopped and the grade is an error.
 
     Examples
     --------
@@ -471,5 +516,5 @@ def grade_output(output: str | None, answer: str | int | float, kind: str = "mat
     >>> g.prediction, g.correct
     ('3, -2', True)
     """
-    _check_kind(kind)
-    return judge(extract_answer(output, kind, gold=str(answer)), answer, kind, timeout=timeout)
+    seconds = _check_grading_args(output, "output", answer, kind, timeout)
+    return _in_worker(output, answer, kind, seconds, extract=True)

@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -27,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import check_id, read_utf8
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.results.jsonl import read_jsonl
 from stepsal_lens.segments.answers import find_answer
 
 __all__ = ["Problem", "list_sources", "load_problems", "register_source"]
@@ -114,12 +117,10 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     """(where, row) pairs: ``where`` names the file and line or row for messages."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        from stepsal_lens.results.outputs import read_jsonl_objects
-
-        return read_jsonl_objects(path, _ROW_FIX)
+        return read_jsonl(path, what="data file", fix=_ROW_FIX)
     if suffix == ".json":
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(read_utf8(path, "data file"))
         except json.JSONDecodeError as err:
             raise StepSalError(f"data file {str(path)!r} is not valid JSON ({err})") from None
         if isinstance(doc, dict):
@@ -150,19 +151,50 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     raise StepSalError(f"cannot read {str(path)!r}: use .jsonl, .json, .parquet or .csv")
 
 
+def _id_of(row: dict[str, Any], names: tuple[str, ...], where: str) -> str | None:
+    """The row's own id field (a string or whole number), or None: then the id comes
+    from the problem's content (:func:`content_id`), never from its row number, so
+    inserting or removing a row changes no other problem's id."""
+    value = _field(row, *names)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) \
+            or (isinstance(value, float) and not value.is_integer()):
+        raise StepSalError(f"{where}: the id {value!r} must be a string or a whole number")
+    return check_id(str(int(value) if isinstance(value, float) else value).strip(),
+                    f"{where}: the id")
+
+
+def content_id(question: str, answer: str, choices: tuple[str, ...] = ()) -> str:
+    """The id of a problem without an id field: a hash of what it asks and expects.
+
+    Examples
+    --------
+    >>> content_id("What is 1+1?", "2")
+    'c-...'
+    >>> content_id("What is 1+1?", "2") == content_id("What is 1+1?", "2")
+    True
+    """
+    doc = json.dumps([question, answer, list(choices)], ensure_ascii=False)
+    return "c-" + hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
 def _gpqa(row: dict[str, Any], i: int, source: str, where: str) -> Problem:
     """GPQA: options shuffled with a seed taken from the record, so runs agree."""
-    pid = str(_field(row, "Record ID", "id") or i)
+    pid = _id_of(row, ("Record ID", "id"), where)
     names = ["Question", "Correct Answer"] + [f"Incorrect Answer {k}" for k in (1, 2, 3)]
     empty = [n for n in names if _field(row, n) is None]
     if empty:
         raise StepSalError(f"{where}: GPQA row has empty {empty}; fill them in or drop the row")
     correct = str(_field(row, "Correct Answer")).strip()
     options = [correct] + [str(_field(row, f"Incorrect Answer {k}")).strip() for k in (1, 2, 3)]
+    question = str(_field(row, "Question")).strip()
+    if pid is None:
+        pid = content_id(question, correct, tuple(sorted(options)))
     rng = random.Random(int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16))
     rng.shuffle(options)
-    return Problem(pid, str(_field(row, "Question")).strip(), LETTERS[options.index(correct)],
-                   "choice", tuple(options), source, CHOICE_INSTRUCTION)
+    return Problem(pid, question, LETTERS[options.index(correct)], "choice", tuple(options),
+                   source, CHOICE_INSTRUCTION)
 
 
 def _choices_of(row: dict[str, Any], where: str) -> tuple[str, ...] | None:
@@ -176,12 +208,11 @@ def _choices_of(row: dict[str, Any], where: str) -> tuple[str, ...] | None:
         if n >= 2 and all(v is None for v in cols[n:]):
             return tuple(str(v).strip() for v in cols[:n])
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise StepSalError(f"{where}: 'choices' is a string, not a list of options; give "
-                               f"a list, or an object like {{\"A\": \"...\", \"B\": ...}}") from None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise StepSalError(f"{where}: 'choices' must be a list of option texts like "
+                           f"[\"3\", \"4\", \"5\", \"6\"] (or an object {{\"A\": ..., \"B\": ...}}); "
+                           f"got the {type(value).__name__} {str(value)[:40]!r} (a string is not "
+                           f"a list of options)")
     if isinstance(value, dict):
         lower = {str(k).lower(): v for k, v in value.items()}
         if "text" in lower and isinstance(lower["text"], (list, tuple)):
@@ -255,14 +286,16 @@ def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
             f"{where} has fields {sorted(map(str, row))}; expected a question field "
             f"(problem / question / Question) and an answer field (answer / Answer), or "
             f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
-    pid = str(_field(row, "unique_id", "id", "idx", "record id") or i)
+    pid = _id_of(row, ("unique_id", "id", "idx", "record id"), where)
     if choices is not None:
         letter = _gold_letter(answer, choices, where)
-        return Problem(pid, str(question).strip(), letter, "choice", choices, source,
-                       CHOICE_INSTRUCTION)
+        question = str(question).strip()
+        return Problem(pid or content_id(question, letter, choices), question, letter,
+                       "choice", choices, source, CHOICE_INSTRUCTION)
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)  # AMC23 stores answers as floats
-    return Problem(pid, str(question).strip(), str(answer).strip(), "math", (), source)
+    question, answer = str(question).strip(), str(answer).strip()
+    return Problem(pid or content_id(question, answer), question, answer, "math", (), source)
 
 
 def load_problems(data: str | Path, *, limit: int | None = None) -> list[Problem]:
@@ -299,5 +332,15 @@ def load_problems(data: str | Path, *, limit: int | None = None) -> list[Problem
     rows = _read_rows(path)
     if not rows:
         raise StepSalError(f"data file {str(path)!r} holds no problems")
-    problems = [_row_problem(r, i, path.name, where) for i, (where, r) in enumerate(rows)]
+    problems, seen = [], {}
+    for i, (where, r) in enumerate(rows):
+        p = _row_problem(r, i, path.name, where)
+        if p.id in seen:
+            if not p.id.startswith("c-"):
+                raise StepSalError(f"{where} and {seen[p.id]} both have the id {p.id!r}; "
+                                   f"records are keyed by id: give every problem its own")
+            n = sum(1 for q in problems if q.id.split("~")[0] == p.id)
+            p = dataclasses.replace(p, id=f"{p.id}~{n + 1}")  # the same problem again
+        seen[p.id] = where
+        problems.append(p)
     return problems[:limit] if limit is not None else problems

@@ -23,16 +23,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
+                                  check_type)
+from stepsal_lens._version import __version__
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.grading import Grade, grade_output
 from stepsal_lens.eval.problems import Problem
 from stepsal_lens.results.config import StepFlowConfig
+from stepsal_lens.fingerprint import file_fingerprint
+from stepsal_lens.results.jsonl import dumps_line, read_jsonl, write_jsonl
+from stepsal_lens.results.outputs import check_run_dir, run_folder, write_text_atomic
 from stepsal_lens.segments.association import info_of, model_name as name_of
 
 __all__ = [
@@ -41,6 +46,8 @@ __all__ = [
     "check_run_folder",
     "compare_runs",
     "evaluate",
+    "problems_fingerprint",
+    "read_records",
     "sample_seed",
 ]
 
@@ -78,6 +85,7 @@ class EvalRun:
 def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     n, k = len(records), sum(r["correct"] for r in records)
     errors = sum(bool(r.get("grading_error")) for r in records)
+    failed = [r for r in records if r.get("error")]
     low, high = _wilson(k, n)
     by_source: dict[str, list[bool]] = {}
     for r in records:
@@ -85,6 +93,8 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
     return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [low, high],
             "ci_method": "Wilson score interval (over problem x sample records)",
             "grading_errors": errors,
+            "could_not_run": len(failed),
+            "could_not_run_ids": sorted({r["id"] for r in failed})[:20],
             "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
             "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
             "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
@@ -103,34 +113,39 @@ def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, sampl
                         temperature: float = 0.0, seed: int = 0,
                         grading_timeout: float | int = 10.0) -> None:
     """Refuse bad evaluation settings (no model needed: the CLI calls it before loading)."""
-    def whole(name: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise StepSalError(f"{name} must be a whole number >= {low}; got {value!r}")
-
-    whole("max_new_tokens", max_new_tokens, 1)
-    whole("batch_size", batch_size, 1)
-    whole("samples", samples, 1)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise StepSalError(f"seed must be a whole number; got {seed!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                        ("samples", samples)):
+        check_count(value, name)
+    check_seed(seed)
+    check_temperature(temperature)
     if samples > 1 and temperature <= 0:
         raise StepSalError("samples > 1 with greedy decoding gives identical samples; pass "
                            "temperature > 0 (e.g. 0.6)")
-    if isinstance(grading_timeout, bool) or not isinstance(grading_timeout, (int, float)) \
-            or not math.isfinite(grading_timeout) or grading_timeout <= 0:
-        raise StepSalError(f"grading_timeout must be a positive number of seconds; got "
-                           f"{grading_timeout!r}")
+    check_timeout(grading_timeout, "grading_timeout")
+
+
+# Filled in only once the model is loaded (None before: matches anything).
+_KNOWN_LATER = ("model_fingerprint", "format")
+# How a changed identity reads in a message.
+_WHAT_CHANGED = {
+    "model_fingerprint": "the model's files (weights, config or tokenizer) are not those the "
+                         "run began with",
+    "data_fingerprint": "the data file's content changed",
+    "problems": "the problems differ (an edited or another data file, or another --limit)",
+    "traces": "the traces file's content changed (lines edited, added or removed)",
+    "stepsal": "it was written by another stepsal version",
+}
 
 
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings of ``new`` that differ from ``old``; a StepFlow value of None in ``new``
-    (not resolved yet: layers before the model is loaded) matches anything."""
+    (not resolved yet: layers before the model is loaded) matches anything, and so do
+    the values known only after loading (:data:`_KNOWN_LATER`)."""
     diff = {}
     for key, value in new.items():
         before = old.get(key)
+        if key in _KNOWN_LATER and value is None:
+            continue
         if key == "stepflow" and isinstance(value, dict) and isinstance(before, dict):
             inner = {k: (before.get(k), v) for k, v in value.items()
                      if v is not None and before.get(k) != v}
@@ -156,20 +171,31 @@ def _read_run_json(out: Path) -> dict[str, Any] | None:
     return old
 
 
-def check_run_folder(out: str | Path, settings: dict[str, Any]) -> None:
-    """Refuse a run folder before any work: one another process is writing, one that is
-    not a folder or not writable, or one holding a run with other ``settings`` (the keys
-    of ``run.json``; leave out what is not known yet, e.g. the format before loading)."""
-    from stepsal_lens.results.outputs import check_unlocked, check_writable
+def describe_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    """A settings difference (:func:`_settings_diff`) as words: what changed, old and new."""
+    parts = []
+    for key, change in diff.items():
+        if key in _WHAT_CHANGED:
+            parts.append(_WHAT_CHANGED[key])
+        elif isinstance(change, dict):
+            parts += [f"{key}.{k}: {a!r} before, {b!r} now" for k, (a, b) in change.items()]
+        else:
+            parts.append(f"{key}: {change[0]!r} before, {change[1]!r} now")
+    return "; ".join(parts)
 
-    out = Path(out)
-    check_writable(out, what="run folder")
-    if not out.exists():
+
+def check_run_folder(out: str | Path, settings: dict[str, Any], *,
+                     command: str = "eval", inputs: dict[str, Any] | None = None) -> None:
+    """Refuse a run folder before any work: one another process is writing, one that is
+    not writable or not a ``command`` run stepsal made, one holding an input, or one
+    holding a run made from other inputs or ``settings`` (the keys of ``run.json``;
+    leave out what is not known yet, e.g. the format before loading)."""
+    target = check_run_dir(out, command=command, inputs=inputs)
+    if not target.exists():
         return
-    check_unlocked(out)
-    old = _read_run_json(out)
+    old = _read_run_json(target)
     if old is None:
-        if (out / "results.jsonl").exists():
+        if (target / "results.jsonl").exists():
             raise StepSalError(f"{str(out)!r} holds results.jsonl but no run.json, so its "
                                f"settings are unknown; choose another --out folder or delete "
                                f"this one")
@@ -177,8 +203,9 @@ def check_run_folder(out: str | Path, settings: dict[str, Any]) -> None:
     diff = _settings_diff(old, settings)
     if diff:
         raise StepSalError(
-            f"{str(out)!r} holds a run with other settings {diff} (old, new); run with the "
-            f"old settings to resume it, or choose another --out folder (or delete this one)")
+            f"{str(out)!r} holds a run made from other inputs or settings: "
+            f"{describe_diff(diff)}; run with the old ones to resume it, or choose another "
+            f"--out folder (or delete this one)")
 
 
 #: How sampled runs seed each (problem, sample); recorded in ``run.json`` when sampling.
@@ -201,6 +228,34 @@ def sample_seed(seed: int, problem_id: str, sample: int) -> int:
     """
     digest = hashlib.sha256(f"{seed}:{problem_id}:{sample}".encode()).hexdigest()
     return int(digest[:15], 16)  # 60 bits: a valid torch.manual_seed
+
+
+def problems_fingerprint(problems: Sequence[Problem]) -> str:
+    """``"sha256:<hex>"`` of the problems a run covers, in order, by content (ids,
+    questions, answers, choices, instructions): another file, an edited one or another
+    ``--limit`` gives another value.
+
+    Examples
+    --------
+    >>> from stepsal_lens.eval.problems import load_problems
+    >>> a = problems_fingerprint(load_problems("tiny:id", limit=3))
+    >>> a == problems_fingerprint(load_problems("tiny:id", limit=2))
+    False
+    """
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.question, p.answer, p.kind, list(p.choices),
+                             p.instruction], ensure_ascii=False).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def run_identity(problems: Sequence[Problem], data: str | Path | None) -> dict[str, Any]:
+    """What ``run.json`` records of a run's inputs besides the model: the stepsal
+    version, the data file's fingerprint (when ``data`` is a file) and the problems'."""
+    is_file = data is not None and Path(data).is_file()
+    return {"stepsal": __version__,
+            "data_fingerprint": file_fingerprint(data) if is_file else None,
+            "problems": problems_fingerprint(problems), "n_problems": len(problems)}
 
 
 def _run_config(model_name: str, data_name: str | None, sf: StepFlowConfig | None,
@@ -258,18 +313,19 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     runs. Ctrl-C raises ``KeyboardInterrupt("interrupted after N of M; ...")`` with the
     finished records saved: call it again to resume.
     """
-    from stepsal_lens.results.outputs import run_lock
-
     check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
                         temperature=temperature, seed=seed, grading_timeout=grading_timeout)
     _check_problems(problems)
     out = Path(out)
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
-    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers)
-    config = _run_config(model_name or name_of(model), data_name, sf, info_of(model).format.name,
+    sf = None if stepflow is None else stepflow.resolve(model.cfg.n_layers, model.cfg.n_ctx)
+    info = info_of(model)
+    config = _run_config(model_name or name_of(model), data_name, sf, info.format.name,
                          max_new_tokens=max_new_tokens, samples=samples,
                          temperature=temperature, seed=seed)
+    config.update(run_identity(problems, data_name), model_fingerprint=info.fingerprint)
+    inputs = {"data": data_name, "model": info.source or None}
     # ---- issue 21 (coding): the sandbox that judges the programs, recorded in run.json ----
     from stepsal_lens.eval.code.run import code_settings
 
@@ -278,8 +334,8 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
         config["code"] = code
         code = dict(code, workers=code_workers)
     # everything is checked before run.json is written: a refused run leaves no trace
-    check_run_folder(out, config)
-    with run_lock(out):
+    check_run_folder(out, config, inputs=inputs)
+    with run_folder(out, command="eval", inputs=inputs):
         return _evaluate_locked(model, problems, out, config, sf, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, samples=samples, temperature=temperature,
                                 seed=seed, grading_timeout=grading_timeout, progress=progress,
@@ -287,6 +343,12 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
 
 
 def _check_problems(problems: Sequence[Problem]) -> None:
+    check_type(problems, (list, tuple), "problems",
+               "a list of Problem (from stepsal_lens.eval.problems.load_problems)")
+    bad = [p for p in problems if not isinstance(p, Problem)][:1]
+    if bad:
+        raise StepSalError(f"problems must hold Problem objects (from load_problems); got a "
+                           f"{type(bad[0]).__name__}")
     if not problems:
         raise StepSalError("no problems to evaluate")
     ids = [p.id for p in problems]
@@ -296,24 +358,49 @@ def _check_problems(problems: Sequence[Problem]) -> None:
                            f"so give every problem its own id")
 
 
+# The fields of a results.jsonl record and their JSON types (None allowed where listed).
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,), "sample": (int,), "source": (str,), "kind": (str,), "correct": (bool,),
+    "finished": (bool,), "n_completion_tokens": (int,), "prediction": (str, type(None)),
+    "grading_error": (str, type(None)),
+}
+
+
+def _check_record(where: str, r: dict[str, Any]) -> dict[str, Any]:
+    fix = ("results.jsonl was edited or written by another tool: fix that line, or delete it "
+           "to generate the record again")
+    missing = [k for k in _RECORD_FIELDS if k not in r]
+    if missing:
+        raise StepSalError(f"{where} lacks {missing}; {fix}")
+    for key, types in _RECORD_FIELDS.items():
+        value = r[key]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "int":
+                               "a whole number", "bool": "true or false"}[t.__name__]
+                               for t in types)
+            raise StepSalError(f"{where}: {key!r} must be {want}, not {value!r}; {fix}")
+    if r["sample"] < 0 or r["n_completion_tokens"] < 0:
+        raise StepSalError(f"{where}: 'sample' and 'n_completion_tokens' must be >= 0; {fix}")
+    return r
+
+
+def read_records(path: str | Path, *, tolerate_cut: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``results.jsonl``, each checked (keys and types: ``correct`` is a
+    boolean, ...); one clear error naming the line otherwise. ``tolerate_cut``: drop a
+    last line cut by a killed writer (a resume generates it again)."""
+    fix = "results.jsonl holds one JSON record per line, as `stepsal eval` writes it"
+    return [_check_record(where, r) for where, r in
+            read_jsonl(path, what="results file", fix=fix, tolerate_cut=tolerate_cut)]
+
+
 def _read_results(results_file: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in results_file.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interrupt: redo it
-                continue
-            if isinstance(r, dict) and "id" in r and "sample" in r:
-                done[(r["id"], r["sample"])] = r
-    return done
+    """Records by (id, sample); a duplicated line is read once (the last one wins)."""
+    return {(r["id"], r["sample"]): r for r in read_records(results_file, tolerate_cut=True)}
 
 
 def _open_results(out: Path, config: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """Write ``run.json`` and read the records already in ``results.jsonl`` (rewritten
     without a line cut by an interrupt); the caller holds the folder's lock."""
-    from stepsal_lens.results.outputs import write_text_atomic
-
     check_run_folder(out, config)  # again, now that the folder is ours
     run_file, results_file = out / "run.json", out / "results.jsonl"
     write_text_atomic(run_file, json.dumps(config, indent=1) + "\n")
@@ -321,8 +408,7 @@ def _open_results(out: Path, config: dict[str, Any]) -> dict[tuple[str, int], di
     if results_file.exists():
         done = _read_results(results_file)
         # rewrite without a possibly cut last line (or a duplicate)
-        write_text_atomic(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                for r in done.values()))
+        write_jsonl(results_file, done.values())
     return done
 
 
@@ -331,7 +417,7 @@ def _append_records(f, done: dict[tuple[str, int], dict[str, Any]],
     """Append records to the open ``results.jsonl`` (flushed) and to ``done``."""
     for rec in records:
         done[(rec["id"], rec["sample"])] = rec
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.write(dumps_line(rec))
     f.flush()
 
 
@@ -344,14 +430,8 @@ def _interrupted(done, keys, results_file: Path) -> KeyboardInterrupt:
 
 def _finish_run(out: Path, keys: list[tuple[str, int]],
                 done: dict[tuple[str, int], dict[str, Any]], config: dict[str, Any]) -> EvalRun:
-    """Rewrite ``results.jsonl`` in problem order (records of problems not in this run
-    kept after them), write ``summary.json``."""
-    from stepsal_lens.results.outputs import write_text_atomic
-
-    wanted = set(keys)
-    ordered = [done[k] for k in keys] + [r for k, r in done.items() if k not in wanted]
-    write_text_atomic(out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                     for r in ordered))
+    """Rewrite ``results.jsonl`` in problem order, write ``summary.json``."""
+    write_jsonl(out / "results.jsonl", [done[k] for k in keys])
     records = [done[k] for k in keys]
     summary = _summarize(records, config)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -406,9 +486,18 @@ def _record(p: Problem, s: int, g, grading_timeout: float | int,
             "truncated": seg["truncated"],
             "n_completion_tokens": len(g.completion_ids),
             "completion": g.text[len(g.prompt):] if g.text.startswith(g.prompt)
-            else g.text, "stats": g.stats, "seed": seed,
+            else g.text, "stats": g.stats, "seed": seed, "error": None,
             **({k: v for k, v in code_fields.items() if k not in ("code", "correct")}
                if code_fields is not None else {})}
+
+
+def _failed_record(p: Problem, s: int, error: str, seed: int | None) -> dict[str, Any]:
+    """The record of a (problem, sample) that could not run (e.g. its prompt does not fit
+    the model's context): not correct, with the reason; the run goes on."""
+    return {"id": p.id, "sample": s, "source": p.source, "kind": p.kind, "answer": p.answer,
+            "prediction": None, "correct": False, "grading_error": None, "finished": False,
+            "truncated": False, "n_completion_tokens": 0, "completion": "", "stats": None,
+            "seed": seed, "error": error}
 
 
 def _eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_tokens: int,
@@ -424,35 +513,72 @@ def _eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_toke
     """
     from stepsal_lens.lens.generation import generate
 
-    questions = [p.prompt_question() for p, _ in chunk]
-    if temperature <= 0:
-        gens = generate(model, questions, stepflow=sf, max_new_tokens=max_new_tokens,
-                        temperature=temperature, batch_size=batch_size, progress=False)
-        seeds: list[int | None] = [None] * len(chunk)
+    def run(questions: list[str], row_seed: int | None) -> list:
+        return generate(model, questions, stepflow=sf, max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=row_seed,
+                        batch_size=batch_size, progress=False)
+
+    def alone(p: Problem, row_seed: int | None):
+        """The generation, or why this problem cannot run (the others can)."""
+        try:
+            return run([p.prompt_question()], row_seed)[0]
+        except StepSalError as err:
+            return str(err)
+
+    if temperature > 0:
+        seeds: list[int | None] = [sample_seed(seed, p.id, s) for p, s in chunk]
+        gens = [alone(p, row_seed) for (p, _), row_seed in zip(chunk, seeds)]
     else:
-        seeds = [sample_seed(seed, p.id, s) for p, s in chunk]
-        gens = [generate(model, [q], stepflow=sf, max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=row_seed, batch_size=1,
-                         progress=False)[0] for q, row_seed in zip(questions, seeds)]
+        seeds = [None] * len(chunk)
+        try:
+            gens = run([p.prompt_question() for p, _ in chunk], None)
+        except StepSalError:  # one problem of the batch cannot run: find it, keep the rest
+            gens = [alone(p, None) for p, _ in chunk]
     fields: list[dict[str, Any] | None] = [None] * len(chunk)
     if code is not None:  # issue 21: the chunk's programs, code["workers"] at a time
         from stepsal_lens.eval.code.run import judge_outputs
 
-        fields = judge_outputs([(p, g.segments()["summary"]) for (p, _), g in zip(chunk, gens)],
+        ran = [i for i, g in enumerate(gens) if not isinstance(g, str)]
+        judged = judge_outputs([(chunk[i][0], gens[i].segments()["summary"]) for i in ran],
                                code, workers=code.get("workers", 1))
-    return [_record(p, s, g, grading_timeout, row_seed, f)
+        for i, f in zip(ran, judged):
+            fields[i] = f
+    return [_failed_record(p, s, g, row_seed) if isinstance(g, str)
+            else _record(p, s, g, grading_timeout, row_seed, f)
             for (p, s), g, row_seed, f in zip(chunk, gens, seeds, fields)]
 
 
-def _load_run(run: str | Path | EvalRun) -> dict[tuple[str, int], bool]:
+def _load_run(run: str | Path | EvalRun) -> tuple[dict[tuple[str, int], bool], dict[str, Any]]:
+    """A run's verdicts by (id, sample), and its ``run.json``."""
     if isinstance(run, EvalRun):
-        records = run.records
+        records, config = run.records, run.config
     else:
         path = Path(run) / "results.jsonl"
         if not path.exists():
             raise StepSalError(f"{str(run)!r} is not an evaluation run (no results.jsonl)")
-        records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {(r["id"], r["sample"]): bool(r["correct"]) for r in records}
+        records, config = read_records(path), _read_run_json(Path(run)) or {}
+    return {(r["id"], r["sample"]): r["correct"] for r in records}, config
+
+
+def _same_problems(a: str | Path | EvalRun, ca: dict[str, Any], b: str | Path | EvalRun,
+                   cb: dict[str, Any]) -> None:
+    """Refuse to pair two runs unless they were made from the same problems."""
+    name = lambda r: str(r.out if isinstance(r, EvalRun) else r)  # noqa: E731
+    if "problems" not in ca or "problems" not in cb:
+        old = name(a) if "problems" not in ca else name(b)
+        raise StepSalError(f"{old!r} does not record which problems it ran (a run of stepsal "
+                           f"< 0.2), so pairing it by id could pair unrelated problems; run it "
+                           f"again with this version")
+    if ca["problems"] != cb["problems"]:
+        what = ["the problems differ"]
+        if ca.get("n_problems") != cb.get("n_problems"):
+            what.append(f"{ca.get('n_problems')} vs {cb.get('n_problems')} problems (another "
+                        f"--limit?)")
+        if ca.get("data_fingerprint") != cb.get("data_fingerprint"):
+            what.append(f"data {ca.get('data')!r} vs {cb.get('data')!r} with other content")
+        raise StepSalError(f"{name(a)!r} and {name(b)!r} were not run on the same problems "
+                           f"({'; '.join(what)}); compare runs of the same data file and "
+                           f"--limit")
 
 
 def compare_runs(a: str | Path | EvalRun, b: str | Path | EvalRun) -> dict[str, Any]:
@@ -464,7 +590,8 @@ def compare_runs(a: str | Path | EvalRun, b: str | Path | EvalRun) -> dict[str, 
     """
     from scipy.stats import binomtest
 
-    ra, rb = _load_run(a), _load_run(b)
+    (ra, ca), (rb, cb) = _load_run(a), _load_run(b)
+    _same_problems(a, ca, b, cb)
     shared = sorted(set(ra) & set(rb))
     if not shared:
         raise StepSalError("the two runs share no problems; compare runs on the same data")

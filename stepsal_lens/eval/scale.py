@@ -44,6 +44,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -112,6 +114,7 @@ class ModelWorker:
 
         model = self._loaded()
         return {"format": info_of(model).format.name, "n_layers": model.cfg.n_layers,
+                "fingerprint": info_of(model).fingerprint,
                 "device": str(model.cfg.device), "host": socket.gethostname(),
                 "pid": os.getpid()}
 
@@ -202,6 +205,7 @@ class RayPool:
         self.restarts = 0
         self.info: dict[str, Any] = {}
         self._started_ray = False
+        self._reaper: subprocess.Popen | None = None
         self._options: dict[str, Any] = {}
         self._default_cap: int | None = None  # the CLI: no more actors than units of work
 
@@ -223,11 +227,13 @@ class RayPool:
             try:
                 _check_reachable(self.address)
                 if self.address is None:
+                    self._start_reaper()
                     ray.init(address="local", include_dashboard=False,
                              logging_level=logging.WARNING)
                 else:
                     ray.init(address=self.address, logging_level=logging.WARNING)
             except (OSError, RuntimeError, ValueError) as err:
+                self._stop_reaper()
                 where = "start a local Ray" if self.address is None else \
                     f"join the Ray cluster at {self.address!r}"
                 raise StepSalError(
@@ -242,12 +248,13 @@ class RayPool:
         except BaseException as err:
             self.close()
             raise self._translate(err, "loading the model") from None
-        formats = {i["format"] for i in infos}
-        if len(formats) > 1:
-            self.close()
-            raise StepSalError(f"the Ray workers loaded {self.model!r} with different formats "
-                               f"{sorted(formats)}; install the same stepsal-lens and model on "
-                               f"every machine")
+        for key, what in (("format", "formats"), ("fingerprint", "files")):
+            seen = {str(i[key]) for i in infos}
+            if len(seen) > 1:
+                self.close()
+                raise StepSalError(f"the Ray workers loaded {self.model!r} with different "
+                                   f"{what} {sorted(seen)}; install the same stepsal-lens and "
+                                   f"model on every machine")
         self.info = {**infos[0], "workers": infos}
         return self
 
@@ -294,6 +301,28 @@ class RayPool:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+        self._stop_reaper()
+
+    def _start_reaper(self) -> None:
+        """Watch this driver: if it dies without :meth:`close` (SIGKILL, out of memory),
+        the local Ray it started is stopped too (:mod:`stepsal_lens.eval._reaper`)."""
+        if not Path("/proc").is_dir():
+            return
+        script = Path(__file__).with_name("_reaper.py")
+        self._reaper = subprocess.Popen([sys.executable, "-I", str(script), str(os.getpid())],
+                                        stdin=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+
+    def _stop_reaper(self) -> None:
+        if self._reaper is None:
+            return
+        try:
+            self._reaper.stdin.write("stop\n")
+            self._reaper.stdin.close()
+        except OSError:  # it is gone already
+            pass
+        self._reaper.wait(timeout=10)
+        self._reaper = None
 
     # ---- work --------------------------------------------------------------------------
 
@@ -460,8 +489,10 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
         _run_config,
         check_eval_settings,
         check_run_folder,
+        run_identity,
     )
-    from stepsal_lens.results.outputs import run_lock
+    from stepsal_lens.lens.models import model_fingerprint
+    from stepsal_lens.results.outputs import run_folder
     from stepsal_lens.results.config import StepFlowConfig
 
     check_eval_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
@@ -470,13 +501,18 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r}")
     out = Path(out)
+    identity = run_identity(problems, data_name)
+    spec = pool.model if isinstance(pool, RayPool) else str(pool)
+    inputs = {"data": data_name, "model": spec}
     if not isinstance(pool, RayPool):
         known = {"model": model_name or str(pool), "data": data_name,
                  "stepflow": None if stepflow is None else stepflow.to_dict(),
                  "max_new_tokens": max_new_tokens, "samples": samples,
-                 "temperature": temperature, "seed": seed}
-        check_run_folder(out, known)  # before any actor loads the model
-        with run_lock(out), RayPool(pool, workers=workers, address=address) as started:
+                 "temperature": temperature, "seed": seed, **identity,
+                 "model_fingerprint": model_fingerprint(pool)}
+        check_run_folder(out, known, inputs=inputs)  # before any actor loads the model
+        with run_folder(out, command="eval", inputs=inputs), \
+                RayPool(pool, workers=workers, address=address) as started:
             return evaluate_ray(started, problems, out, stepflow=stepflow,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 samples=samples, temperature=temperature, seed=seed,
@@ -487,8 +523,9 @@ def evaluate_ray(pool: RayPool | str, problems: Sequence[Any], out: str | Path, 
     config = _run_config(model_name or pool.model, data_name, sf, pool.info["format"],
                          max_new_tokens=max_new_tokens, samples=samples,
                          temperature=temperature, seed=seed)
-    check_run_folder(out, config)
-    with run_lock(out):
+    config.update(identity, model_fingerprint=pool.info.get("fingerprint"))
+    check_run_folder(out, config, inputs=inputs)
+    with run_folder(out, command="eval", inputs=inputs):
         done = _open_results(out, config)
         results_file = out / "results.jsonl"
         keys = [(p.id, s) for p in problems for s in range(samples)]

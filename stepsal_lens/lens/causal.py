@@ -55,8 +55,9 @@ from stepsal_lens.core.knockout import Suppression
 from stepsal_lens.lens.saliency import check_layers, trace_tokens
 from stepsal_lens.results.effects import ReceiverHeads, StepEffects
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
 from stepsal_lens.typing import StepMap
+from stepsal_lens._checks import check_whole
 
 __all__ = ["patch_step", "receiver_heads", "step_attention", "step_effects"]
 
@@ -161,6 +162,7 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
     >>> tuple(eff.per_layer.shape), bool(eff.effects[3, 0] > 0)
     ((2, 4, 4), True)
     """
+    check_trace(trace, "trace")
     from tqdm.auto import tqdm
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -215,7 +217,8 @@ def step_effects(model: Any, trace: Trace, layers: Sequence[int] | None = None,
         raise StepSalError("the effect matrix holds NaN/inf: the model gives non-finite logits "
                            "on this trace; check its weights for NaN/inf and load it in float32")
     meta = {"model": model_name(model), "format": trace.format.name, "n_layers": n_layers,
-            "n_heads": n_heads, "measure": "KL(p || p_cut) of next-token distributions, nats",
+            "n_heads": n_heads, "d_vocab": int(model.cfg.d_vocab),
+            "tokenizer": getattr(trace, "tokenizer_fingerprint", None), "measure": "KL(p || p_cut) of next-token distributions, nats",
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "truncated": trace.truncated, "text": trace.text}
     return StepEffects(out[0], list(trace.steps), trace.token_ids.clone(),
@@ -239,6 +242,7 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
     >>> tuple(att.maps.shape)
     (4, 4, 4, 4)
     """
+    check_trace(trace, "trace")
     from stepsal_lens.results.saliency import StepSaliency
     from stepsal_lens.core.pooling import pool_saliency
 
@@ -257,7 +261,8 @@ def step_attention(model: Any, trace: Trace, layers: Sequence[int] | None = None
         _final_states(model, tokens, hooks)
     maps = torch.stack([out[l] for l in layers])
     meta = {"model": model_name(model), "format": trace.format.name, "target": "attention",
-            "n_layers": model.cfg.n_layers, "n_heads": int(maps.shape[1]), "text": trace.text}
+            "n_layers": model.cfg.n_layers, "n_heads": int(maps.shape[1]),
+            "d_vocab": int(model.cfg.d_vocab), "text": trace.text}
     return StepSaliency(maps, layers, list(trace.steps), trace.token_ids.clone(), meta)
 
 
@@ -314,6 +319,10 @@ def receiver_heads(model: Any, traces: Sequence[Trace] | Trace, *, k: int = 4,
     >>> list(rh.to_dataframe().columns)[:4]
     ['layer', 'head', 'kurtosis_attention', 'std_attention']
     """
+    for i, t in enumerate([traces] if isinstance(traces, Trace) else
+                          traces if isinstance(traces, (list, tuple)) else [traces]):
+        check_trace(t, "traces" if isinstance(traces, Trace) or not isinstance(
+            traces, (list, tuple)) else f"traces[{i}]")
     from tqdm.auto import tqdm
 
     from stepsal_lens.lens.saliency import step_saliency
@@ -431,6 +440,9 @@ def patch_step(model: Any, source: Trace, target: Trace, step: int, *,
     >>> float(df.delta.abs().max()) < 1e-5
     True
     """
+    check_trace(source, "source")
+    check_trace(target, "target")
+    check_whole(step, "step", low=0)
     import pandas as pd
 
     from stepsal_lens.lens.targets import answer_token_positions

@@ -33,11 +33,13 @@ from typing import Any
 
 import torch
 
+from stepsal_lens._checks import describe_value, check_count, check_seed, check_temperature
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.lens.stepflow import stepflow as stepflow_on
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.results.generation import Generation
 from stepsal_lens.segments.association import info_of
+from stepsal_lens.segments.trace import check_fits
 
 __all__ = ["generate", "prompt_ids", "stop_ids"]
 
@@ -125,11 +127,16 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
 
     if (questions is None) == (prompts is None):
         raise StepSalError("pass either questions=[...] or prompts=[...] (exactly one)")
-    if isinstance(questions, str) or isinstance(prompts, str):
-        raise StepSalError("questions/prompts must be a list of strings; wrap a single one "
-                           "in [...]")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise StepSalError("max_new_tokens and batch_size must be at least 1")
+    given, texts = ("questions", questions) if prompts is None else ("prompts", prompts)
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) \
+            or not all(isinstance(t, str) for t in texts):
+        raise StepSalError(f"{given} must be a list of strings; got {describe_value(texts)} "
+                           f"(wrap a single one in [...])")
+    check_count(max_new_tokens, "max_new_tokens")
+    check_count(batch_size, "batch_size")
+    check_temperature(temperature)
+    if seed is not None:
+        check_seed(seed, batches=math.ceil(len(texts) / batch_size))
     fmt = info_of(model).format
     options = {k: v for k, v in (("system", system), ("reasoning_effort", reasoning_effort))
                if v is not None}
@@ -141,10 +148,9 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepSalError(f"stepflow must be a StepFlowConfig or None; got {stepflow!r} "
                            f"(e.g. stepflow=StepFlowConfig(tau_max=0.15, alpha=0.06))")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature >= 0):
-        raise StepSalError(f"temperature must be a finite number >= 0 (0 = greedy); got "
-                           f"{temperature!r}")
+    n_ctx = model.cfg.n_ctx
+    for p in prompts:  # before tokenising a prompt far longer than the context
+        check_fits(p, model.tokenizer, n_ctx, "a prompt", fix="shorten it")
     from stepsal_lens.lens.fused_stepflow import choose_engine, generate_tokens
 
     used, _ = choose_engine(model, engine)
@@ -154,7 +160,6 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
     done_pad = stops[0] if done_pad is None else done_pad
     pad = model.tokenizer.pad_token_id
     pad = stops[0] if pad is None else pad
-    n_ctx = model.cfg.n_ctx
     out: list[Generation] = []
     batches = range(0, len(prompts), batch_size)
     for i, start in enumerate(tqdm(batches, desc="generating", unit="batch",
@@ -162,9 +167,13 @@ def generate(model: Any, questions: Sequence[str] | None = None, *,
         batch = list(prompts[start:start + batch_size])
         ids = [prompt_ids(model, p) for p in batch]
         width = max(len(x) for x in ids)
+        if width >= n_ctx:
+            raise StepSalError(f"a prompt of {width} tokens does not fit the model's context "
+                               f"of {n_ctx} (with room to generate); shorten the prompt")
         if width + max_new_tokens > n_ctx:
             raise StepSalError(f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} "
-                               f"exceeds the model's context of {n_ctx}; lower max_new_tokens")
+                               f"exceeds the model's context of {n_ctx}; lower max_new_tokens "
+                               f"to at most {n_ctx - width}")
         tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         ctx = (stepflow_on(model, stepflow, engine=used) if stepflow is not None

@@ -54,6 +54,7 @@ from torch import Tensor
 from stepsal_lens.core.knockout import Span, Suppression, suppress_attention, suppression_mask
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.typing import Pattern
+from stepsal_lens.segments.trace import check_trace
 
 __all__ = ["Knockout", "has_sinks", "step_knockout"]
 
@@ -251,6 +252,8 @@ def step_knockout(model: Any, trace: Any = None, keys: Any = (), *, queries: Any
     >>> ko
     Knockout(1 cuts, sinks=False)
     """
+    if trace is not None:
+        check_trace(trace, "trace")
     key_list = [keys] if isinstance(keys, int) else list(keys)
     if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(v, int) for v in keys) \
             and trace is None:

@@ -30,8 +30,10 @@ import torch
 from stepsal_lens._registry import Registry
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.config import default_layer_split
+from stepsal_lens.fingerprint import file_fingerprint
 from stepsal_lens.segments.association import attach
 from stepsal_lens.segments.formats import ReasoningFormat, get_format, list_formats
+from stepsal_lens._checks import check_type
 
 __all__ = [
     "ModelSpec",
@@ -40,6 +42,7 @@ __all__ = [
     "detect_format",
     "list_models",
     "load_lrm",
+    "model_fingerprint",
     "register_model",
 ]
 
@@ -223,10 +226,16 @@ def _check_weights(path: Path, cfg: dict[str, Any]) -> None:
     """Safetensors files readable, and the embedding's shape the one config.json says."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        if not any(path.glob("pytorch_model*.bin")):
-            raise StepSalError(f"no weights in {str(path)!r} (no *.safetensors); save them "
-                               f"with model.save_pretrained(path)")
-        return
+        pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"),
+                                          *path.glob("*.pth"), *path.glob("*.ckpt")))
+        if pickles:
+            raise StepSalError(
+                f"{str(path)!r} holds only pickle weights ({', '.join(pickles[:3])}), which "
+                f"are never loaded here (unpickling runs code from the file); convert them "
+                f"to safetensors where you trust the file: AutoModelForCausalLM."
+                f"from_pretrained(path).save_pretrained(path, safe_serialization=True)")
+        raise StepSalError(f"no weights in {str(path)!r} (no *.safetensors); save them "
+                           f"with model.save_pretrained(path)")
     expect = (cfg["vocab_size"], cfg["hidden_size"])
     for file in files:
         for name, t in _safetensors_header(file).items():
@@ -388,6 +397,9 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
         patterns, gradients, activations and logits equal Hugging Face's), with
         its format and registry entry associated (:func:`info_of`).
     """
+    check_type(name_or_path, (str, os.PathLike), "name_or_path",
+               "a checkpoint folder or a model name (a str or a path)",
+               "e.g. load_lrm('tiny-lrm') or load_lrm('path/to/checkpoint')")
     from transformer_lens.model_bridge import TransformerBridge
 
     name = os.fspath(name_or_path)
@@ -454,5 +466,31 @@ def load_lrm(name_or_path: str | os.PathLike, *, device: str | None = None,
     # gradients, z, resid_post and logits then differ from Hugging Face's.
     model.enable_compatibility_mode(no_processing=True)
     model.eval()
-    attach(model, fmt, spec=spec, source=str(source))
+    attach(model, fmt, spec=spec, source=str(source),
+           fingerprint=file_fingerprint(source) if Path(source).is_dir() else None)
     return model
+
+
+def model_fingerprint(name_or_path: str | os.PathLike) -> str | None:
+    """The fingerprint of the files :func:`load_lrm` would load for ``name_or_path``,
+    without loading them (None: not a local folder or a cached hub model, e.g.
+    ``random:ARCH``; known only once loaded).
+
+    Examples
+    --------
+    >>> from stepsal_lens import info_of
+    >>> model_fingerprint("tiny-lrm") == info_of(load_lrm("tiny-lrm")).fingerprint
+    True
+    """
+    name = os.fspath(name_or_path)
+    local = BUNDLED.get(name, Path(name).expanduser())
+    if local.is_dir():
+        return file_fingerprint(local)
+    if name in _MODELS or (name.count("/") == 1 and not name.startswith((".", "/", "~"))):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return file_fingerprint(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached (the hub library raises several types here)
+            return None
+    return None

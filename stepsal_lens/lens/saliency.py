@@ -41,12 +41,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from stepsal_lens.core.pooling import pool_saliency, step_means
+from stepsal_lens._checks import check_layer_list
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.lens.targets import (_TARGETS, Target, _check_target_kwargs, get_lean_target,
                                        get_target)
 from stepsal_lens.results.saliency import StepSaliency
 from stepsal_lens.segments.association import model_name
-from stepsal_lens.segments.trace import Trace
+from stepsal_lens.segments.trace import Trace, check_trace
+from stepsal_lens._checks import check_whole
 
 __all__ = ["ENGINES", "check_layers", "replay", "step_saliency", "token_saliency", "trace_tokens"]
 
@@ -169,13 +171,15 @@ def token_saliency(model, trace: Trace, layer: int, *, target: str | Target = "l
     What :func:`step_saliency` pools into its maps, for drilling from a step pair down to
     tokens; ``[n_heads, n_tokens, n_tokens]`` float32 each, so keep traces short.
     """
+    check_trace(trace, "trace")
+    check_whole(layer, "layer")
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     if not 0 <= layer < model.cfg.n_layers:
         raise StepSalError(f"layer {layer} is not valid for a model with {model.cfg.n_layers} "
                            f"layers")
     _refuse_float16(model)
-    tokens = trace.token_ids[None].to(next(model.parameters()).device)
+    tokens = trace_tokens(model, trace)
     kept: dict[str, Tensor] = {}
     name = f"blocks.{layer}.attn.hook_pattern"
 
@@ -225,20 +229,24 @@ def _choose_engine(model, engine: str) -> tuple[str, str]:
     return "hook_pattern", f"hooks attached to {hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
 
 
-def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Sorted distinct layer indices (None: all), refused when out of range or empty."""
-    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise StepSalError(f"layers {bad or layers} are not valid for a model with {n_layers} "
-                           f"layers; pass indices in [0, {n_layers})")
-    return layers
+def check_layers(layers: Any, n_layers: int) -> list[int]:
+    """Sorted distinct layer indices (None: all), refused when out of range, empty or not
+    whole numbers (:func:`stepsal_lens._checks.check_layer_list`)."""
+    if layers is None:
+        return list(range(n_layers))
+    return list(check_layer_list(layers, "layers", n_layers))
 
 
 def trace_tokens(model, trace: Trace) -> Tensor:
-    """``[1, n_tokens]`` ids on the model's device, refused when the trace was built with
-    another tokenizer (ids beyond the model's vocabulary)."""
-    if int(trace.token_ids.max()) >= model.cfg.d_vocab:
+    """``[1, n_tokens]`` ids on the model's device, refused when the trace was cut with
+    another tokenizer: its tokenizer fingerprint differs from the model's
+    (:meth:`Trace.check_tokenizer <stepsal_lens.Trace.check_tokenizer>`; a trace without a
+    fingerprint is accepted) or its ids lie beyond the model's vocabulary. Every function
+    that runs a model on a trace goes through it."""
+    check = getattr(trace, "check_tokenizer", None)
+    if check is not None:
+        check(model)
+    if int(trace.token_ids.min()) < 0 or int(trace.token_ids.max()) >= model.cfg.d_vocab:
         raise StepSalError("the trace has token ids beyond the model's vocabulary; build the "
                            "Trace with this model (Trace.from_text(text, model))")
     return trace.token_ids[None].to(next(model.parameters()).device)
@@ -345,6 +353,7 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         float32), when the target is NaN/inf, or when any map is NaN/inf; a non-finite
         result is never returned.
     """
+    check_trace(trace, "trace")
     fn = get_target(target)
     _check_target_kwargs(fn, target, target_kwargs)
     n_layers = model.cfg.n_layers
@@ -382,6 +391,8 @@ def step_saliency(model, trace: Trace, *, target: str | Target = "lm",
         "target": target if isinstance(target, str) else getattr(target, "__name__", "custom"),
         "n_layers": n_layers,
         "n_heads": int(maps.shape[1]),
+        "d_vocab": int(model.cfg.d_vocab),
+        "tokenizer": getattr(trace, "tokenizer_fingerprint", None),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "truncated": trace.truncated,
         "engine": used,
@@ -404,6 +415,16 @@ def replay(result: StepSaliency, model: Any, fn: Callable[..., Any], *args: Any,
     from stepsal_lens.results.config import StepFlowConfig
     from stepsal_lens.lens.stepflow import stepflow
 
+    made_with = result.meta.get("tokenizer")
+    if made_with is not None and getattr(model, "tokenizer", None) is not None:
+        from stepsal_lens.fingerprint import tokenizer_fingerprint
+
+        theirs = tokenizer_fingerprint(model)
+        if theirs != made_with:
+            raise StepSalError(
+                f"this result was computed with tokenizer {made_with} (model "
+                f"{result.meta.get('model')!r}), but the model {model_name(model)!r} has "
+                f"tokenizer {theirs}; replay it with the model it was computed with")
     target = result.meta.get("target", "lm")
     if target not in _TARGETS:
         raise StepSalError(f"this result was made with target {target!r}, which is not "

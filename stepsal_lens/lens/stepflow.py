@@ -57,6 +57,7 @@ from torch import Tensor
 from stepsal_lens.core.interventions import _groups, _Groups, _oeb, step_momentum
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.segments.association import info_of
+from stepsal_lens._checks import describe_value
 from stepsal_lens.lens.models import require_hooks
 from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.results.stats import StepFlowStats
@@ -97,7 +98,7 @@ class StepFlow:
         fmt = info_of(model).format
         self.model = model
         self.engine, self.engine_reason = engine, engine_reason
-        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers)
+        self.config = (config or StepFlowConfig()).resolve(model.cfg.n_layers, model.cfg.n_ctx)
         c = self.config
         self.tau_max, self.alpha, self.window = c.tau_max, c.alpha, c.window
         self.oeb_layers, self.smi_layers = list(c.oeb_layers), list(c.smi_layers)
@@ -462,6 +463,11 @@ def stepflow(model: Any, config: StepFlowConfig | None = None, *, engine: str = 
         ``sf.config`` (resolved), ``sf.stats`` (:class:`StepFlowStats`), ``sf.tracker``
         (:class:`SegmentTracker`) and ``sf.engine`` (the engine that runs).
     """
+    if config is not None and not isinstance(config, StepFlowConfig):
+        hint = (f"pass settings as keywords, stepflow(model, **{config!r})"
+                if isinstance(config, dict) else "e.g. StepFlowConfig(alpha=0.06)")
+        raise StepSalError(f"config must be a StepFlowConfig or None; got "
+                           f"{describe_value(config)}; {hint}, or stepflow(model, StepFlowConfig(...))")
     settings = _smi_site(dict(settings))
     config = config or StepFlowConfig()
     if settings:

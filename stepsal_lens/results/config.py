@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from stepsal_lens._checks import check_layer_list, check_whole
 from stepsal_lens.errors import StepSalError
 
 __all__ = ["SMI_VARIANTS", "StepFlowConfig", "default_layer_split"]
@@ -47,15 +48,7 @@ def default_layer_split(n_layers: int) -> dict[str, list[int]]:
 
 
 def _layers(value: Any, what: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        layers = tuple(sorted({int(v) for v in value}))
-    except (TypeError, ValueError):
-        raise StepSalError(f"{what} must be a list of layer indices; got {value!r}") from None
-    if any(v < 0 for v in layers):
-        raise StepSalError(f"{what} must be non-negative layer indices; got {list(layers)}")
-    return layers
+    return None if value is None else check_layer_list(value, what, allow_empty=True)
 
 
 @dataclass(frozen=True)
@@ -99,8 +92,11 @@ class StepFlowConfig:
             object.__setattr__(self, name, float(value))
         if not 0 <= self.tau_max <= 1:
             raise StepSalError(f"tau_max must be in [0, 1]; got {self.tau_max}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise StepSalError(f"window must be a whole number of tokens >= 1; got {self.window!r}")
+        check_whole(self.window, "window", low=1, fix="the SMI window is a number of tokens "
+                    "(paper: 4)")
+        if not isinstance(self.smi_variant, str) or not isinstance(self.splitter, str):
+            raise StepSalError(f"smi_variant and splitter must be names (strings); got "
+                               f"{self.smi_variant!r} and {self.splitter!r}")
         if self.smi_variant not in SMI_VARIANTS:
             raise StepSalError(f"smi_variant must be one of {sorted(SMI_VARIANTS)}; got "
                                f"{self.smi_variant!r}")
@@ -118,9 +114,16 @@ class StepFlowConfig:
         """Both parts off (``tau_max == 0`` and ``alpha == 0``): plain generation."""
         return self.tau_max == 0 and self.alpha == 0
 
-    def resolve(self, n_layers: int) -> StepFlowConfig:
+    def resolve(self, n_layers: int, n_ctx: int | None = None) -> StepFlowConfig:
         """The same settings with explicit layers for a model of ``n_layers`` layers
-        (the defaults filled in, ranges checked; ``paper_code`` keeps its first SMI layer)."""
+        (the defaults filled in, ranges checked; ``paper_code`` keeps its first SMI layer).
+
+        With the model's context ``n_ctx``, a ``window`` longer than it is refused before
+        any buffer is allocated."""
+        if n_ctx is not None and self.window > n_ctx:
+            raise StepSalError(f"window={self.window} is longer than the model's context of "
+                               f"{n_ctx} tokens (SMI would allocate a buffer of window x d_model "
+                               f"per row and layer); pass a window of a few tokens (paper: 4)")
         split = default_layer_split(n_layers)
         oeb = self.oeb_layers if self.oeb_layers is not None else tuple(split["oeb"])
         smi = self.smi_layers if self.smi_layers is not None else tuple(split["smi"])

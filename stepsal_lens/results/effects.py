@@ -27,7 +27,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.segments.trace import Step
+from stepsal_lens.results.checks import (
+    FIX_EFFECTS,
+    FIX_RECEIVERS,
+    FileCheck,
+    read_json,
+    read_safetensors,
+)
+from stepsal_lens.segments.trace import SEGMENTS, Step
 
 __all__ = ["ReceiverHeads", "StepEffects"]
 
@@ -138,19 +145,63 @@ class StepEffects:
 
     @classmethod
     def load(cls, directory: str | Path) -> StepEffects:
-        """Read what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
+        """Read what :meth:`save` wrote, checking every field first: ``effects`` a
+        finite, non-negative ``[step, step]`` float matrix, 0 on and above the diagonal,
+        over the steps of ``step_effects.json``; ``effects_per_layer`` (if saved) one such
+        matrix per layer of ``layers`` (increasing, inside ``meta["n_layers"]``);
+        ``heads`` None or increasing indices inside ``meta["n_heads"]``; ``token_ids``
+        and the steps as :meth:`StepSaliency.load <stepsal_lens.StepSaliency.load>`
+        checks them. Anything else raises one :class:`~stepsal_lens.StepSalError` naming
+        the file, the field, the value and the fix."""
         directory = Path(directory)
         files = [directory / "step_effects.safetensors", directory / "step_effects.json"]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written by "
                                f"StepEffects.save or `stepsal effects`")
-        t = load_file(files[0])
-        doc = json.loads(files[1].read_text())
-        return cls(t["effects"], [Step.from_dict(s) for s in doc["steps"]], t["token_ids"],
-                   t.get("effects_per_layer"), doc["layers"], doc["heads"], doc["meta"])
+        t = read_safetensors(files[0], FIX_EFFECTS, ("effects", "token_ids"))
+        doc = read_json(files[1], FIX_EFFECTS)
+        tcheck, jcheck = FileCheck(files[0], FIX_EFFECTS), FileCheck(files[1], FIX_EFFECTS)
+        if not isinstance(doc, dict):
+            jcheck.says(f"holds a JSON {type(doc).__name__}, not an object")
+        meta = jcheck.obj("meta", jcheck.key(doc, "meta"), optional=True)
+        n_layers, n_heads, vocab = (meta.get(k) for k in ("n_layers", "n_heads", "d_vocab"))
+        for key, value in (("n_layers", n_layers), ("n_heads", n_heads), ("d_vocab", vocab)):
+            if value is not None:
+                jcheck.integer(f"meta.{key}", value, low=1)
+        for key in ("text", "tokenizer", "model"):
+            jcheck.string(f"meta.{key}", meta.get(key), optional=True)
+        ids = tcheck.token_ids(t["token_ids"], vocab)
+        steps = jcheck.steps(jcheck.key(doc, "steps"), len(ids))
+        n = len(steps)
+        effects = tcheck.float_tensor("effects", t["effects"], ("step", "step"))
+        if tuple(effects.shape) != (n, n):
+            tcheck.fail(f"effects has shape {tuple(effects.shape)} but {str(files[1])!r} lists "
+                        f"{n} steps; the two files are from different runs")
+        layers = jcheck.key(doc, "layers")
+        if not isinstance(layers, list):
+            jcheck.bad("layers", layers, "must be a list of layer indices")
+        layers = jcheck.layer_list("layers", layers, count=len(layers), n_layers=n_layers)
+        heads = jcheck.key(doc, "heads")
+        if heads is not None:
+            if not isinstance(heads, list) or not heads:
+                jcheck.bad("heads", heads, "must be null (all heads) or a list of head indices")
+            for i, h in enumerate(heads):
+                jcheck.integer(f"heads[{i}]", h, low=0,
+                               high=None if n_heads is None else n_heads - 1)
+        per_layer = t.get("effects_per_layer")
+        if per_layer is not None:
+            per_layer = tcheck.float_tensor("effects_per_layer", per_layer,
+                                            ("layer", "step", "step"))
+            if tuple(per_layer.shape) != (len(layers), n, n):
+                tcheck.fail(f"effects_per_layer has shape {tuple(per_layer.shape)}; expected "
+                            f"{(len(layers), n, n)} (one matrix per layer of {layers})")
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool))
+        for name, m in (("effects", effects), ("effects_per_layer", per_layer)):
+            if m is not None and bool((m[..., upper] != 0).any()):
+                tcheck.fail(f"{name} is non-zero on or above the diagonal; a step has no "
+                            f"effect on itself or on earlier steps")
+        return cls(effects, steps, ids, per_layer, layers, heads, meta)
 
     def plot(self, **kwargs: Any):
         """:func:`~stepsal_lens.apps.circuits.plot_effects` of this result."""
@@ -246,13 +297,41 @@ class ReceiverHeads:
 
     @classmethod
     def load(cls, directory: str | Path) -> ReceiverHeads:
-        """Read what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
+        """Read what :meth:`save` wrote, checking every field first: kurtosis tensors
+        named ``attention`` / ``saliency``, float ``[trace, layer, head]`` of one shape,
+        without infinities (NaN marks a trace with too few steps); ``layers`` one
+        increasing index per layer row; ``k`` a positive integer; ``segments`` known
+        segment names. Anything else raises one :class:`~stepsal_lens.StepSalError`
+        naming the file, the field, the value and the fix."""
         directory = Path(directory)
-        if not (directory / "receiver_heads.json").exists():
-            raise StepSalError(f"{str(directory)!r} has no receiver_heads.json; pass a folder "
+        jfile, tfile = directory / "receiver_heads.json", directory / "receiver_heads.safetensors"
+        missing = [f.name for f in (tfile, jfile) if not f.exists()]
+        if missing:
+            raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder "
                                f"written by ReceiverHeads.save")
-        doc = json.loads((directory / "receiver_heads.json").read_text())
-        return cls(dict(load_file(directory / "receiver_heads.safetensors")), doc["layers"],
-                   doc["k"], doc["segments"], doc["meta"])
+        kurtosis = read_safetensors(tfile, FIX_RECEIVERS, ("attention",))
+        doc = read_json(jfile, FIX_RECEIVERS)
+        tcheck, jcheck = FileCheck(tfile, FIX_RECEIVERS), FileCheck(jfile, FIX_RECEIVERS)
+        if not isinstance(doc, dict):
+            jcheck.says(f"holds a JSON {type(doc).__name__}, not an object")
+        unknown = sorted(set(kurtosis) - {"attention", "saliency"})
+        if unknown:
+            tcheck.says(f"holds the tensor(s) {unknown}; only 'attention' and 'saliency'")
+        shape = tuple(kurtosis["attention"].shape)
+        for name, k in kurtosis.items():
+            if k.dim() != 3 or not k.dtype.is_floating_point or bool(torch.isinf(k).any()) \
+                    or tuple(k.shape) != shape:
+                tcheck.fail(f"{name} must be a float [trace, layer, head] tensor without "
+                            f"infinities, of the shape of 'attention' {shape}; got {k.dtype} "
+                            f"of shape {tuple(k.shape)}")
+        meta = jcheck.obj("meta", jcheck.key(doc, "meta"), optional=True)
+        layers = jcheck.layer_list("layers", jcheck.key(doc, "layers"), count=shape[1],
+                                   n_layers=meta.get("n_layers") if isinstance(
+                                       meta.get("n_layers"), int) else None)
+        k = jcheck.integer("k", jcheck.key(doc, "k"), low=1)
+        segments = jcheck.key(doc, "segments")
+        if not isinstance(segments, list) or not segments \
+                or any(s not in SEGMENTS for s in segments):
+            jcheck.bad("segments", segments, f"must list segments of {list(SEGMENTS)}")
+        return cls({name: t.float() for name, t in kurtosis.items()}, layers, k, segments,
+                   meta)

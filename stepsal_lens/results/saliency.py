@@ -27,10 +27,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.results.checks import FIX_ANALYZE, FileCheck, read_json, read_safetensors
 from stepsal_lens.segments.trace import Step
 from stepsal_lens.typing import StepMap
 
 __all__ = ["StepSaliency"]
+
+#: The meta keys ``steps.json`` holds at its top level (the rest go under ``meta``).
+_KEEP = ("model", "format", "target", "n_layers", "n_heads")
 
 
 @dataclass
@@ -102,11 +106,10 @@ class StepSaliency:
 
     def steps_json(self) -> dict[str, Any]:
         """The ``steps.json`` document (model, format, target, sizes, steps)."""
-        keep = ("model", "format", "target", "n_layers", "n_heads")
-        doc = {key: self.meta.get(key) for key in keep}
+        doc = {key: self.meta.get(key) for key in _KEEP}
         doc["layers"] = self.layers
         doc["steps"] = [s.to_dict() for s in self.steps]
-        doc["meta"] = {k: v for k, v in self.meta.items() if k not in keep}
+        doc["meta"] = {k: v for k, v in self.meta.items() if k not in _KEEP}
         return doc
 
     def save(self, directory: str | Path) -> Path:
@@ -124,20 +127,31 @@ class StepSaliency:
 
     @classmethod
     def load(cls, directory: str | Path) -> StepSaliency:
-        """Read what :meth:`save` wrote, checking shapes, dtypes, finiteness and that the
-        step count of ``steps.json`` matches the maps."""
+        """Read what :meth:`save` wrote, checking every field first.
+
+        The folder is untrusted: ``maps`` must be a finite, non-negative 4-d float tensor
+        ``[layer, head, step, step]`` over as many steps as ``steps.json`` lists and as
+        many heads as it says; ``token_ids`` non-negative integers (inside the
+        vocabulary where ``meta["d_vocab"]`` records it); each step a known segment
+        (question, thinking, summary, in that order) with a non-empty token span inside
+        the ids, after the previous one; ``layers`` one increasing index per map, inside
+        ``n_layers``; text fields strings. Anything else raises one
+        :class:`~stepsal_lens.StepSalError` naming the file, the field, the value and the
+        fix (docs/errors.md, "Untrusted results").
+
+        Raises
+        ------
+        StepSalError
+            A file is missing, unreadable or holds a field outside the rules above.
+        """
         directory = Path(directory)
         files = [directory / "step_saliency.safetensors", directory / "steps.json"]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise StepSalError(f"{str(directory)!r} has no {missing}; pass a folder written "
                                f"by StepSaliency.save or `stepsal analyze`")
-        tensors, doc = _read_saved(files)
-        steps = [Step.from_dict(s) for s in doc["steps"]]
-        meta = {k: doc.get(k) for k in ("model", "format", "target", "n_layers", "n_heads")}
-        meta.update(doc.get("meta") or {})
-        layers = doc.get("layers") or list(range(tensors["maps"].shape[0]))
-        return cls(tensors["maps"], layers, steps, tensors["token_ids"], meta)
+        maps, layers, steps, ids, meta = _read_saved(files)
+        return cls(maps, layers, steps, ids, meta)
 
     def __repr__(self) -> str:
         n_l, n_h, n_s, _ = self.maps.shape
@@ -145,54 +159,57 @@ class StepSaliency:
                 f"target={self.meta.get('target')!r}, model={self.meta.get('model')!r})")
 
 
-def _read_saved(files: list[Path]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and check what :meth:`StepSaliency.save` wrote: every failure names the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _read_saved(files: list[Path]) -> tuple[Tensor, list[int], list[Step], Tensor,
+                                          dict[str, Any]]:
+    """Read and check what :meth:`StepSaliency.save` wrote: every failure names the file,
+    the field and the value (:mod:`stepsal_lens.results.checks`)."""
     tfile, jfile = files
-    fix = "write it again with StepSaliency.save or `stepsal analyze`"
-    try:
-        tensors = load_file(tfile)
-    except (SafetensorError, OSError) as err:
-        raise StepSalError(f"{str(tfile)!r} is not a readable safetensors file ({err}); {fix}"
-                           ) from None
-    try:
-        doc = json.loads(jfile.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise StepSalError(f"{str(jfile)!r} is not valid JSON ({err}); {fix}") from None
+    tensors = read_safetensors(tfile, FIX_ANALYZE, ("maps", "token_ids"))
+    doc = read_json(jfile, FIX_ANALYZE)
+    tcheck, jcheck = FileCheck(tfile, FIX_ANALYZE), FileCheck(jfile, FIX_ANALYZE)
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
-        raise StepSalError(f"{str(jfile)!r} has no list of 'steps'; {fix}")
-    missing = sorted({"maps", "token_ids"} - set(tensors))
-    if missing:
-        raise StepSalError(f"{str(tfile)!r} lacks the tensor(s) {missing}; {fix}")
+        jcheck.says("has no list of 'steps'")
     maps, ids = tensors["maps"], tensors["token_ids"]
     if maps.dim() != 4 or not maps.dtype.is_floating_point:
-        raise StepSalError(f"{str(tfile)!r}: maps must be a 4-d float tensor [layer, head, "
-                           f"step, step]; got {maps.dtype} of shape {tuple(maps.shape)}; {fix}")
-    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise StepSalError(f"{str(tfile)!r}: token_ids must be a 1-d integer tensor; got "
-                           f"{ids.dtype} of shape {tuple(ids.shape)}; {fix}")
+        tcheck.fail(f"maps must be a 4-d float tensor [layer, head, step, step]; got "
+                    f"{maps.dtype} of shape {tuple(maps.shape)}")
     n = len(doc["steps"])
     if maps.shape[2] != maps.shape[3] or maps.shape[2] != n:
-        raise StepSalError(f"{str(tfile)!r} holds maps over {tuple(maps.shape[2:])} steps but "
-                           f"{str(jfile)!r} lists {n} steps; the two files are from different "
-                           f"runs - {fix}")
+        tcheck.says(f"holds maps over {tuple(maps.shape[2:])} steps but {str(jfile)!r} lists "
+                    f"{n} steps; the two files are from different runs")
     if not bool(torch.isfinite(maps).all()):
         bad = int((~torch.isfinite(maps)).sum())
-        raise StepSalError(f"{str(tfile)!r}: {bad} map values are NaN or infinite; saliency is "
-                           f"never saved non-finite, so the file was altered - {fix}")
+        tcheck.fail(f"{bad} map values are NaN or infinite; saliency is never saved "
+                    f"non-finite, so the file was altered")
+    maps = tcheck.float_tensor("maps", maps, ("layer", "head", "step", "step"))
+    meta = {k: doc.get(k) for k in _KEEP}
+    for key in ("model", "format", "target"):
+        jcheck.string(key, meta[key], optional=True)
+    extra = jcheck.obj("meta", doc.get("meta"), optional=True)
+    n_layers = meta["n_layers"]
+    if n_layers is not None:
+        jcheck.integer("n_layers", n_layers, low=1)
+    if meta["n_heads"] is not None:
+        jcheck.integer("n_heads", meta["n_heads"], low=1)
+        if meta["n_heads"] != maps.shape[1]:
+            jcheck.bad("n_heads", meta["n_heads"], f"but the maps hold {maps.shape[1]} heads")
+    vocab = extra.get("d_vocab")
+    if vocab is not None:
+        jcheck.integer("meta.d_vocab", vocab, low=1)
+    for key in ("text", "tokenizer"):
+        jcheck.string(f"meta.{key}", extra.get(key), optional=True)
+    if extra.get("stepflow") is not None:  # replay() runs the model with these settings
+        from stepsal_lens.results.config import StepFlowConfig
+
+        flow = jcheck.obj("meta.stepflow", extra["stepflow"])
+        try:
+            StepFlowConfig.from_dict(flow)
+        except (StepSalError, TypeError) as err:
+            jcheck.bad("meta.stepflow", flow, f"not StepFlow settings ({err})")
+    ids = tcheck.token_ids(ids, vocab)
     layers = doc.get("layers")
-    if layers is not None and (not isinstance(layers, list) or len(layers) != maps.shape[0]
-                               or not all(isinstance(l, int) for l in layers)):
-        raise StepSalError(f"{str(jfile)!r}: 'layers' must list {maps.shape[0]} layer indices "
-                           f"(one per map); got {layers!r}; {fix}")
-    keys = ("index", "segment", "text", "token_start", "token_end")
-    for i, st in enumerate(doc["steps"]):
-        if not isinstance(st, dict) or any(k not in st for k in keys):
-            raise StepSalError(f"{str(jfile)!r}: step {i} needs the keys {list(keys)}; {fix}")
-        a, b = st["token_start"], st["token_end"]
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(ids)):
-            raise StepSalError(f"{str(jfile)!r}: step {i} spans tokens {a}-{b}, outside the "
-                               f"{len(ids)} saved token ids; {fix}")
-    return {"maps": maps.float(), "token_ids": ids.long()}, doc
+    layers = (list(range(maps.shape[0])) if layers is None else
+              jcheck.layer_list("layers", layers, count=maps.shape[0], n_layers=n_layers))
+    steps = jcheck.steps(doc["steps"], len(ids))
+    meta.update(extra)
+    return maps, layers, steps, ids, meta

@@ -34,11 +34,14 @@ __all__ = ["ModelInfo", "attach", "format_of", "info_of", "model_name"]
 @dataclass(frozen=True)
 class ModelInfo:
     """What stepsal_lens knows about a loaded model: its reasoning format, its registry
-    entry (None for a local checkpoint that is not registered) and where it came from."""
+    entry (None for a local checkpoint that is not registered), where it came from and the
+    fingerprint of its files (:func:`~stepsal_lens.fingerprint.file_fingerprint`; None
+    when it was not loaded from a folder)."""
 
     format: ReasoningFormat
     spec: Any = None  # a lens.models.ModelSpec (None for an unregistered checkpoint)
     source: str = ""
+    fingerprint: str | None = None
 
     @property
     def name(self) -> str:
@@ -51,7 +54,7 @@ _ATTACHED: weakref.WeakKeyDictionary[Any, ModelInfo] = weakref.WeakKeyDictionary
 
 
 def attach(model: Any, format: str | ReasoningFormat, *, spec: Any = None,
-           source: str = "") -> ModelInfo:
+           source: str = "", fingerprint: str | None = None) -> ModelInfo:
     """Associate a reasoning format (and registry entry) with a bridge you built yourself.
 
     :func:`load_lrm` does this for you; every function that needs the format
@@ -60,7 +63,7 @@ def attach(model: Any, format: str | ReasoningFormat, *, spec: Any = None,
     """
     fmt = get_format(format)
     fmt.check_tokenizer(model.tokenizer)
-    info = ModelInfo(fmt, spec, source)
+    info = ModelInfo(fmt, spec, source, fingerprint)
     _ATTACHED[model] = info
     return info
 

@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
+from stepsal_lens._checks import check_type
 from stepsal_lens.errors import StepSalError
-from stepsal_lens.segments.association import format_of
+from stepsal_lens.segments.association import format_of, info_of
+from stepsal_lens.fingerprint import tokenizer_fingerprint
 from stepsal_lens.segments.formats import ParsedText, ReasoningFormat, get_format, list_formats
 from stepsal_lens.segments.splitters import Span, Splitter, get_splitter
 
@@ -42,6 +44,8 @@ __all__ = [
     "Detokenizer",
     "Step",
     "Trace",
+    "check_fits",
+    "check_trace",
 ]
 
 SEGMENTS = ("question", "thinking", "summary")
@@ -156,6 +160,15 @@ class Trace:
         In order: the question (step 0), thinking steps, summary steps.
     truncated : bool
         The thinking never closed, so there is no summary.
+    tokenizer_fingerprint : str or None
+        The fingerprint of the tokenizer that cut the trace
+        (:func:`~stepsal_lens.fingerprint.tokenizer_fingerprint`); functions that
+        run a model on the trace refuse a model whose tokenizer differs
+        (:meth:`check_tokenizer`). None for a trace read from a file that has none
+        (written before fingerprints, or by hand): such a trace is accepted by any model
+        whose vocabulary holds its ids.
+    model_name : str or None
+        The model the trace was made with, when it was made from one.
 
     Where the text starts with the model's generation prompt, the prompt and the
     completion are tokenised apart, as the model saw them: the prompt as its chat
@@ -183,6 +196,11 @@ class Trace:
         self.format = format
         self.tokenizer = tokenizer
         self.truncated = parsed.truncated
+        # the fingerprint: of self.tokenizer, computed when first asked (own = True), or
+        # the one a document recorded (own = False; None there means unknown)
+        self._fingerprint: str | None = None
+        self._own_fingerprint = True
+        self.model_name: str | None = None
 
         if token_ids is None:
             ids, offsets = _tokenize(tokenizer, self.text, prompt_chars)
@@ -233,12 +251,13 @@ class Trace:
             Caller-given step character spans into ``text`` instead of a splitter.
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
+        check_fits(text, tok, ctx, "the text")
         parsed = fmt.parse(text)
         prompt = fmt.chat_prompt(parsed.question, tok)
-        return cls(parsed, tok, format=fmt, splitter=splitter,
+        return _made_with(cls(parsed, tok, format=fmt, splitter=splitter,
                    prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx,
                    step_spans=step_spans,
-                   prompt_chars=len(prompt) if text.startswith(prompt) else None)
+                   prompt_chars=len(prompt) if text.startswith(prompt) else None), model_or_tokenizer)
 
     @classmethod
     def from_token_ids(cls, token_ids: Sequence[int] | torch.Tensor, model_or_tokenizer: Any, *,
@@ -259,10 +278,13 @@ class Trace:
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        if ctx is not None and len(ids) > ctx:  # before decoding them one by one
+            raise StepSalError(f"the trace has {len(ids)} tokens but the model's context is "
+                               f"{ctx}; shorten it - the model would silently truncate it")
         detok = Detokenizer(tok)
         offsets = [detok.push(i) for i in ids]
-        return cls(fmt.parse(detok.text), tok, format=fmt, splitter=splitter, prepend_bos=False,
-                   n_ctx=ctx, token_ids=ids, offsets=offsets)
+        return _made_with(cls(fmt.parse(detok.text), tok, format=fmt, splitter=splitter, prepend_bos=False,
+                   n_ctx=ctx, token_ids=ids, offsets=offsets), model_or_tokenizer)
 
     @classmethod
     def from_segments(cls, question: str, thinking: str, summary: str, model_or_tokenizer: Any,
@@ -276,6 +298,9 @@ class Trace:
         """
         fmt, tok, ctx = _resolve(model_or_tokenizer, format, n_ctx)
         for label, value in (("question", question), ("thinking", thinking), ("summary", summary)):
+            check_type(value, str, label, "a str")
+        check_fits(question + thinking + summary, tok, ctx, "the question + thinking + summary")
+        for label, value in (("question", question), ("thinking", thinking), ("summary", summary)):
             found = [m for m in (*fmt.special_tokens, fmt.think_open.strip(),
                                  fmt.think_close.strip()) if m and m in value]
             if found:
@@ -286,9 +311,144 @@ class Trace:
                 )
         text = fmt.render(question, thinking, summary, tokenizer=tok)
         prompt = fmt.chat_prompt(question, tok)
-        return cls(fmt.parse(text), tok, format=fmt, splitter=splitter,
+        return _made_with(cls(fmt.parse(text), tok, format=fmt, splitter=splitter,
                    prepend_bos=_bos_for(text, tok, fmt, prepend_bos), n_ctx=ctx,
-                   prompt_chars=len(prompt) if text.startswith(prompt) else None)
+                   prompt_chars=len(prompt) if text.startswith(prompt) else None), model_or_tokenizer)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], model_or_tokenizer: Any, *,
+                  where: str = "the trace document") -> Trace:
+        """Inverse of :meth:`to_dict`: the same token ids, offsets and steps, checked.
+
+        The document is untrusted: every field is checked (``where`` names it in the
+        messages), its tokenizer fingerprint must equal the tokenizer's of
+        ``model_or_tokenizer`` (a document without one is accepted), and the steps must
+        come out as the document lists them.
+
+        Parameters
+        ----------
+        doc
+            What :meth:`to_dict` returned (e.g. read back from JSON).
+        model_or_tokenizer
+            The model (or fast tokenizer) the trace is for.
+        where
+            How messages name the document (e.g. the file it was read from).
+
+        Raises
+        ------
+        StepSalError
+            A field is missing or malformed, the tokenizer differs, or the steps do not
+            match the text.
+        """
+        fix = "write it again with Trace.to_dict, or cut the trace with Trace.from_text(text, model)"
+
+        def bad(field: str, value: Any, rule: str) -> StepSalError:
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return StepSalError(f"{where}: {field} is {shown}, {rule}; {fix}")
+
+        def integer(field: str, value: Any, low: int, high: int) -> int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(field, value, f"must be an integer (got {type(value).__name__})")
+            if not low <= value <= high:
+                raise bad(field, value, f"must be in [{low}, {high}]")
+            return value
+
+        if not isinstance(doc, dict):
+            raise StepSalError(f"{where} holds a {type(doc).__name__}, not a JSON object; {fix}")
+        missing = [k for k in ("text", "format", "token_ids", "offsets", "steps") if k not in doc]
+        if missing:
+            raise StepSalError(f"{where} lacks {missing} (it has {sorted(doc)}); {fix}")
+        text, fmt_name = doc["text"], doc["format"]
+        for field, value in (("text", text), ("format", fmt_name)):
+            if not isinstance(value, str):
+                raise bad(field, value, f"must be a string (got {type(value).__name__})")
+        stored = doc.get("tokenizer")
+        if stored is not None and not isinstance(stored, str):
+            raise bad("tokenizer", stored, "must be a fingerprint string or null")
+        fmt, tok, ctx = _resolve(model_or_tokenizer, fmt_name, None)
+        if stored is not None:
+            _refuse_other_tokenizer(stored, doc.get("model"), model_or_tokenizer, tok)
+        ids, offsets, steps = doc["token_ids"], doc["offsets"], doc["steps"]
+        for field, value in (("token_ids", ids), ("offsets", offsets), ("steps", steps)):
+            if not isinstance(value, list):
+                raise bad(field, value, f"must be a list (got {type(value).__name__})")
+        vocab = len(tok) - 1 if hasattr(tok, "__len__") else 2**62
+        ids = [integer(f"token_ids[{i}]", t, 0, vocab) for i, t in enumerate(ids)]
+        if len(offsets) != len(ids):
+            raise StepSalError(f"{where}: offsets holds {len(offsets)} spans but token_ids "
+                               f"{len(ids)} ids (one span per id); {fix}")
+        spans = []
+        for i, o in enumerate(offsets):
+            if not isinstance(o, list) or len(o) != 2:
+                raise bad(f"offsets[{i}]", o, "must be a [start, end] pair")
+            a = integer(f"offsets[{i}][0]", o[0], 0, len(text))
+            spans.append((a, integer(f"offsets[{i}][1]", o[1], a, len(text))))
+        char_spans, token_spans = [], []
+        for i, st in enumerate(steps):
+            if not isinstance(st, dict) or not {"segment", "char_start", "char_end",
+                                                 "token_start", "token_end"} <= set(st):
+                raise bad(f"steps[{i}]", st, "must be a step record (Step.to_dict)")
+            if st["segment"] not in SEGMENTS:
+                raise bad(f"steps[{i}].segment", st["segment"], f"must be one of "
+                          f"{list(SEGMENTS)}")
+            a = integer(f"steps[{i}].char_start", st["char_start"], 0, len(text))
+            char_spans.append((a, integer(f"steps[{i}].char_end", st["char_end"], a, len(text))))
+            t0 = integer(f"steps[{i}].token_start", st["token_start"], 0, len(ids))
+            token_spans.append((st["segment"], t0, integer(f"steps[{i}].token_end",
+                                                           st["token_end"], t0, len(ids))))
+        has_bos = doc.get("has_bos", False)
+        if not isinstance(has_bos, bool):
+            raise bad("has_bos", has_bos, "must be true or false")
+        if has_bos and (not ids or ids[0] != tok.bos_token_id or spans[0] != (0, 0)):
+            raise bad("has_bos", has_bos, f"but the first id is not the BOS id "
+                      f"{tok.bos_token_id} at characters (0, 0)")
+        first = 1 if has_bos else 0
+        trace = cls(fmt.parse(text), tok, format=fmt, prepend_bos=has_bos, n_ctx=ctx,
+                    step_spans=char_spans, token_ids=ids[first:], offsets=spans[first:])
+        got = [(s.segment, *s.token_span) for s in trace.steps]
+        if got != token_spans or trace.token_ids.tolist() != ids:
+            raise bad("steps", token_spans, f"but the text cuts into {got} with this "
+                      f"tokenizer")
+        trace._fingerprint, trace._own_fingerprint = stored, False
+        name = doc.get("model")
+        trace.model_name = name if isinstance(name, str) else None
+        return trace
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record of the trace: text, format, token ids, offsets, BOS rule,
+        steps (:meth:`Step.to_dict`), the tokenizer fingerprint and the model name;
+        :meth:`from_dict` reads it back."""
+        return {"text": self.text, "format": self.format.name,
+                "token_ids": self.token_ids.tolist(),
+                "offsets": [list(o) for o in self.offsets], "has_bos": self.has_bos,
+                "steps": [s.to_dict() for s in self.steps],
+                "tokenizer": self.tokenizer_fingerprint, "model": self.model_name}
+
+    # ---- the tokenizer the ids belong to --------------------------------------------------
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        """Fingerprint of the tokenizer that cut this trace (None: unknown)."""
+        if self._own_fingerprint and self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        return self._fingerprint
+
+    def check_tokenizer(self, model_or_tokenizer: Any) -> None:
+        """Refuse a model (or tokenizer) whose tokenizer is not the one this trace was cut
+        with: the trace's token ids would mean other text to it. A trace without a
+        fingerprint is accepted.
+
+        Raises
+        ------
+        StepSalError
+            Naming both tokenizers' fingerprints, both models and the fix.
+        """
+        tok = _tokenizer_of(model_or_tokenizer)
+        if tok is None or (tok is self.tokenizer and self._own_fingerprint):
+            return
+        stored = self.tokenizer_fingerprint
+        if stored is not None:
+            _refuse_other_tokenizer(stored, self.model_name, model_or_tokenizer, tok)
 
     # ---- alignment ------------------------------------------------------------------------
     def _spans_from_splitter(self, split: Splitter) -> list[tuple[str, Span]]:
@@ -443,6 +603,33 @@ class Trace:
                 f"{counts['summary']} summary{flag})")
 
 
+def _name_of(model_or_tokenizer: Any) -> str | None:
+    """The model's name where it is a model (a tokenizer has none)."""
+    try:
+        return info_of(model_or_tokenizer).name
+    except (StepSalError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _made_with(trace: Trace, model_or_tokenizer: Any) -> Trace:
+    trace.model_name = _name_of(model_or_tokenizer)
+    return trace
+
+
+def _refuse_other_tokenizer(stored: str, stored_model: Any, model_or_tokenizer: Any,
+                            tok: Any) -> None:
+    theirs = tokenizer_fingerprint(tok)
+    if theirs == stored:
+        return
+    made = f" (made with {stored_model!r})" if isinstance(stored_model, str) else ""
+    name = _name_of(model_or_tokenizer)
+    target = f"the model {name!r}" if name else f"the tokenizer {type(tok).__name__}"
+    raise StepSalError(
+        f"the trace was cut with tokenizer {stored}{made}, but {target} has tokenizer "
+        f"{theirs}: the trace's token ids would mean other text to it; re-cut the trace "
+        f"for this model with Trace.from_text(trace.text, model)")
+
+
 def _tokenize(tokenizer: Any, text: str, prompt_chars: int | None) -> tuple[list[int], list[Span]]:
     """Ids and character offsets of ``text``; the first ``prompt_chars`` characters (the
     generation prompt) are tokenised on their own."""
@@ -474,6 +661,48 @@ def template_bos(tokenizer: Any, fmt: ReasoningFormat) -> str | None:
     if not bos:
         return None
     return bos if fmt.chat_prompt("?", tokenizer).startswith(bos) else None
+
+
+def check_trace(value: Any, name: str = "trace") -> Trace:
+    """``value`` if it is a :class:`Trace`, else one error naming what was passed and how
+    to build a trace (the boundary check of every function that takes one)."""
+    return check_type(value, Trace, name, "a Trace",
+                      "build one with Trace.from_text(text, model) or Trace.from_segments("
+                      "question, thinking, summary, model)")
+
+
+#: Characters per chunk when counting the tokens of a long text against the context.
+_CHUNK_CHARS = 1 << 16
+
+
+def check_fits(text: Any, tokenizer: Any, n_ctx: int | None, what: str = "the trace",
+               fix: str = "shorten it (or cut the thinking)") -> None:
+    """Refuse a text longer than the model's context before tokenising all of it.
+
+    A text of at most ``8 * n_ctx`` characters is left to the exact check after
+    tokenisation. A longer one is tokenised in chunks of :data:`_CHUNK_CHARS` characters
+    cut at whitespace, and refused as soon as the tokens counted pass ``n_ctx`` (plus one
+    token per chunk, which a cut may add): the work is that of about ``n_ctx`` tokens
+    whatever the text's length (a 50 MB text is refused in well under a second, not after
+    a minute and 15 GB of offsets).
+    """
+    check_type(text, str, what, "a str")
+    if n_ctx is None or len(text) <= 8 * n_ctx:
+        return
+    count = chunks = start = 0
+    while start < len(text):
+        end = min(start + _CHUNK_CHARS, len(text))
+        if end < len(text):  # cut at the last whitespace of the chunk, where tokens end
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = cut if cut > start else end
+        count += len(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        chunks += 1
+        start = end
+        if count > n_ctx + chunks:
+            raise StepSalError(
+                f"{what} has {len(text):,} characters; its first {start:,} alone are "
+                f"{count:,} tokens but the model's context is {n_ctx} tokens; {fix} - the "
+                f"model would silently truncate it")
 
 
 def _resolve(model_or_tokenizer: Any, format, n_ctx):

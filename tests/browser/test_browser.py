@@ -304,3 +304,68 @@ def test_demo_report_renders(browser, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     assert not problems, problems
     page.close()
+
+
+#: Markup an edited results folder could hold; any of it running sets window.__pwned.
+_PWN = "<img src=x onerror=\"window.__pwned=(window.__pwned||0)+1\">"
+_HOSTILE = f"""import torch
+from stepsal_lens import StepSaliency
+from stepsal_lens.segments.trace import Step
+from stepsal_lens.apps.widgets import explore
+
+PWN = {_PWN!r}
+steps = [Step(0, "question", "Q " + PWN, (0, 1), (0, 1)),
+         Step(1, PWN, "</style><script>window.__pwned = 99</script>", (1, 2), (1, 2)),
+         Step(2, "summary", "'><svg onload=window.__pwned=7>", (2, 3), (2, 3))]
+sal = StepSaliency(torch.rand(2, 2, 3, 3).tril(), [0, 1], steps, torch.arange(3),
+                   {{"target": "lm", "model": PWN}})
+explore(sal)"""
+
+
+def test_hostile_result_runs_no_script(browser, lab, tmp_path):
+    """A result whose segment names and step texts are markup (what an edited steps.json
+    held before the loaders refused it), opened with ``explore``: hovering and clicking a
+    cell show the markup as text and run none of it; the same strings in a demo report."""
+    from types import SimpleNamespace
+
+    import nbformat
+    import pandas as pd
+
+    from stepsal_lens.apps.report import write_demo_report
+
+    base, token, root = lab
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_HOSTILE)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, root / "hostile.ipynb")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    _open(page, base, token, "hostile.ipynb")
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    _wait_title(page, "layer 0,", timeout=120_000)
+    cell = page.locator("svg.stepsal-heatmap rect.stepsal-cell[data-i='2'][data-j='1']")
+    cell.hover()
+    page.wait_for_selector(".stepsal-tooltip", state="visible", timeout=10_000)
+    assert "</style><script>" in page.locator(".stepsal-tooltip").first.text_content()
+    cell.click()
+    page.wait_for_selector("text=query step 2", timeout=60_000)
+    time.sleep(2)  # an onerror fires as soon as the broken image is parsed
+    header = page.locator("text=query step 2").first.locator("xpath=..").text_content()
+    assert _PWN in header, header
+    assert page.evaluate("() => window.__pwned") is None
+    assert page.locator("img[src='x'], svg[onload]").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "hostile_explorer.png"))
+    page.close()
+
+    recs = [{"index": 0, "split": _PWN, "correct": True, "answer": _PWN, "prediction": _PWN,
+             "question": _PWN, "text": _PWN, "n_steps": 3}]
+    result = SimpleNamespace(out=tmp_path, records=recs, saliencies=[], accuracy=1.0,
+                             metrics=pd.DataFrame(), comparison=None, stepflow=None,
+                             causal=None)
+    page = browser.new_page()
+    page.goto(write_demo_report(result, model_name=_PWN).resolve().as_uri())
+    page.wait_for_load_state("load")
+    time.sleep(1)
+    assert _PWN in page.locator("h1").inner_text()
+    assert page.evaluate("() => window.__pwned") is None
+    page.close()
+

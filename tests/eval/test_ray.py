@@ -27,7 +27,6 @@ from stepsal_lens.eval.runs import evaluate
 from stepsal_lens.eval.grading import grade_output
 from stepsal_lens.eval.problems import load_problems
 from stepsal_lens.lens.generation import generate
-from stepsal_lens.results.outputs import LOCK_NAME
 from stepsal_lens.eval.scale import RayPool, evaluate_ray
 
 TOKENS = 128  # tiny-lrm finishes these hard problems within it (86-121 tokens)
@@ -85,7 +84,7 @@ def test_cli_eval_two_workers_equals_single_process(free_cluster, tmp_path):
     assert [r["id"] for r in records] == [f"hard-{i}" for i in range(4)]
     # the problems are not all right or all wrong: the comparison has teeth
     assert 0 < sum(r["correct"] for r in records) < 4
-    assert not (tmp_path / "ray" / LOCK_NAME).exists()
+    assert not (tmp_path / ".ray.stepsal-lock").exists()
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +150,7 @@ def test_batch_analyze_equals_single_analyze_runs(free_cluster, tiny_lrm, traces
     lines[0]["text"] += " "
     traces_file.with_name("changed.jsonl").write_text(
         "".join(json.dumps(x) + "\n" for x in lines))
-    with pytest.raises(StepSalError, match="computed from another trace"):
+    with pytest.raises(StepSalError, match="the traces file.s content changed"):
         analyze_traces(tiny_lrm, traces_file.with_name("changed.jsonl"), out,
                        model_name="tiny-lrm", progress=False)
 
@@ -229,7 +228,7 @@ def test_resume_a_run_interrupted_under_ray(pool, tiny_lrm, tmp_path):
     with pytest.raises(KeyboardInterrupt, match=r"interrupted after 2 of 6.*resume"):
         evaluate_ray(pool, problems, out, max_new_tokens=SHORT, batch_size=1, progress=False,
                      after_result=interrupt)
-    assert len(_records(out)) == 2 and not (out / LOCK_NAME).exists()
+    assert len(_records(out)) == 2 and not (out.parent / f".{out.name}.stepsal-lock").exists()
     assert not (out / "summary.json").exists()
     first = _records(out)
     written = []
@@ -283,3 +282,33 @@ def test_unreachable_cluster_is_refused_at_once(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "stepsal: error: cannot join the Ray cluster at '127.0.0.1:1': ")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_driver_stops_the_local_ray_it_started():
+    """SIGKILL of a driver runs no clean-up; the reaper it started beside its local Ray
+    stops Ray's processes (GCS, raylet, dashboard and runtime-env agents, workers)."""
+    import time
+
+    from stepsal_lens.eval._reaper import _start_time, descendants
+
+    code = ("import time\nfrom stepsal_lens.eval.scale import RayPool\n"
+            "pool = RayPool('tiny-lrm', workers=1, device='cpu').start()\n"
+            "print('started', flush=True)\ntime.sleep(600)\n")
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True) as driver:
+        try:
+            assert driver.stdout.readline().strip() == "started"
+            time.sleep(1.5)  # the reaper records descendants every 0.5 s
+            ray_processes = descendants(driver.pid)
+            assert len(ray_processes) >= 4  # the reaper, GCS, raylet, agents, the worker
+        finally:
+            driver.kill()
+            driver.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = {p for p, start in ray_processes.items() if _start_time(p) == start}
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:80]
+                       for p in alive]

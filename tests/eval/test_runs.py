@@ -126,7 +126,8 @@ def test_evaluate_resumes_and_summarises(tmp_path, tiny_lrm):
     assert [r["id"] for r in resumed.records] == [p.id for p in problems]
     assert [r["correct"] for r in resumed.records] == [r["correct"] for r in run.records]
     assert json.loads((out / "summary.json").read_text())["n"] == 4
-    with pytest.raises(StepSalError, match="other settings"):
+    with pytest.raises(StepSalError, match="other inputs or settings: max_new_tokens: 96 "
+                                           "before, 64 now"):
         evaluate(tiny_lrm, problems, out, max_new_tokens=64, progress=False)
     with pytest.raises(StepSalError, match="temperature"):
         evaluate(tiny_lrm, problems, tmp_path / "x", samples=2)
@@ -137,8 +138,11 @@ def test_wilson_interval_and_mcnemar(tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / "results.jsonl").write_text("".join(
-            json.dumps({"id": str(i), "sample": 0, "correct": c}) + "\n"
+            json.dumps({"id": str(i), "sample": 0, "correct": c, "source": "s", "kind": "math",
+                        "finished": True, "n_completion_tokens": 1, "prediction": None,
+                        "grading_error": None}) + "\n"
             for i, c in enumerate(correct)))
+        (d / "run.json").write_text(json.dumps({"problems": "sha256:same", "n_problems": 29}))
         return d
 
     a = write_run("a", [True] * 10 + [False] * 10 + [True] * 8 + [False])

@@ -246,8 +246,10 @@ def _date(value: Any, where: str) -> str:
 
 def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> CodeProblem:
     """One coding problem from a LiveCodeBench release row or a plain row."""
+    from stepsal_lens.eval.problems import _id_of, content_id
+
     if "question_content" in row:
-        pid = str(row.get("question_id") or i)
+        pid = _id_of(row, ("question_id",), where)
         public = _tests(_json_field(row.get("public_test_cases"), where, "public_test_cases")
                         or [], where, "public_test_cases")
         private_raw = row.get("private_test_cases") or ""
@@ -262,7 +264,7 @@ def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> Code
         platform, difficulty = row.get("platform") or "", row.get("difficulty") or ""
         date, starter = row.get("contest_date"), row.get("starter_code") or ""
     else:
-        pid = str(row.get("id") or row.get("question_id") or i)
+        pid = _id_of(row, ("id", "question_id"), where)
         public = _tests(row["tests"], where, "tests")
         private = []
         question = str(row.get("question") or row.get("problem") or "")
@@ -272,6 +274,8 @@ def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> Code
     if not question.strip():
         raise StepSalError(f"{where}: a coding problem needs its question "
                            f"(question_content / question)")
+    # no id field: an id from the content, never the row number (as other problems)
+    pid = pid or content_id(question.strip(), "code")
     tests = public + private
     if not tests:
         raise StepSalError(f"{where}: problem {pid!r} has no tests; a coding problem needs "
