@@ -361,11 +361,11 @@ def _code_options(args: argparse.Namespace, problems):
 
 def _add_code_options(p: argparse.ArgumentParser, *, dates: bool) -> None:
     g = p.add_argument_group("coding problems (LiveCodeBench)")
-    g.add_argument("--code-workers", type=int, default=1,
+    g.add_argument("--code-workers", type=int, default=1, metavar="N",
                    help="programs judged at once, each in its own sandbox (default 1)")
-    g.add_argument("--code-timeout", type=float, default=6.0,
+    g.add_argument("--code-timeout", type=float, default=6.0, metavar="S",
                    help="seconds per test (LiveCodeBench's default 6)")
-    g.add_argument("--code-memory-mb", type=int, default=4096,
+    g.add_argument("--code-memory-mb", type=int, default=4096, metavar="MIB",
                    help="memory per program process, MiB (default 4096)")
     g.add_argument("--no-sandbox", action="store_true",
                    help="run model programs WITHOUT a sandbox (unsafe; recorded)")
