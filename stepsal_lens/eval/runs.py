@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -231,9 +232,10 @@ def sample_seed(seed: int, problem_id: str, sample: int) -> int:
 
 
 def problems_fingerprint(problems: Sequence[Problem]) -> str:
-    """``"sha256:<hex>"`` of the problems a run covers, in order, by content (ids,
-    questions, answers, choices, instructions): another file, an edited one or another
-    ``--limit`` gives another value.
+    """``"sha256:<hex>"`` of the problems a run covers, in order, by content (every field
+    but the source's name: ids, questions, answers, choices, instructions, and a coding
+    problem's tests, function name and starter code): another file, an edited one or
+    another ``--limit`` gives another value.
 
     Examples
     --------
@@ -244,8 +246,10 @@ def problems_fingerprint(problems: Sequence[Problem]) -> str:
     """
     h = hashlib.sha256()
     for p in problems:
-        h.update(json.dumps([p.id, p.question, p.answer, p.kind, list(p.choices),
-                             p.instruction], ensure_ascii=False).encode() + b"\n")
+        fields = dataclasses.asdict(p)
+        fields.pop("source", None)  # the file's name: a renamed copy holds the same problems
+        h.update(json.dumps(fields, sort_keys=True, ensure_ascii=False,
+                            default=str).encode() + b"\n")
     return "sha256:" + h.hexdigest()
 
 
