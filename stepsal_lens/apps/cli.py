@@ -18,6 +18,9 @@ workers, see :mod:`stepsal_lens.eval.scale`); ``stepsal compare RUN_A RUN_B`` ru
 McNemar test on two runs.
 ``stepsal grade IN.jsonl --out OUT.jsonl`` re-grades existing outputs (lines with
 ``output``, ``answer`` and optional ``kind``) with the grader of ``stepsal eval``.
+LiveCodeBench files (``eval --data``, ``--after`` / ``--before`` on ``contest_date``) and
+code lines of ``grade`` (``{"output", "kind": "code", "tests"}``) are judged in a sandbox
+(:mod:`stepsal_lens.eval.code`; ``--code-workers N``, ``--no-sandbox`` to run unsandboxed).
 
 ``--model random:ARCH`` builds a tiny random checkpoint of ARCH (qwen2, llama, qwen3,
 gpt-oss) on the fly, for trying the tool without any weights (in a temporary folder,
@@ -208,6 +211,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     check_eval_settings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         samples=args.samples, temperature=args.temperature, seed=args.seed)
     problems = load_problems(args.data, limit=args.limit)
+    problems, code_kw = _code_options(args, problems)  # issue 21: coding problems
     # the folder's lock, permissions and settings are checked before the model is loaded
     known = {"model": args.model, "data": str(args.data),
              "stepflow": None if settings is None else settings.to_dict(),
@@ -223,6 +227,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
     if use_ray:  # the driver writes the folder, Ray workers generate (stepsal_lens.eval.scale)
         from stepsal_lens.eval.scale import evaluate_ray
 
+        if code_kw:
+            raise StepSalError("coding problems are judged in this process; run without --ray")
+
         print(f"starting Ray workers for {args.model} ...", file=sys.stderr)
         with run_folder(args.out, command="eval", inputs=inputs), \
                 pool_from_args(args, len(problems) * args.samples) as pool:
@@ -231,7 +238,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
                                samples=args.samples, temperature=args.temperature,
                                seed=args.seed, model_name=args.model, data_name=str(args.data))
     else:
-        run = _eval_here(args, problems, settings, inputs)
+        run = _eval_here(args, problems, settings, inputs, code_kw)
     s = run.summary
     if s.get("could_not_run"):
         print(f"warning: {s['could_not_run']} problem(s) could not run (each recorded with its "
@@ -240,10 +247,60 @@ def eval_cmd(args: argparse.Namespace) -> int:
     print(f"accuracy {100 * s['accuracy']:.1f}% ({s['correct']}/{s['n']}, 95% CI "
           f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}); wrote {run.out}/results.jsonl, "
           f"summary.json", file=sys.stderr)
+    if "code" in s:
+        ks = ", ".join(f"{k} {100 * v['value']:.1f}%" for k, v in s["code"]["pass@k"].items())
+        print(f"{ks}; verdicts {s['code']['verdicts']}; sandbox "
+              f"{run.config['code']['sandbox']['backend']}", file=sys.stderr)
     return 0
 
 
-def _eval_here(args: argparse.Namespace, problems, settings, inputs):
+# ---- issue 21: coding problems (stepsal_lens.eval.code) ----------------------------------
+
+def _code_limits(args: argparse.Namespace):
+    from stepsal_lens.eval.code.sandbox import Limits
+
+    return Limits(timeout=args.code_timeout, memory_mb=args.code_memory_mb)
+
+
+def _code_options(args: argparse.Namespace, problems):
+    """Date window and sandbox of coding problems, checked before the model loads:
+    (problems, keyword arguments for evaluate)."""
+    from stepsal_lens.eval.code.lcb import filter_dates
+    from stepsal_lens.eval.code.sandbox import detect_backend
+
+    if args.after is not None or args.before is not None:
+        problems = filter_dates(problems, after=args.after, before=args.before)
+    if not any(p.kind == "code" for p in problems):
+        return problems, {}
+    if args.code_workers < 1:
+        raise StepSalError(f"--code-workers must be at least 1; got {args.code_workers}")
+    sandbox = "none" if args.no_sandbox else "auto"
+    detect_backend(sandbox)  # no sandbox: refuse now, naming the fix
+    if args.no_sandbox:
+        print("stepsal: warning: --no-sandbox: model programs run UNSANDBOXED on this "
+              "machine (recorded in run.json)", file=sys.stderr)
+    return problems, {"code_workers": args.code_workers, "sandbox": sandbox,
+                      "code_limits": _code_limits(args)}
+
+
+def _add_code_options(p: argparse.ArgumentParser, *, dates: bool) -> None:
+    g = p.add_argument_group("coding problems (LiveCodeBench)")
+    g.add_argument("--code-workers", type=int, default=1, metavar="N",
+                   help="programs judged at once, each in its own sandbox (default 1)")
+    g.add_argument("--code-timeout", type=float, default=6.0, metavar="S",
+                   help="seconds per test (LiveCodeBench's default 6)")
+    g.add_argument("--code-memory-mb", type=int, default=4096, metavar="MIB",
+                   help="memory per program process, MiB (default 4096)")
+    g.add_argument("--no-sandbox", action="store_true",
+                   help="run model programs WITHOUT a sandbox (unsafe; recorded)")
+    if dates:
+        g.add_argument("--after", default=None, metavar="YYYY-MM-DD",
+                       help="only problems with contest_date on or after this day")
+        g.add_argument("--before", default=None, metavar="YYYY-MM-DD",
+                       help="only problems with contest_date on or before this day")
+
+
+def _eval_here(args: argparse.Namespace, problems, settings, inputs, code_kw=None):
     """``stepsal eval`` in this process."""
     from stepsal_lens.eval.runs import evaluate
     from stepsal_lens.results.outputs import run_folder
@@ -254,7 +311,7 @@ def _eval_here(args: argparse.Namespace, problems, settings, inputs):
         run = evaluate(model, problems, args.out, stepflow=settings,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        samples=args.samples, temperature=args.temperature, seed=args.seed,
-                       model_name=args.model, data_name=str(args.data))
+                       model_name=args.model, data_name=str(args.data), **(code_kw or {}))
     return run
 
 
@@ -274,6 +331,12 @@ def _grade_rows(path: Path) -> list[dict]:
            '"kind": "math"}')
     rows = []
     for where, row in read_jsonl(path, what="input file", fix=fix):
+        if row.get("kind") == "code":  # issue 21: checked by eval/code/run.py
+            if not isinstance(row.get("output"), str):
+                raise StepSalError(f"{where}: 'output' must be the model's text (a string)")
+            row["_where"] = where
+            rows.append(row)
+            continue
         missing = [k for k in ("output", "answer") if row.get(k) is None]
         if missing:
             raise StepSalError(f"{where} lacks {' and '.join(map(repr, missing))} (keys: "
@@ -285,8 +348,8 @@ def _grade_rows(path: Path) -> list[dict]:
             raise StepSalError(f"{where}: 'answer' must be a string or a number, not "
                                f"{type(row['answer']).__name__}")
         if row.get("kind", "math") not in KINDS:
-            raise StepSalError(f"{where} has kind {row['kind']!r}; use one of {list(KINDS)} "
-                               f"(or leave it out for math)")
+            raise StepSalError(f"{where} has kind {row['kind']!r}; use one of "
+                               f"{list(KINDS) + ['code']} (or leave it out for math)")
         rows.append(row)
     if not rows:
         raise StepSalError(f"input file {str(path)!r} holds no lines to grade")
@@ -304,10 +367,15 @@ def grade_cmd(args: argparse.Namespace) -> int:
     check_new_file(out, overwrite=args.overwrite, inputs=inputs)
     check_timeout(args.timeout, "--timeout")
     rows = _grade_rows(src)
+    code = _grade_code(args, rows)  # issue 21: code lines, judged in sandboxes
     n_correct = n_errors = 0
     with output_file(out, overwrite=args.overwrite, inputs=inputs) as tmp, \
             open(tmp, "w", encoding="utf-8") as f:
-        for row in tqdm(rows, desc="grading", unit="line", disable=None):
+        for i, row in enumerate(tqdm(rows, desc="grading", unit="line", disable=None)):
+            if i in code:
+                n_correct += code[i]["correct"]
+                f.write(dumps_line(code[i]))
+                continue
             verdict = grade_output(row["output"], row["answer"], row.get("kind", "math"),
                                    timeout=args.timeout)
             rec = {**row, "prediction": verdict.prediction, "correct": verdict.correct}
@@ -320,6 +388,24 @@ def grade_cmd(args: argparse.Namespace) -> int:
     print(f"{n_correct}/{len(rows)} correct ({100 * n_correct / len(rows):.1f}%), "
           f"{n_errors} grading errors; wrote {out}", file=sys.stderr)
     return 0
+
+
+def _grade_code(args: argparse.Namespace, rows: list[dict]) -> dict[int, dict]:
+    """``stepsal grade``'s code lines: line index -> graded line (all checked first)."""
+    from stepsal_lens.eval.code.run import _line_tests, grade_code_lines
+
+    idx = [i for i, r in enumerate(rows) if r.get("kind") == "code"]
+    if not idx:
+        return {}
+    wheres = [rows[i].pop("_where") for i in idx]
+    for i, w in zip(idx, wheres):
+        _line_tests(rows[i], w)  # every line checked before any program runs
+    if args.code_workers < 1:
+        raise StepSalError(f"--code-workers must be at least 1; got {args.code_workers}")
+    graded = grade_code_lines([rows[i] for i in idx], workers=args.code_workers,
+                              limits=_code_limits(args), wheres=wheres,
+                              sandbox="none" if args.no_sandbox else "auto")
+    return dict(zip(idx, graded))
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -410,14 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy on a benchmark file (resumable)")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True,
-                   help="local .jsonl/.json/.parquet/.csv (MATH-500, AIME, AMC23, GPQA layouts) "
-                        "or tiny:SPLIT for the bundled task")
+                   help="local .jsonl/.json/.parquet/.csv (MATH-500, AIME, AMC23, GPQA, "
+                        "LiveCodeBench layouts) or tiny:SPLIT for the bundled task")
     e.add_argument("--out", required=True, help="run folder (re-run to resume)")
     e.add_argument("--limit", type=int, default=None, help="first N problems")
     e.add_argument("--samples", type=int, default=1, help="generations per problem")
     e.add_argument("--batch-size", type=int, default=8)
     _add_generation_options(e)
     add_ray_options(e)
+    _add_code_options(e, dates=True)
     e.set_defaults(func=eval_cmd)
 
     c = sub.add_parser("compare", help="paired McNemar test of two eval runs")
@@ -434,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     r.add_argument("--timeout", type=float, default=10.0,
                    help="seconds of symbolic comparison per line (default 10)")
+    _add_code_options(r, dates=False)
     r.set_defaults(func=grade_cmd)
     return parser
 

@@ -197,13 +197,84 @@ def _gpqa(row: dict[str, Any], i: int, source: str, where: str) -> Problem:
                    source, CHOICE_INSTRUCTION)
 
 
+def _choices_of(row: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    """The options of a multiple-choice row, in letter order: a ``choices`` / ``options``
+    list, a ``{"A": text, ...}`` object, Hugging Face's ``{"label": [...], "text": [...]}``,
+    or separate ``A`` / ``B`` / ``C`` / ``D`` (``E`` ...) fields; None when there are none."""
+    value = _field(row, "choices", "options")
+    if value is None:
+        cols = [_field(row, x) for x in LETTERS]
+        n = next((k for k, v in enumerate(cols) if v is None), len(cols))
+        if n >= 2 and all(v is None for v in cols[n:]):
+            return tuple(str(v).strip() for v in cols[:n])
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise StepSalError(f"{where}: 'choices' must be a list of option texts like "
+                           f"[\"3\", \"4\", \"5\", \"6\"] (or an object {{\"A\": ..., \"B\": ...}}); "
+                           f"got the {type(value).__name__} {str(value)[:40]!r} (a string is not "
+                           f"a list of options)")
+    if isinstance(value, dict):
+        lower = {str(k).lower(): v for k, v in value.items()}
+        if "text" in lower and isinstance(lower["text"], (list, tuple)):
+            labels = list(lower.get("label") or LETTERS[:len(lower["text"])])
+            pairs = sorted(zip(map(str, labels), lower["text"]))
+        else:
+            pairs = sorted((str(k).strip().upper(), v) for k, v in value.items())
+        labels = [k for k, _ in pairs]
+        if labels != list(LETTERS[:len(labels)]):
+            raise StepSalError(f"{where}: the choices are labelled {labels}; label them A, B, "
+                               f"C ... in order")
+        value = [v for _, v in pairs]
+    if not hasattr(value, "__len__") or isinstance(value, (bytes, dict)) or not len(value):
+        return None
+    if len(value) > len(LETTERS):
+        raise StepSalError(f"{where}: {len(value)} choices; at most {len(LETTERS)} are supported")
+    return tuple(str(c).strip() for c in value)
+
+
+def _squash(text: str) -> str:
+    return " ".join(str(text).split()).casefold()
+
+
+def _gold_letter(answer: Any, choices: tuple[str, ...], where: str) -> str:
+    """The gold letter from a letter (``B``, ``(B)``), a 0-based index, or the text of an
+    option (as GPQA stores its correct answer)."""
+    ans = str(answer).strip()
+    numeric = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    if numeric and float(answer).is_integer() and 0 <= int(answer) < len(choices):
+        return LETTERS[int(answer)]  # a number is an index
+    by_text = [k for k, c in enumerate(choices) if _squash(c) == _squash(ans)]
+    if len(by_text) == 1 and not (len(ans) == 1 and ans.upper() in LETTERS):
+        return LETTERS[by_text[0]]
+    if ans.isdigit() and int(ans) < len(choices):
+        return LETTERS[int(ans)]
+    found = find_answer(ans, "choice")
+    letter = found.text if found is not None and len(ans) <= 6 else (
+        ans.upper() if len(ans) == 1 else None)
+    if letter is not None and letter in LETTERS[:len(choices)]:
+        return letter
+    if len(by_text) > 1:
+        raise StepSalError(f"{where}: the answer {ans[:60]!r} is the text of several options; "
+                           f"give its letter instead")
+    raise StepSalError(f"{where}: the answer {ans[:60]!r} is neither a letter A-"
+                       f"{LETTERS[len(choices) - 1]}, an index 0-{len(choices) - 1}, nor the "
+                       f"text of one of the {len(choices)} choices")
+
+
 def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
     if not isinstance(row, dict):
         raise StepSalError(f"{where} holds a {type(row).__name__}, not an object; {_ROW_FIX}")
-    if _field(row, "Correct Answer") is not None or _field(row, "Incorrect Answer 1") is not None:
+    from stepsal_lens.eval.code.lcb import is_code_row, parse_code_row  # coding (issue 21)
+
+    if is_code_row(row):
+        return parse_code_row(row, i, source, where)
+    choices = _choices_of(row, where)
+    if _field(row, "Incorrect Answer 1") is not None or (
+            _field(row, "Correct Answer") is not None and choices is None):
         return _gpqa(row, i, source, where)
     question = _field(row, "problem", "question", "prompt")
-    answer = _field(row, "answer", "final_answer", "expected_answer")
+    answer = _field(row, "answer", "final_answer", "expected_answer", "correct answer",
+                    "correct_answer")
     if question is None or answer is None:
         empty = [k for k, v in row.items() if _missing(v) and str(k).lower() in (
             "problem", "question", "prompt", "answer", "final_answer", "expected_answer")]
@@ -216,18 +287,8 @@ def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
             f"(problem / question / Question) and an answer field (answer / Answer), or "
             f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
     pid = _id_of(row, ("unique_id", "id", "idx", "record id"), where)
-    choices = _field(row, "choices", "options")
-    if choices is not None and (isinstance(choices, (str, bytes, dict))
-                                or not hasattr(choices, "__len__")):
-        raise StepSalError(f"{where}: 'choices' must be a list of option texts like "
-                           f"[\"3\", \"4\", \"5\", \"6\"]; got the {type(choices).__name__} "
-                           f"{str(choices)[:40]!r} (a string is not a list of options)")
-    if choices is not None and len(choices):
-        choices = tuple(str(c) for c in choices)
-        ans = str(answer).strip()
-        found = find_answer(ans, "choice")
-        letter = (LETTERS[int(ans)] if ans.isdigit() and int(ans) < len(choices)
-                  else found.text if found else ans)
+    if choices is not None:
+        letter = _gold_letter(answer, choices, where)
         question = str(question).strip()
         return Problem(pid or content_id(question, letter, choices), question, letter,
                        "choice", choices, source, CHOICE_INSTRUCTION)

@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -98,7 +99,15 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
             "finished_fraction": sum(r["finished"] for r in records) / n if n else 0.0,
             "mean_completion_tokens": sum(r["n_completion_tokens"] for r in records) / n if n else 0.0,
             "by_source": {s: sum(v) / len(v) for s, v in by_source.items()},
-            "config": config}
+            "config": config, **_code_summary(records)}
+
+
+def _code_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 21 (coding): ``{"code": pass@k by platform / difficulty, verdicts}`` or {}."""
+    from stepsal_lens.eval.code.passk import code_summary
+
+    code = code_summary(records)
+    return {"code": code} if code else {}
 
 
 def check_eval_settings(*, max_new_tokens: int = 256, batch_size: int = 8, samples: int = 1,
@@ -223,9 +232,10 @@ def sample_seed(seed: int, problem_id: str, sample: int) -> int:
 
 
 def problems_fingerprint(problems: Sequence[Problem]) -> str:
-    """``"sha256:<hex>"`` of the problems a run covers, in order, by content (ids,
-    questions, answers, choices, instructions): another file, an edited one or another
-    ``--limit`` gives another value.
+    """``"sha256:<hex>"`` of the problems a run covers, in order, by content (every field
+    but the source's name: ids, questions, answers, choices, instructions, and a coding
+    problem's tests, function name and starter code): another file, an edited one or
+    another ``--limit`` gives another value.
 
     Examples
     --------
@@ -236,8 +246,10 @@ def problems_fingerprint(problems: Sequence[Problem]) -> str:
     """
     h = hashlib.sha256()
     for p in problems:
-        h.update(json.dumps([p.id, p.question, p.answer, p.kind, list(p.choices),
-                             p.instruction], ensure_ascii=False).encode() + b"\n")
+        fields = dataclasses.asdict(p)
+        fields.pop("source", None)  # the file's name: a renamed copy holds the same problems
+        h.update(json.dumps(fields, sort_keys=True, ensure_ascii=False,
+                            default=str).encode() + b"\n")
     return "sha256:" + h.hexdigest()
 
 
@@ -267,7 +279,8 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
              stepflow: StepFlowConfig | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
              model_name: str | None = None, data_name: str | None = None,
-             grading_timeout: float | int = 10.0, progress: bool = True) -> EvalRun:
+             grading_timeout: float | int = 10.0, progress: bool = True,
+             code_workers: int = 1, sandbox: str = "auto", code_limits: Any = None) -> EvalRun:
     """Generate, grade and record every (problem, sample); resumable.
 
     Parameters
@@ -292,6 +305,10 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     grading_timeout
         Seconds the grader may spend on one answer's symbolic comparisons; past it the
         record is not correct and its ``grading_error`` says why.
+    code_workers, sandbox, code_limits
+        Coding problems (:mod:`stepsal_lens.eval.code`): programs judged at once, the
+        sandbox backend (``"auto"``; ``"none"`` runs them unsandboxed and says so in
+        ``run.json``) and the :class:`~stepsal_lens.eval.code.sandbox.Limits`.
 
     Notes
     -----
@@ -313,12 +330,20 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
                          temperature=temperature, seed=seed)
     config.update(run_identity(problems, data_name), model_fingerprint=info.fingerprint)
     inputs = {"data": data_name, "model": info.source or None}
+    # ---- issue 21 (coding): the sandbox that judges the programs, recorded in run.json ----
+    from stepsal_lens.eval.code.run import code_settings
+
+    code = code_settings(problems, sandbox=sandbox, limits=code_limits)
+    if code is not None:
+        config["code"] = code
+        code = dict(code, workers=code_workers)
     # everything is checked before run.json is written: a refused run leaves no trace
     check_run_folder(out, config, inputs=inputs)
     with run_folder(out, command="eval", inputs=inputs):
         return _evaluate_locked(model, problems, out, config, sf, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, samples=samples, temperature=temperature,
-                                seed=seed, grading_timeout=grading_timeout, progress=progress)
+                                seed=seed, grading_timeout=grading_timeout, progress=progress,
+                                code=code)
 
 
 def check_problems(problems: Sequence[Problem]) -> None:
@@ -419,7 +444,8 @@ def finish_run(out: Path, keys: list[tuple[str, int]],
 
 def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
                      max_new_tokens: int, batch_size: int, samples: int, temperature: float,
-                     seed: int, grading_timeout: float | int, progress: bool) -> EvalRun:
+                     seed: int, grading_timeout: float | int, progress: bool,
+                     code: dict[str, Any] | None = None) -> EvalRun:
     """The body of :func:`evaluate`, run while holding the folder's lock."""
     from tqdm.auto import tqdm
 
@@ -434,7 +460,8 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
                 chunk = todo[start:start + batch_size]
                 append_records(f, done, eval_chunk(
                     model, chunk, sf, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    temperature=temperature, seed=seed, grading_timeout=grading_timeout))
+                    temperature=temperature, seed=seed, grading_timeout=grading_timeout,
+                    code=code))
                 bar.update(len(chunk))
     except KeyboardInterrupt:
         raise interrupted_error(done, keys, results_file) from None
@@ -444,10 +471,15 @@ def _evaluate_locked(model, problems, out: Path, config: dict[str, Any], sf, *,
 
 
 def _record(p: Problem, s: int, g, grading_timeout: float | int,
-            seed: int | None) -> dict[str, Any]:
+            seed: int | None, code_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Grade one generation into its ``results.jsonl`` record."""
     seg = g.segments()
-    if seg["error"] or seg["truncated"]:
+    if p.kind == "code":  # issue 21: judged in a sandbox by _eval_chunk (eval/code/run.py)
+        if code_fields is None:
+            raise StepSalError("coding problems are judged by `stepsal eval` in this process "
+                               "(not yet with --ray); run without --ray")
+        verdict = Grade(code_fields["code"], code_fields["correct"], method=code_fields["verdict"])
+    elif seg["error"] or seg["truncated"]:
         verdict = Grade(None, False, method="no answer")
     else:
         verdict = grade_output(seg["summary"], p.answer, p.kind, timeout=grading_timeout)
@@ -458,7 +490,9 @@ def _record(p: Problem, s: int, g, grading_timeout: float | int,
             "truncated": seg["truncated"],
             "n_completion_tokens": len(g.completion_ids),
             "completion": g.text[len(g.prompt):] if g.text.startswith(g.prompt)
-            else g.text, "stats": g.stats, "seed": seed, "error": None}
+            else g.text, "stats": g.stats, "seed": seed, "error": None,
+            **({k: v for k, v in code_fields.items() if k not in ("code", "correct")}
+               if code_fields is not None else {})}
 
 
 def _failed_record(p: Problem, s: int, error: str, seed: int | None) -> dict[str, Any]:
@@ -472,7 +506,8 @@ def _failed_record(p: Problem, s: int, error: str, seed: int | None) -> dict[str
 
 def eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_tokens: int,
                 batch_size: int, temperature: float, seed: int,
-                grading_timeout: float | int) -> list[dict[str, Any]]:
+                grading_timeout: float | int,
+                code: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Generate and grade (problem, sample) pairs: the records, in ``chunk``'s order.
 
     Greedy pairs are generated in batches (left padding changes no row). Sampled pairs
@@ -487,20 +522,34 @@ def eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_token
                         temperature=temperature, seed=row_seed,
                         batch_size=batch_size, progress=False)
 
-    def alone(p: Problem, s: int, row_seed: int | None) -> dict[str, Any]:
+    def alone(p: Problem, row_seed: int | None):
+        """The generation, or why this problem cannot run (the others can)."""
         try:
-            [g] = run([p.prompt_question()], row_seed)
-        except StepSalError as err:  # this problem cannot run; the others can
-            return _failed_record(p, s, str(err), row_seed)
-        return _record(p, s, g, grading_timeout, row_seed)
+            return run([p.prompt_question()], row_seed)[0]
+        except StepSalError as err:
+            return str(err)
 
     if temperature > 0:
-        return [alone(p, s, sample_seed(seed, p.id, s)) for p, s in chunk]
-    try:
-        gens = run([p.prompt_question() for p, _ in chunk], None)
-    except StepSalError:  # one problem of the batch cannot run: find it, keep the rest
-        return [alone(p, s, None) for p, s in chunk]
-    return [_record(p, s, g, grading_timeout, None) for (p, s), g in zip(chunk, gens)]
+        seeds: list[int | None] = [sample_seed(seed, p.id, s) for p, s in chunk]
+        gens = [alone(p, row_seed) for (p, _), row_seed in zip(chunk, seeds)]
+    else:
+        seeds = [None] * len(chunk)
+        try:
+            gens = run([p.prompt_question() for p, _ in chunk], None)
+        except StepSalError:  # one problem of the batch cannot run: find it, keep the rest
+            gens = [alone(p, None) for p, _ in chunk]
+    fields: list[dict[str, Any] | None] = [None] * len(chunk)
+    if code is not None:  # issue 21: the chunk's programs, code["workers"] at a time
+        from stepsal_lens.eval.code.run import judge_outputs
+
+        ran = [i for i, g in enumerate(gens) if not isinstance(g, str)]
+        judged = judge_outputs([(chunk[i][0], gens[i].segments()["summary"]) for i in ran],
+                               code, workers=code.get("workers", 1))
+        for i, f in zip(ran, judged):
+            fields[i] = f
+    return [_failed_record(p, s, g, row_seed) if isinstance(g, str)
+            else _record(p, s, g, grading_timeout, row_seed, f)
+            for (p, s), g, row_seed, f in zip(chunk, gens, seeds, fields)]
 
 
 def _load_run(run: str | Path | EvalRun) -> tuple[dict[tuple[str, int], bool], dict[str, Any]]:

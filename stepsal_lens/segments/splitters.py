@@ -107,7 +107,31 @@ def paper_splitter(text: str, segment: str) -> list[Span]:
     pieces shorter than 10 characters join the next piece; the last piece of a segment is
     a step whatever it is. The question is one step. (The paper's code drops such pieces;
     joining them keeps every token.)
+
+    Fenced code blocks (three backticks) in the thinking or summary are cut as code, not
+    sentences: by blank-line blocks outside string literals and brackets
+    (:mod:`stepsal_lens.segments.code_steps`); text without a fence is split exactly as
+    above.
     """
+    if segment in ("thinking", "summary") and "```" in text:
+        from stepsal_lens.segments.code_steps import split_with_code
+
+        return split_with_code(text, segment, _paper_prose)
+    return _paper_prose(text, segment)
+
+
+def _context_start(text: str, region_start: int, step_char: int) -> int:
+    from stepsal_lens.segments.code_steps import context_start
+
+    return context_start(text, region_start, step_char)
+
+
+#: StepFlow's tracker splits from here (a fenced block's opening line), not the step start
+paper_splitter.context_start = _context_start  # type: ignore[attr-defined]
+
+
+def _paper_prose(text: str, segment: str) -> list[Span]:
+    """The paper's rule on prose (no fences)."""
     if segment == "thinking":
         spans = _pieces(text, re.compile(r"\.\s+"), keep_chars=1)
         return _join_small(text, spans, _not_a_thinking_step)

@@ -208,6 +208,9 @@ class SegmentTracker:
         start), continue the current one ("same") or lie in no step ("none")? The
         splitter runs on the current step's text up to ``p``."""
         base = row.step_char
+        context = getattr(self._split, "context_start", None)  # fenced code (code_steps.py)
+        if context is not None:
+            base = context(text, row.region, base)
         for a, b in self._split(text[base:p + 1], segment):
             if a <= p - base < b:
                 if base + a > row.last_char:

@@ -167,3 +167,20 @@ def test_wilson_interval_and_mcnemar(tmp_path):
 def test_problem_prompt():
     p = Problem("1", "Pick one.", "B", "choice", ("x", "y"))
     assert p.prompt_question().startswith("Pick one.\n\n(A) x\n(B) y\n")
+
+
+def test_problems_fingerprint_covers_every_field_but_the_source_name():
+    import dataclasses
+
+    from stepsal_lens.eval.code.lcb import CodeProblem, CodeTest
+    from stepsal_lens.eval.runs import problems_fingerprint
+
+    base = load_problems("tiny:id", limit=2)
+    fp = problems_fingerprint(base)
+    assert problems_fingerprint([dataclasses.replace(base[0], source="copy.jsonl"),
+                                 base[1]]) == fp  # a renamed copy: the same problems
+    for change in ({"answer": "x"}, {"question": "?"}, {"instruction": " Think."}, {"id": "other"}):
+        assert problems_fingerprint([dataclasses.replace(base[0], **change), base[1]]) != fp
+    code = CodeProblem("p", "Add.", "", "code", tests=(CodeTest("1 2", "3", "stdin"),))
+    edited = dataclasses.replace(code, tests=(CodeTest("1 2", "4", "stdin"),))
+    assert problems_fingerprint([code]) != problems_fingerprint([edited])
