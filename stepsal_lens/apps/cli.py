@@ -392,14 +392,14 @@ def grade_cmd(args: argparse.Namespace) -> int:
 
 def _grade_code(args: argparse.Namespace, rows: list[dict]) -> dict[int, dict]:
     """``stepsal grade``'s code lines: line index -> graded line (all checked first)."""
-    from stepsal_lens.eval.code.run import _line_tests, grade_code_lines
+    from stepsal_lens.eval.code.run import line_tests, grade_code_lines
 
     idx = [i for i, r in enumerate(rows) if r.get("kind") == "code"]
     if not idx:
         return {}
     wheres = [rows[i].pop("_where") for i in idx]
     for i, w in zip(idx, wheres):
-        _line_tests(rows[i], w)  # every line checked before any program runs
+        line_tests(rows[i], w)  # every line checked before any program runs
     if args.code_workers < 1:
         raise StepSalError(f"--code-workers must be at least 1; got {args.code_workers}")
     graded = grade_code_lines([rows[i] for i in idx], workers=args.code_workers,

@@ -34,7 +34,7 @@ from stepsal_lens.errors import StepSalError
 from stepsal_lens.results.jsonl import read_jsonl
 from stepsal_lens.segments.answers import find_answer
 
-__all__ = ["Problem", "list_sources", "load_problems", "register_source"]
+__all__ = ["Problem", "list_sources", "load_problems", "register_row_reader", "register_source"]
 
 #: A problem source: ``fn(split, limit) -> [Problem, ...]`` (``limit`` None: its default).
 Source = Callable[[str, "int | None"], list]
@@ -151,7 +151,18 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     raise StepSalError(f"cannot read {str(path)!r}: use .jsonl, .json, .parquet or .csv")
 
 
-def _id_of(row: dict[str, Any], names: tuple[str, ...], where: str) -> str | None:
+#: Readers of row layouts besides the built-in math / choice ones, tried first, in order:
+#: ``(claims(row) -> bool, parse(row, i, source, where) -> Problem)``.
+_ROW_READERS: list[tuple[Callable[[dict], bool], Callable[..., Any]]] = []
+
+
+def register_row_reader(claims: Callable[[dict], bool], parse: Callable[..., Any]) -> None:
+    """Read rows that ``claims(row)`` with ``parse(row, i, source, where)`` (e.g. the
+    coding rows of :mod:`stepsal_lens.eval.code.lcb`, which registers itself)."""
+    _ROW_READERS.append((claims, parse))
+
+
+def id_of(row: dict[str, Any], names: tuple[str, ...], where: str) -> str | None:
     """The row's own id field (a string or whole number), or None: then the id comes
     from the problem's content (:func:`content_id`), never from its row number, so
     inserting or removing a row changes no other problem's id."""
@@ -181,7 +192,7 @@ def content_id(question: str, answer: str, choices: tuple[str, ...] = ()) -> str
 
 def _gpqa(row: dict[str, Any], i: int, source: str, where: str) -> Problem:
     """GPQA: options shuffled with a seed taken from the record, so runs agree."""
-    pid = _id_of(row, ("Record ID", "id"), where)
+    pid = id_of(row, ("Record ID", "id"), where)
     names = ["Question", "Correct Answer"] + [f"Incorrect Answer {k}" for k in (1, 2, 3)]
     empty = [n for n in names if _field(row, n) is None]
     if empty:
@@ -264,10 +275,9 @@ def _gold_letter(answer: Any, choices: tuple[str, ...], where: str) -> str:
 def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
     if not isinstance(row, dict):
         raise StepSalError(f"{where} holds a {type(row).__name__}, not an object; {_ROW_FIX}")
-    from stepsal_lens.eval.code.lcb import is_code_row, parse_code_row  # coding (issue 21)
-
-    if is_code_row(row):
-        return parse_code_row(row, i, source, where)
+    for claims, parse in _ROW_READERS:  # other layouts first (coding rows: eval/code/lcb.py)
+        if claims(row):
+            return parse(row, i, source, where)
     choices = _choices_of(row, where)
     if _field(row, "Incorrect Answer 1") is not None or (
             _field(row, "Correct Answer") is not None and choices is None):
@@ -286,7 +296,7 @@ def _row_problem(row: Any, i: int, source: str, where: str) -> Problem:
             f"{where} has fields {sorted(map(str, row))}; expected a question field "
             f"(problem / question / Question) and an answer field (answer / Answer), or "
             f"GPQA's Question / Correct Answer / Incorrect Answer 1-3")
-    pid = _id_of(row, ("unique_id", "id", "idx", "record id"), where)
+    pid = id_of(row, ("unique_id", "id", "idx", "record id"), where)
     if choices is not None:
         letter = _gold_letter(answer, choices, where)
         question = str(question).strip()

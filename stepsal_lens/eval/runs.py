@@ -474,7 +474,7 @@ def _record(p: Problem, s: int, g, grading_timeout: float | int,
             seed: int | None, code_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Grade one generation into its ``results.jsonl`` record."""
     seg = g.segments()
-    if p.kind == "code":  # issue 21: judged in a sandbox by _eval_chunk (eval/code/run.py)
+    if p.kind == "code":  # issue 21: judged in a sandbox by eval_chunk (eval/code/run.py)
         if code_fields is None:
             raise StepSalError("coding problems are judged by `stepsal eval` in this process "
                                "(not yet with --ray); run without --ray")

@@ -39,7 +39,7 @@ from typing import Any
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.code.judge import CodeTest
-from stepsal_lens.eval.problems import Problem
+from stepsal_lens.eval.problems import Problem, content_id, id_of, register_row_reader
 
 __all__ = ["CodeProblem", "LCB_INSTRUCTION_STARTER", "LCB_INSTRUCTION_STDIN",
            "decode_pickled_string", "extract_code", "filter_dates", "is_code_row",
@@ -246,10 +246,8 @@ def _date(value: Any, where: str) -> str:
 
 def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> CodeProblem:
     """One coding problem from a LiveCodeBench release row or a plain row."""
-    from stepsal_lens.eval.problems import _id_of, content_id
-
     if "question_content" in row:
-        pid = _id_of(row, ("question_id",), where)
+        pid = id_of(row, ("question_id",), where)
         public = _tests(_json_field(row.get("public_test_cases"), where, "public_test_cases")
                         or [], where, "public_test_cases")
         private_raw = row.get("private_test_cases") or ""
@@ -264,7 +262,7 @@ def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> Code
         platform, difficulty = row.get("platform") or "", row.get("difficulty") or ""
         date, starter = row.get("contest_date"), row.get("starter_code") or ""
     else:
-        pid = _id_of(row, ("id", "question_id"), where)
+        pid = id_of(row, ("id", "question_id"), where)
         public = _tests(row["tests"], where, "tests")
         private = []
         question = str(row.get("question") or row.get("problem") or "")
@@ -331,3 +329,6 @@ def filter_dates(problems: list[Problem], *, after: str | None = None,
         raise StepSalError(f"no problem has a contest_date in the window --after {after} "
                            f"--before {before}")
     return out
+
+
+register_row_reader(is_code_row, parse_code_row)

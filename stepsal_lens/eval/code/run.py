@@ -78,7 +78,7 @@ def judge_outputs(items: Sequence[tuple[Any, str | None]], settings: dict[str, A
     return out
 
 
-def _line_tests(row: dict[str, Any], where: str) -> list[CodeTest]:
+def line_tests(row: dict[str, Any], where: str) -> list[CodeTest]:
     tests = row.get("tests")
     if not isinstance(tests, list) or not tests:
         raise StepSalError(f"{where}: a code line needs 'tests': a list of {{\"input\", "
@@ -105,7 +105,7 @@ def grade_code_lines(rows: Sequence[dict[str, Any]], *, workers: int = 1,
     each line plus ``prediction`` (the extracted code), ``correct``, ``verdict``,
     ``failed_test``, ``verdict_excerpt``, ``test_results``."""
     wheres = list(wheres) if wheres is not None else [f"line {i + 1}" for i in range(len(rows))]
-    jobs = [{"code": extract_code(r.get("output")), "tests": _line_tests(r, w),
+    jobs = [{"code": extract_code(r.get("output")), "tests": line_tests(r, w),
              "func_name": r.get("func_name")} for r, w in zip(rows, wheres)]
     verdicts = judge_many(jobs, workers=workers, limits=limits, backend=sandbox,
                           progress=progress)
