@@ -30,7 +30,7 @@ tokenizers: install
 	$(BIN)/python -m stepsal_lens.zoo.real_tokenizers
 
 test: install tokenizers
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # The documentation site (mkdocs-material + mkdocstrings), built strictly into site/.
 docs: $(BIN)/python
