@@ -393,7 +393,7 @@ def test_lock_is_one_writer_and_nests_in_one_process(tmp_path):
 def test_eval_interrupt_says_how_to_resume_and_resume_completes(tmp_path, capsys, monkeypatch,
                                                                 tiny_lrm):
     import stepsal_lens.apps.cli as cli
-    import stepsal_lens.lens.generation as generation
+    import stepsal_lens.eval.runs as generation  # evaluate generates through runs.generate
 
     real = generation.generate
     calls = []

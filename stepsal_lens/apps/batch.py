@@ -57,9 +57,26 @@ from pathlib import Path
 from typing import Any
 
 from stepsal_lens._checks import check_id
+from stepsal_lens._version import __version__
+from stepsal_lens.apps.circuits import plot_effects
 from stepsal_lens.apps.cli_common import check_trace_doc, load_model, pool_from_args, read_trace
 from stepsal_lens.apps.escape import write_csv
+from stepsal_lens.apps.plots import plot_step_maps
+from stepsal_lens.core.causal import saliency_effect_correlation
+from stepsal_lens.core.metrics import METRICS, compare, trace_metrics
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.eval.runs import check_run_folder
+from stepsal_lens.eval.scale import RayPool, check_ray_options
+from stepsal_lens.lens.causal import step_effects
+from stepsal_lens.lens.models import model_fingerprint
+from stepsal_lens.lens.saliency import step_saliency
+from stepsal_lens.results.jsonl import read_jsonl
+from stepsal_lens.results.outputs import clean_leftovers, output_dir, run_folder, write_text_atomic
+from stepsal_lens.segments.association import info_of, model_name as name_of
+from stepsal_lens.results.saliency import StepSaliency
+from stepsal_lens.segments.formats import get_format
+from stepsal_lens.segments.trace import Trace
+from stepsal_lens.typing import Model
 
 __all__ = ["BatchAnalysis", "TraceLine", "analyze_traces", "check_batch_folder", "read_traces",
            "write_analysis", "write_effects"]
@@ -71,7 +88,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 # ---- one trace: the files `stepsal analyze` and `stepsal effects` write ---------------------
 
-def write_analysis(model: Any, trace: Any, folder: str | Path, *, model_name: str,
+def write_analysis(model: Model, trace: Trace, folder: str | Path, *, model_name: str,
                    target: str = "lm", engine: str = "auto", low_memory: bool = False,
                    progress: bool = False):
     """Step-Saliency of one trace into ``folder``: ``step_saliency.safetensors``,
@@ -97,9 +114,6 @@ def write_analysis(model: Any, trace: Any, folder: str | Path, *, model_name: st
     StepSaliency
         The result that was written.
     """
-    from stepsal_lens.core.metrics import trace_metrics
-    from stepsal_lens.apps.plots import plot_step_maps
-    from stepsal_lens.lens.saliency import step_saliency
 
     folder = Path(folder)
     result = step_saliency(model, trace, target=target, low_memory=low_memory, engine=engine,
@@ -113,7 +127,7 @@ def write_analysis(model: Any, trace: Any, folder: str | Path, *, model_name: st
     return result
 
 
-def write_effects(model: Any, trace: Any, saliency: Any, folder: str | Path, *,
+def write_effects(model: Model, trace: Trace, saliency: StepSaliency, folder: str | Path, *,
                   model_name: str, target: str = "lm", layers: list[int] | None = None,
                   per_layer: bool = False, batch_size: int = 8, progress: bool = False):
     """The causal effect matrix of one trace into ``folder``: ``step_effects.safetensors``,
@@ -136,9 +150,6 @@ def write_effects(model: Any, trace: Any, saliency: Any, folder: str | Path, *,
     """
     from safetensors.torch import save_file
 
-    from stepsal_lens.apps.circuits import plot_effects
-    from stepsal_lens.core.causal import saliency_effect_correlation
-    from stepsal_lens.lens.causal import step_effects
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,7 +169,7 @@ def write_effects(model: Any, trace: Any, saliency: Any, folder: str | Path, *,
     return eff
 
 
-def analysis_files(model: Any, doc: dict[str, Any], *, model_name: str, format: str | None,
+def analysis_files(model: Model, doc: dict[str, Any], *, model_name: str, format: str | None,
                    target: str, engine: str, low_memory: bool,
                    effects: bool) -> dict[str, Any]:
     """The unit of work of :func:`analyze_traces`: one trace document's files as bytes
@@ -204,7 +215,6 @@ def read_traces(path: str | Path) -> list[TraceLine]:
     >>> [(t.name, t.line, t.correct) for t in read_traces(f)]
     [('test_1', 1, True), ('line-2', 2, None)]
     """
-    from stepsal_lens.results.jsonl import read_jsonl
 
     path = Path(path)
     if path.is_dir():
@@ -265,7 +275,6 @@ def batch_settings(model_name: str, format_name: str | None, *, target: str, eng
                    model_fingerprint: str | None) -> dict[str, Any]:
     """The ``run.json`` of a batch folder (a resumed run must match it): the settings
     and what the results were made from (traces and model, by content)."""
-    from stepsal_lens._version import __version__
 
     return {"command": "analyze", "model": model_name, "format": format_name,
             "target": target, "engine": engine, "low_memory": low_memory, "effects": effects,
@@ -278,7 +287,6 @@ def check_batch_folder(out: str | Path, settings: dict[str, Any],
     """Refuse a batch folder before any work: one another process writes, one holding
     other files (not a batch run), or a batch run made from other traces, another model
     or other ``settings``."""
-    from stepsal_lens.eval.runs import check_run_folder
 
     check_run_folder(out, settings, command="analyze-traces", inputs=inputs)
 
@@ -298,7 +306,7 @@ def _check_done(folder: Path, t: TraceLine) -> bool:
     return True
 
 
-def analyze_traces(model: Any, traces: str | Path | list[TraceLine], out: str | Path, *,
+def analyze_traces(model: "Model | RayPool", traces: str | Path | list[TraceLine], out: str | Path, *,
                    model_name: str | None = None, format: str | None = None,
                    target: str = "lm", engine: str = "auto", low_memory: bool = False,
                    effects: bool = False, progress: bool = True,
@@ -341,8 +349,6 @@ def analyze_traces(model: Any, traces: str | Path | list[TraceLine], out: str | 
     """
     from tqdm.auto import tqdm
 
-    from stepsal_lens.segments.association import info_of, model_name as name_of
-    from stepsal_lens.results.outputs import clean_leftovers, run_folder, write_text_atomic
 
     pool = _as_pool(model)
     lines = traces if isinstance(traces, list) else read_traces(traces)
@@ -400,19 +406,16 @@ def analyze_traces(model: Any, traces: str | Path | list[TraceLine], out: str | 
 
 def _as_pool(model: Any):
     """The model as a RayPool, or None when it is a model (scale imports ray lazily)."""
-    from stepsal_lens.eval.scale import RayPool
 
     return model if isinstance(model, RayPool) else None
 
 
 def _format_name(format: str) -> str:
-    from stepsal_lens.segments.formats import get_format
 
     return get_format(format).name
 
 
 def _write_trace_folder(folder: Path, t: TraceLine, result: dict[str, Any]) -> None:
-    from stepsal_lens.results.outputs import output_dir
 
     with output_dir(folder, command="analyze", what="trace folder") as tmp:
         for name, data in result["files"].items():
@@ -424,7 +427,6 @@ def _metric_frame(doc: dict[str, Any]):
     """A trace's ``metrics.json`` as :func:`~stepsal_lens.core.metrics.layer_metrics`'s frame."""
     import pandas as pd
 
-    from stepsal_lens.core.metrics import METRICS
 
     frame = pd.DataFrame({"layer": doc["layer"]})
     for name in METRICS:
@@ -437,8 +439,6 @@ def _combine(out: Path, lines: list[TraceLine], settings: dict[str, Any]) -> Bat
     trace's folder (so a resumed batch combines what earlier runs computed too)."""
     import pandas as pd
 
-    from stepsal_lens.core.metrics import compare
-    from stepsal_lens.results.outputs import write_text_atomic
 
     frames, groups, truncated = [], {True: [], False: []}, []
     for t in lines:
@@ -496,9 +496,6 @@ def _print_summary(result: BatchAnalysis) -> None:
 
 def batch_cmd(args: Any) -> int:
     """``stepsal analyze --traces FILE.jsonl --out DIR [--effects] [--ray ...]``."""
-    from stepsal_lens.results.outputs import run_folder
-    from stepsal_lens.eval.scale import check_ray_options
-    from stepsal_lens.lens.models import model_fingerprint
 
     use_ray = check_ray_options(args)
     if args.overwrite:

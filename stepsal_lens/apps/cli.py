@@ -43,30 +43,44 @@ from pathlib import Path
 
 from stepsal_lens._checks import (check_count, check_seed, check_temperature, check_timeout,
                                   read_utf8)
+from stepsal_lens.apps.batch import batch_cmd, write_analysis, write_effects
 from stepsal_lens.apps.cli_common import (add_stepflow_options, load_model as _load_model,
                                           parse_layers as _layers, pool_from_args,
                                           read_trace as _read_trace,
                                           read_trace_doc as _read_trace_doc,
                                           stepflow_settings as _stepflow_settings)
+from stepsal_lens.apps.demo import load_questions, run_demo
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.eval.code.lcb import filter_dates
+from stepsal_lens.eval.code.run import grade_code_lines, line_tests
+from stepsal_lens.eval.code.sandbox import Limits, detect_backend
+from stepsal_lens.eval.grading import grade_output
+from stepsal_lens.eval.problems import load_problems
+from stepsal_lens.eval.runs import (check_eval_settings, check_run_folder, compare_runs, evaluate,
+                                    run_identity)
+from stepsal_lens.eval.scale import add_ray_options, check_ray_options, evaluate_ray
 from stepsal_lens.lens.engines import list_engines
+from stepsal_lens.lens.generation import generate
+from stepsal_lens.lens.models import check_device, model_fingerprint, parse_dtype
+from stepsal_lens.lens.saliency import step_saliency
 from stepsal_lens.lens.targets import list_targets
-from stepsal_lens.results.jsonl import dumps_line, read_jsonl
 from stepsal_lens.results.config import StepFlowConfig
-from stepsal_lens.eval.scale import add_ray_options, check_ray_options
+from stepsal_lens.results.jsonl import dumps_line, read_jsonl
+from stepsal_lens.results.outputs import (check_new_file, check_output_dir, output_dir, output_file,
+                                          run_folder)
+from stepsal_lens.segments.answers import KINDS
+from stepsal_lens.segments.formats import get_format
 
 __all__ = ["main"]
 
 
 def _check_common(args: argparse.Namespace) -> None:
     """Cheap checks of the options the model commands share (before loading anything)."""
-    from stepsal_lens.lens.models import check_device, parse_dtype
 
     check_device(args.device)
     if getattr(args, "dtype", None) is not None:
         parse_dtype(args.dtype)
     if getattr(args, "format", None) is not None:
-        from stepsal_lens.segments.formats import get_format
 
         get_format(args.format)
     for flag in ("max_new_tokens", "n", "batch_size", "samples", "limit", "workers"):
@@ -85,7 +99,6 @@ def _check_common(args: argparse.Namespace) -> None:
 def _one_trace(args: argparse.Namespace, command: str):
     """A one-trace command's temporary output folder (swapped into place at the end), its
     model and its trace; the trace file and ``--out`` are checked before the model loads."""
-    from stepsal_lens.results.outputs import output_dir
 
     doc = _read_trace_doc(Path(args.trace))
     with output_dir(args.out, command=command, overwrite=args.overwrite,
@@ -97,11 +110,9 @@ def _one_trace(args: argparse.Namespace, command: str):
 
 
 def analyze(args: argparse.Namespace) -> int:
-    from stepsal_lens.apps.batch import write_analysis
 
     _check_common(args)
     if args.traces is not None:  # many traces: stepsal_lens.apps.batch
-        from stepsal_lens.apps.batch import batch_cmd
 
         return batch_cmd(args)
     for flag, value in (("--ray", args.ray), ("--ray-address", args.ray_address),
@@ -122,8 +133,6 @@ def analyze(args: argparse.Namespace) -> int:
 
 
 def effects_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.apps.batch import write_effects
-    from stepsal_lens.lens.saliency import step_saliency
 
     _check_common(args)
     per_layer = args.layers is not None
@@ -142,8 +151,6 @@ def effects_cmd(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from stepsal_lens.apps.demo import load_questions, run_demo
-    from stepsal_lens.results.outputs import check_output_dir
 
     _check_common(args)
     if args.data is not None:
@@ -163,8 +170,6 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.lens.generation import generate
-    from stepsal_lens.results.outputs import output_file
 
     if (args.question is None) == (args.prompt_file is None):
         raise StepSalError("pass exactly one of --question and --prompt-file")
@@ -200,10 +205,6 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.eval.runs import check_eval_settings, check_run_folder, run_identity
-    from stepsal_lens.eval.problems import load_problems
-    from stepsal_lens.lens.models import model_fingerprint
-    from stepsal_lens.results.outputs import run_folder
 
     _check_common(args)
     use_ray = check_ray_options(args)
@@ -218,14 +219,12 @@ def eval_cmd(args: argparse.Namespace) -> int:
              "max_new_tokens": args.max_new_tokens, "samples": args.samples,
              "temperature": args.temperature, "seed": args.seed}
     if args.format is not None:
-        from stepsal_lens.segments.formats import get_format
 
         known["format"] = get_format(args.format).name
     known.update(run_identity(problems, args.data), model_fingerprint=model_fingerprint(args.model))
     inputs = {"--data": args.data, "--model": args.model}
     check_run_folder(args.out, known, inputs=inputs)
     if use_ray:  # the driver writes the folder, Ray workers generate (stepsal_lens.eval.scale)
-        from stepsal_lens.eval.scale import evaluate_ray
 
         if code_kw:
             raise StepSalError("coding problems are judged in this process; run without --ray")
@@ -257,7 +256,6 @@ def eval_cmd(args: argparse.Namespace) -> int:
 # ---- issue 21: coding problems (stepsal_lens.eval.code) ----------------------------------
 
 def _code_limits(args: argparse.Namespace):
-    from stepsal_lens.eval.code.sandbox import Limits
 
     return Limits(timeout=args.code_timeout, memory_mb=args.code_memory_mb)
 
@@ -265,8 +263,6 @@ def _code_limits(args: argparse.Namespace):
 def _code_options(args: argparse.Namespace, problems):
     """Date window and sandbox of coding problems, checked before the model loads:
     (problems, keyword arguments for evaluate)."""
-    from stepsal_lens.eval.code.lcb import filter_dates
-    from stepsal_lens.eval.code.sandbox import detect_backend
 
     if args.after is not None or args.before is not None:
         problems = filter_dates(problems, after=args.after, before=args.before)
@@ -302,8 +298,6 @@ def _add_code_options(p: argparse.ArgumentParser, *, dates: bool) -> None:
 
 def _eval_here(args: argparse.Namespace, problems, settings, inputs, code_kw=None):
     """``stepsal eval`` in this process."""
-    from stepsal_lens.eval.runs import evaluate
-    from stepsal_lens.results.outputs import run_folder
 
     with run_folder(args.out, command="eval", inputs=inputs):
         print(f"loading {args.model} ...", file=sys.stderr)
@@ -316,7 +310,6 @@ def _eval_here(args: argparse.Namespace, problems, settings, inputs, code_kw=Non
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
-    from stepsal_lens.eval.runs import compare_runs
 
     result = compare_runs(args.run_a, args.run_b)
     print(json.dumps(result, indent=1))
@@ -325,7 +318,6 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
 def _grade_rows(path: Path) -> list[dict]:
     """Read and check every line of a ``stepsal grade`` input before grading any."""
-    from stepsal_lens.segments.answers import KINDS
 
     fix = ('each line must be a JSON object like {"output": "... \\\\boxed{2}", "answer": "2", '
            '"kind": "math"}')
@@ -359,8 +351,6 @@ def _grade_rows(path: Path) -> list[dict]:
 def grade_cmd(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from stepsal_lens.eval.grading import grade_output
-    from stepsal_lens.results.outputs import check_new_file, output_file
 
     src, out = Path(args.input), Path(args.out)
     inputs = {"IN.jsonl": args.input}
@@ -392,7 +382,6 @@ def grade_cmd(args: argparse.Namespace) -> int:
 
 def _grade_code(args: argparse.Namespace, rows: list[dict]) -> dict[int, dict]:
     """``stepsal grade``'s code lines: line index -> graded line (all checked first)."""
-    from stepsal_lens.eval.code.run import line_tests, grade_code_lines
 
     idx = [i for i, r in enumerate(rows) if r.get("kind") == "code"]
     if not idx:

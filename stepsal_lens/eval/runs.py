@@ -33,13 +33,17 @@ from stepsal_lens._checks import (check_count, check_seed, check_temperature, ch
                                   check_type)
 from stepsal_lens._version import __version__
 from stepsal_lens.errors import StepSalError
+from stepsal_lens.eval.code.passk import code_summary
+from stepsal_lens.eval.code.run import code_settings, judge_outputs
 from stepsal_lens.eval.grading import Grade, grade_output
 from stepsal_lens.eval.problems import Problem
-from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.fingerprint import file_fingerprint
+from stepsal_lens.lens.generation import generate
+from stepsal_lens.results.config import StepFlowConfig
 from stepsal_lens.results.jsonl import dumps_line, read_jsonl, write_jsonl
 from stepsal_lens.results.outputs import check_run_dir, run_folder, write_text_atomic
 from stepsal_lens.segments.association import info_of, model_name as name_of
+from stepsal_lens.typing import Model
 
 __all__ = [
     "EvalRun",
@@ -104,7 +108,6 @@ def _summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
 
 def _code_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Issue 21 (coding): ``{"code": pass@k by platform / difficulty, verdicts}`` or {}."""
-    from stepsal_lens.eval.code.passk import code_summary
 
     code = code_summary(records)
     return {"code": code} if code else {}
@@ -275,7 +278,7 @@ def run_config(model_name: str, data_name: str | None, sf: StepFlowConfig | None
     return config
 
 
-def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
+def evaluate(model: Model, problems: Sequence[Problem], out: str | Path, *,
              stepflow: StepFlowConfig | None = None, max_new_tokens: int = 256,
              batch_size: int = 8, samples: int = 1, temperature: float = 0.0, seed: int = 0,
              model_name: str | None = None, data_name: str | None = None,
@@ -331,7 +334,6 @@ def evaluate(model: Any, problems: Sequence[Problem], out: str | Path, *,
     config.update(run_identity(problems, data_name), model_fingerprint=info.fingerprint)
     inputs = {"data": data_name, "model": info.source or None}
     # ---- issue 21 (coding): the sandbox that judges the programs, recorded in run.json ----
-    from stepsal_lens.eval.code.run import code_settings
 
     code = code_settings(problems, sandbox=sandbox, limits=code_limits)
     if code is not None:
@@ -515,7 +517,6 @@ def eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_token
     the same whichever batch, order, process or Ray worker runs it. This is the unit of
     work of :func:`evaluate` and of :func:`stepsal_lens.eval.scale.evaluate_ray`.
     """
-    from stepsal_lens.lens.generation import generate
 
     def run(questions: list[str], row_seed: int | None) -> list:
         return generate(model, questions, stepflow=sf, max_new_tokens=max_new_tokens,
@@ -540,7 +541,6 @@ def eval_chunk(model, chunk: Sequence[tuple[Problem, int]], sf, *, max_new_token
             gens = [alone(p, None) for p, _ in chunk]
     fields: list[dict[str, Any] | None] = [None] * len(chunk)
     if code is not None:  # issue 21: the chunk's programs, code["workers"] at a time
-        from stepsal_lens.eval.code.run import judge_outputs
 
         ran = [i for i, g in enumerate(gens) if not isinstance(g, str)]
         judged = judge_outputs([(chunk[i][0], gens[i].segments()["summary"]) for i in ran],

@@ -199,7 +199,7 @@ SOLUTIONS = {
 @pytest.fixture
 def canned(monkeypatch):
     """`generate` returns a canned answer per problem (sample 1 of abc1 is wrong)."""
-    from stepsal_lens.lens import generation as gen_mod
+    from stepsal_lens.eval import runs as gen_mod  # evaluate generates through runs.generate
     from stepsal_lens.results.generation import Generation
     from stepsal_lens.segments.formats import get_format
 
