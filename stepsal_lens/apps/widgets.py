@@ -6,20 +6,8 @@ One explorer per module: :mod:`~stepsal_lens.apps.step_explorer` (one trace),
 :mod:`~stepsal_lens.apps.stepflow_comparison` (StepFlow off vs on); this module opens
 them and keeps their names importable from one place.
 
-``explore(result)`` opens one trace: a layer slider, a head selector (mean or one head),
-a scale (raw / row-normalised / log), the step map with question / thinking / summary
-boxes and a legend (hover shows both steps' text), and the per-layer lock-in and
-thinking-share curves with the current layer marked. Given the model and trace, clicking a
-cell (or ``explorer.select_cell(i, j)``) shows that step pair's token-level saliency and
-attention, each scaled to the pair's maximum.
-
-How an explorer survives saving: the views are an anywidget whose state is the data it
-draws (cell colours, ticks, texts, curve points) plus a few kilobytes of its own
-JavaScript, so a saved notebook stays small and a page reloaded with a live kernel
-redraws the same map. Beside the widget, every explorer displays a static PNG of its
-current view (kept up to date as the controls move); the live view hides it, and
-wherever widgets cannot run (a fresh kernel, GitHub, an HTML export offline) the PNG is
-what shows. Nothing here touches matplotlib's backend (:mod:`stepsal_lens.apps.plots`).
+``explore(result)`` opens one trace (:class:`~stepsal_lens.apps.step_explorer.StepExplorer`:
+its module says what the views show and how an explorer survives saving a notebook).
 
 Examples
 --------

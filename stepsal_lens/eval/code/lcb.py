@@ -33,7 +33,7 @@ import binascii
 import json
 import pickletools
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -43,7 +43,7 @@ from stepsal_lens.eval.problems import Problem, content_id, id_of, register_row_
 
 __all__ = ["CodeProblem", "LCB_INSTRUCTION_STARTER", "LCB_INSTRUCTION_STDIN",
            "decode_pickled_string", "extract_code", "filter_dates", "is_code_row",
-           "lcb_prompt", "parse_code_row"]
+           "lcb_prompt", "parse_code_row", "parse_tests"]
 
 #: LiveCodeBench's formatting lines (``PromptConstants``), with and without starter code.
 LCB_INSTRUCTION_STARTER = ("You will use the following starter code to write the solution to "
@@ -208,7 +208,9 @@ def is_code_row(row: dict[str, Any]) -> bool:
         "tests" in keys and isinstance(row.get("tests"), list))
 
 
-def _tests(items: Any, where: str, what: str) -> list[CodeTest]:
+def parse_tests(items: Any, where: str, what: str = "tests") -> list[CodeTest]:
+    """A list of ``{"input", "output", "testtype"}`` objects as :class:`CodeTest`, or one
+    error naming ``where`` and the item."""
     if not isinstance(items, list):
         raise StepSalError(f"{where}: {what} must be a list of {{\"input\", \"output\", "
                            f"\"testtype\"}}; got {type(items).__name__}")
@@ -248,10 +250,10 @@ def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> Code
     """One coding problem from a LiveCodeBench release row or a plain row."""
     if "question_content" in row:
         pid = id_of(row, ("question_id",), where)
-        public = _tests(_json_field(row.get("public_test_cases"), where, "public_test_cases")
+        public = parse_tests(_json_field(row.get("public_test_cases"), where, "public_test_cases")
                         or [], where, "public_test_cases")
         private_raw = row.get("private_test_cases") or ""
-        private = _tests(private_raw if isinstance(private_raw, list)
+        private = parse_tests(private_raw if isinstance(private_raw, list)
                          else _decode_private(str(private_raw), where), where,
                          "private_test_cases")
         meta = _json_field(row.get("metadata"), where, "metadata") or {}
@@ -263,7 +265,7 @@ def parse_code_row(row: dict[str, Any], i: int, source: str, where: str) -> Code
         date, starter = row.get("contest_date"), row.get("starter_code") or ""
     else:
         pid = id_of(row, ("id", "question_id"), where)
-        public = _tests(row["tests"], where, "tests")
+        public = parse_tests(row["tests"], where, "tests")
         private = []
         question = str(row.get("question") or row.get("problem") or "")
         func_name = row.get("func_name")

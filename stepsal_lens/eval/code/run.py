@@ -23,7 +23,7 @@ from typing import Any
 
 from stepsal_lens.errors import StepSalError
 from stepsal_lens.eval.code.judge import CodeTest, CodeVerdict, judge_many
-from stepsal_lens.eval.code.lcb import extract_code
+from stepsal_lens.eval.code.lcb import extract_code, parse_tests
 from stepsal_lens.eval.code.sandbox import Limits, detect_backend, sandbox_info
 
 __all__ = ["code_settings", "grade_code_line", "grade_code_lines", "judge_outputs",
@@ -83,15 +83,7 @@ def line_tests(row: dict[str, Any], where: str) -> list[CodeTest]:
     if not isinstance(tests, list) or not tests:
         raise StepSalError(f"{where}: a code line needs 'tests': a list of {{\"input\", "
                            f"\"output\", \"testtype\"}} (keys: {sorted(row)})")
-    out = []
-    for j, t in enumerate(tests):
-        if not isinstance(t, dict) or "input" not in t or "output" not in t:
-            raise StepSalError(f"{where}: tests[{j}] must be an object with input, output and "
-                               f"testtype; got {str(t)[:80]}")
-        try:
-            out.append(CodeTest(str(t["input"]), str(t["output"]), t.get("testtype", "stdin")))
-        except StepSalError as err:
-            raise StepSalError(f"{where}: tests[{j}]: {err}") from None
+    out = parse_tests(tests, where)
     if {t.testtype for t in out} == {"functional"} and not row.get("func_name"):
         raise StepSalError(f"{where}: functional tests need 'func_name' (the Solution method)")
     return out
